@@ -1,0 +1,253 @@
+"""ModelSpec: the one description of a trained model that the engine, the server, the CLI and the client share.
+
+A spec is the ordered list of a model's parameters (``named_parameters()`` order, tied tensors once) plus the
+graph family and the attention head counts the transformer graphs need. Its JSON form is::
+
+    {"family": "auto"|"generic"|"gpt2"|"llama", "num_heads": 4, "num_key_value_heads": 2,
+     "params": [["name", [d0, d1, ...]], ...]}
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping, Sequence
+
+FAMILIES = ("generic", "gpt2", "llama")
+GPT2_BLOCK_PREFIX = "transformer.h."
+LLAMA_BLOCK_PREFIX = "model.layers."
+
+
+class SpecError(ValueError):
+    """A model spec that cannot describe a model; the message says what and where."""
+
+
+@dataclass(frozen=True)
+class ParamInfo:
+    """One parameter tensor and where it lives in the flat vector."""
+
+    name: str
+    shape: tuple[int, ...]
+    start: int
+    stop: int
+
+    @property
+    def numel(self) -> int:
+        return self.stop - self.start
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    family: str
+    params: tuple[tuple[str, tuple[int, ...]], ...]
+    num_heads: int | None = None
+    num_key_value_heads: int | None = None
+    _layout: tuple[ParamInfo, ...] = field(default=(), init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "params", tuple((str(n), tuple(int(d) for d in s)) for n, s in self.params))
+        _validate(self)
+        layout, offset = [], 0
+        for name, shape in self.params:
+            n = math.prod(shape)
+            layout.append(ParamInfo(name, shape, offset, offset + n))
+            offset += n
+        object.__setattr__(self, "_layout", tuple(layout))
+
+    # ----------------------------------------------------------------- derived
+    @property
+    def layout(self) -> tuple[ParamInfo, ...]:
+        """Each parameter with its [start, stop) range in the flat vector."""
+        return self._layout
+
+    @property
+    def n_params(self) -> int:
+        return self._layout[-1].stop if self._layout else 0
+
+    @property
+    def names(self) -> list[str]:
+        return [n for n, _ in self.params]
+
+    @property
+    def kv_heads(self) -> int | None:
+        return self.num_key_value_heads if self.num_key_value_heads is not None else self.num_heads
+
+    def fingerprint(self) -> str:
+        """Stable hash of the JSON form: the cache key of the spec's neural graph."""
+        blob = json.dumps(self.to_json(), sort_keys=True, separators=(",", ":")).encode()
+        return hashlib.sha256(blob).hexdigest()
+
+    # ----------------------------------------------------------------- JSON
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"family": self.family, "params": [[n, list(s)] for n, s in self.params]}
+        if self.num_heads is not None:
+            out["num_heads"] = self.num_heads
+        if self.num_key_value_heads is not None:
+            out["num_key_value_heads"] = self.num_key_value_heads
+        return out
+
+    @classmethod
+    def from_json(cls, obj: Mapping[str, Any] | str | bytes) -> "ModelSpec":
+        """Parse and validate the JSON form (a dict or its text). ``family: auto`` picks it from the names."""
+        if isinstance(obj, (str, bytes)):
+            try:
+                obj = json.loads(obj)
+            except json.JSONDecodeError as e:
+                raise SpecError(f"spec is not valid JSON: {e}") from None
+        if not isinstance(obj, Mapping):
+            raise SpecError("spec must be a JSON object with 'family' and 'params'")
+        unknown = set(obj) - {"family", "params", "num_heads", "num_key_value_heads"}
+        if unknown:
+            raise SpecError(f"spec has unknown keys: {sorted(unknown)}")
+        params = _parse_params(obj.get("params"))
+        family = obj.get("family", "auto")
+        if not isinstance(family, str):
+            raise SpecError("spec.family must be a string")
+        if family == "auto":
+            family = detect_family([n for n, _ in params])
+        return cls(
+            family=family,
+            params=tuple(params),
+            num_heads=_opt_int(obj.get("num_heads"), "num_heads"),
+            num_key_value_heads=_opt_int(obj.get("num_key_value_heads"), "num_key_value_heads"),
+        )
+
+    @classmethod
+    def load(cls, path: str) -> "ModelSpec":
+        with open(path, "rb") as f:
+            return cls.from_json(f.read())
+
+    # ----------------------------------------------------------------- torch
+    @classmethod
+    def from_module(
+        cls,
+        module: Any,
+        family: str = "auto",
+        num_heads: int | None = None,
+        num_key_value_heads: int | None = None,
+    ) -> "ModelSpec":
+        """Describe an ``nn.Module``; Hugging Face GPT-2 and Llama configs fill in family and head counts."""
+        params = [(n, tuple(p.shape)) for n, p in module.named_parameters()]
+        config = getattr(module, "config", None)
+        model_type = getattr(config, "model_type", None)
+        if family == "auto" and model_type in ("gpt2", "llama"):
+            family = model_type
+        if family == "auto":
+            family = detect_family([n for n, _ in params])
+        if family == "gpt2" and num_heads is None and config is not None:
+            num_heads = getattr(config, "n_head", None)
+        if family == "llama" and config is not None:
+            if num_heads is None:
+                num_heads = getattr(config, "num_attention_heads", None)
+            if num_key_value_heads is None:
+                num_key_value_heads = getattr(config, "num_key_value_heads", None)
+        return cls(family=family, params=tuple(params), num_heads=num_heads,
+                   num_key_value_heads=num_key_value_heads)
+
+
+def detect_family(names: Sequence[str]) -> str:
+    """Pick the graph family from parameter names (what ``family: auto`` means)."""
+    if any(n.startswith(GPT2_BLOCK_PREFIX) and ".attn.c_attn." in n for n in names):
+        return "gpt2"
+    if any(n.startswith(LLAMA_BLOCK_PREFIX) and ".self_attn.q_proj." in n for n in names):
+        return "llama"
+    return "generic"
+
+
+# --------------------------------------------------------------------- validation
+def _opt_int(v: Any, what: str) -> int | None:
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise SpecError(f"spec.{what} must be an integer, got {v!r}")
+    return v
+
+
+def _parse_params(raw: Any) -> list[tuple[str, tuple[int, ...]]]:
+    if not isinstance(raw, list):
+        raise SpecError("spec.params must be a list of [name, shape] pairs")
+    out = []
+    for i, item in enumerate(raw):
+        if not (isinstance(item, (list, tuple)) and len(item) == 2):
+            raise SpecError(f"spec.params[{i}] must be a [name, shape] pair, got {item!r}"[:300])
+        name, shape = item
+        if not isinstance(name, str):
+            raise SpecError(f"spec.params[{i}]: name must be a string, got {name!r}"[:300])
+        if not isinstance(shape, (list, tuple)) or not all(
+            isinstance(d, int) and not isinstance(d, bool) for d in shape
+        ):
+            raise SpecError(f"spec.params[{i}] ({name}): shape must be a list of integers, got {shape!r}"[:300])
+        out.append((name, tuple(shape)))
+    return out
+
+
+def _validate(spec: ModelSpec) -> None:
+    if spec.family not in FAMILIES:
+        raise SpecError(f"unknown family {spec.family!r}; expected one of {('auto',) + FAMILIES}")
+    if not spec.params:
+        raise SpecError("spec.params is empty: a model needs at least one parameter")
+    seen: set[str] = set()
+    for i, (name, shape) in enumerate(spec.params):
+        where = f"spec.params[{i}] ({name})"
+        if not name:
+            raise SpecError(f"spec.params[{i}]: empty name")
+        if name in seen:
+            raise SpecError(f"{where}: duplicate name (tied tensors must appear once)")
+        seen.add(name)
+        if len(shape) == 0:
+            raise SpecError(f"{where}: scalar (0-d) parameters are not supported by neural graphs")
+        if any(d <= 0 for d in shape):
+            raise SpecError(f"{where}: every dimension must be positive, got {list(shape)}")
+    for what in ("num_heads", "num_key_value_heads"):
+        v = getattr(spec, what)
+        if v is not None and v <= 0:
+            raise SpecError(f"spec.{what} must be positive, got {v}")
+    if spec.family == "gpt2":
+        _validate_gpt2(spec)
+    elif spec.family == "llama":
+        _validate_llama(spec)
+
+
+def _shape_of(spec: ModelSpec, suffix: str) -> Iterable[tuple[str, tuple[int, ...]]]:
+    return ((n, s) for n, s in spec.params if n.endswith(suffix))
+
+
+def _validate_gpt2(spec: ModelSpec) -> None:
+    if spec.num_heads is None:
+        raise SpecError("family gpt2 needs num_heads (the model's n_head)")
+    if spec.num_key_value_heads not in (None, spec.num_heads):
+        raise SpecError("family gpt2 has no grouped-query attention: leave num_key_value_heads out")
+    found = False
+    for name, shape in _shape_of(spec, ".attn.c_attn.weight"):
+        found = True
+        if len(shape) != 2 or shape[1] != 3 * shape[0]:
+            raise SpecError(f"{name}: expected a fused (d, 3d) Conv1D weight, got {list(shape)}")
+        if shape[0] % spec.num_heads:
+            raise SpecError(f"{name}: hidden size {shape[0]} is not divisible by num_heads={spec.num_heads}")
+    if not found:
+        raise SpecError("family gpt2 needs '...attn.c_attn.weight' parameters (Hugging Face GPT-2 names)")
+
+
+def _validate_llama(spec: ModelSpec) -> None:
+    h, kv = spec.num_heads, spec.kv_heads
+    if h is None:
+        raise SpecError("family llama needs num_heads (the model's num_attention_heads)")
+    assert kv is not None
+    if h % kv:
+        raise SpecError(f"num_heads={h} is not divisible by num_key_value_heads={kv}")
+    found = False
+    for name, shape in spec.params:
+        m = re.search(r"\.self_attn\.(q|k|v)_proj\.(weight|bias)$", name)
+        if not m:
+            continue
+        if m.group(2) == "bias":
+            raise SpecError(f"{name}: Llama graphs with attention biases are not supported (spec §2.6.4 item 7)")
+        found = True
+        heads = h if m.group(1) == "q" else kv
+        if shape[0] % heads:
+            raise SpecError(f"{name}: output size {shape[0]} is not divisible by {heads} heads")
+    if not found:
+        raise SpecError("family llama needs '...self_attn.q_proj.weight' parameters (Hugging Face Llama names)")

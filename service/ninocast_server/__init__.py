@@ -1,0 +1,1 @@
+"""ninocast_server: the nowcasting engine (neural graphs, nowcasters) and the HTTP server."""

@@ -1,0 +1,68 @@
+"""The one nowcaster interface: past states of a model in, its predicted parameters out."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from ninocast.spec import FAMILIES, ModelSpec
+
+from .scaling import scale_states, unscale_vector
+
+if TYPE_CHECKING:
+    from ..graphs.base import NeuralGraph
+
+
+class NowcastError(ValueError):
+    """A nowcast request that cannot be served as asked (bad k, wrong shapes, unsupported graph)."""
+
+
+class Nowcaster(ABC):
+    """Predicts a model's parameters ``k`` snapshot intervals past the newest of ``ctx`` states.
+
+    Implementations must be pure: one instance serves many models and users, so ``predict`` never changes
+    the nowcaster itself.
+    """
+
+    name: str = ""
+    kind: str = ""
+    ctx: int = 5
+    horizon: int = 40  # the largest k it can predict
+    needs_graph: bool = False  # predict() wants the spec's NeuralGraph
+    needs_lpe: bool = False  # ... with its Laplacian positional encoding
+    families: tuple[str, ...] = FAMILIES
+    device: torch.device = torch.device("cpu")
+
+    @abstractmethod
+    def predict(self, states: Tensor, k: int, spec: ModelSpec, graph: "NeuralGraph | None") -> Tensor:
+        """(P, ctx) float32 states on ``self.device`` -> (P,) float32 prediction."""
+
+    def to(self, device: torch.device | str) -> "Nowcaster":
+        self.device = torch.device(device)
+        return self
+
+    def num_parameters(self) -> int:
+        return 0
+
+    def describe(self) -> dict:
+        return {"name": self.name, "kind": self.kind, "ctx": self.ctx, "horizon": self.horizon,
+                "parameters": self.num_parameters(), "families": list(self.families)}
+
+
+class ScaledNowcaster(Nowcaster):
+    """A learned nowcaster that works in per-tensor standardised units (NINO_SPEC §4)."""
+
+    def predict(self, states: Tensor, k: int, spec: ModelSpec, graph: "NeuralGraph | None") -> Tensor:
+        scaled, mu, sigma = scale_states(states, spec)
+        pred = self.predict_scaled(scaled, k, graph)
+        del scaled
+        if not torch.isfinite(pred).all():
+            raise FloatingPointError(f"{self.name}: the prediction contains NaN or Inf")
+        return unscale_vector(pred, spec, mu, sigma)
+
+    @abstractmethod
+    def predict_scaled(self, scaled: Tensor, k: int, graph: "NeuralGraph | None") -> Tensor:
+        """(P, ctx) scaled states -> (P,) scaled prediction."""

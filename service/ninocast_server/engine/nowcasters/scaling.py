@@ -1,0 +1,35 @@
+"""Per-tensor standardisation of parameter states ("std" scaling, NINO_SPEC §4).
+
+Each tensor's entries over all ctx states share one mean and one (Bessel-corrected) std. Un-scaling omits the
+1e-6 that scaling adds to sigma: that is what the published checkpoints expect.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ninocast.spec import ModelSpec
+
+EPS = 1e-6
+
+
+def scale_states(states: Tensor, spec: ModelSpec) -> tuple[Tensor, Tensor, Tensor]:
+    """(P, S) states -> (scaled (P, S), mu (n_tensors,), sigma (n_tensors,))."""
+    out = torch.empty_like(states)
+    n = len(spec.layout)
+    mu = torch.empty(n, dtype=states.dtype, device=states.device)
+    sigma = torch.empty_like(mu)
+    for i, p in enumerate(spec.layout):
+        block = states[p.start : p.stop]
+        m, s = block.mean(), block.std()
+        mu[i], sigma[i] = m, s
+        torch.sub(block, m, out=out[p.start : p.stop]).div_(s + EPS)
+    return out, mu, sigma
+
+
+def unscale_vector(x: Tensor, spec: ModelSpec, mu: Tensor, sigma: Tensor) -> Tensor:
+    """(P,) scaled -> raw units, in place."""
+    for i, p in enumerate(spec.layout):
+        x[p.start : p.stop].mul_(sigma[i]).add_(mu[i])
+    return x

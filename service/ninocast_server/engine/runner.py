@@ -1,0 +1,44 @@
+"""One nowcast, start to end: check the request, fetch the spec's graph, run the nowcaster."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ninocast.spec import ModelSpec
+
+from .graphs import GraphCache
+from .nowcasters.base import Nowcaster, NowcastError
+
+default_graph_cache = GraphCache()
+
+
+def check_request(model: Nowcaster, spec: ModelSpec, states: Tensor, k: int) -> None:
+    """Raise NowcastError naming what is wrong with a request before any work is done."""
+    if spec.family not in model.families:
+        raise NowcastError(f"nowcaster {model.name!r} does not support family {spec.family!r}")
+    if states.dim() != 2 or states.shape[0] != spec.n_params:
+        raise NowcastError(f"states must have shape ({spec.n_params}, {model.ctx}), got {tuple(states.shape)}")
+    if states.shape[1] != model.ctx:
+        raise NowcastError(f"nowcaster {model.name!r} needs {model.ctx} states, got {states.shape[1]}")
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= model.horizon:
+        raise NowcastError(f"k must be an integer in 1..{model.horizon}, got {k!r}")
+    if not states.is_floating_point():
+        raise NowcastError(f"states must be floating point, got {states.dtype}")
+
+
+@torch.inference_mode()
+def nowcast(model: Nowcaster, spec: ModelSpec, states: Tensor, k: int,
+            graph_cache: GraphCache | None = None) -> Tensor:
+    """(P, ctx) states, oldest first -> (P,) float32 predicted parameters on the CPU."""
+    check_request(model, spec, states, k)
+    if not torch.isfinite(states).all():
+        raise NowcastError("states contain NaN or Inf")
+    graph = None
+    if model.needs_graph:
+        graph = (graph_cache or default_graph_cache).get(spec, with_lpe=model.needs_lpe)
+        if graph.edge_index.device != model.device:
+            graph = graph.to(model.device)
+    x = states.to(model.device, torch.float32)
+    out = model.predict(x, k, spec, graph)
+    return out.to("cpu", torch.float32)

@@ -1,0 +1,111 @@
+"""``ninocast step`` and ``ninocast import-checkpoint``: the engine from the command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from ninocast.cli import CommandError
+from ninocast.flat import StateError, check_state, flatten, unflatten
+from ninocast.spec import ModelSpec, SpecError
+
+from .nowcasters.base import NowcastError
+from .runner import nowcast
+
+SPEC_FILENAME = "spec.json"
+SPEC_METADATA_KEY = "ninocast.spec"
+
+
+def find_spec(spec_path: str | None, state_files: list[str]) -> ModelSpec:
+    """--spec, else spec.json beside the state files, else the spec stored in the newest file's metadata."""
+    try:
+        if spec_path:
+            return ModelSpec.load(spec_path)
+        beside = Path(state_files[-1]).parent / SPEC_FILENAME
+        if beside.is_file():
+            return ModelSpec.load(str(beside))
+        with safe_open(state_files[-1], "pt") as f:
+            meta = f.metadata() or {}
+        if SPEC_METADATA_KEY in meta:
+            return ModelSpec.from_json(meta[SPEC_METADATA_KEY])
+    except SpecError as e:
+        raise CommandError(f"invalid spec: {e}") from None
+    except OSError as e:
+        raise CommandError(f"cannot read spec: {e}") from None
+    raise CommandError(f"no spec: pass --spec, put {SPEC_FILENAME} beside the state files, or store it in "
+                       f"the files' metadata under {SPEC_METADATA_KEY!r}")
+
+
+def read_state(path: str) -> dict[str, torch.Tensor]:
+    if not os.path.isfile(path):
+        raise CommandError(f"{path}: no such file")
+    try:
+        with safe_open(path, "pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CommandError(f"{path}: not a readable safetensors file ({e})") from None
+
+
+def load_nowcaster_or_fail(ref: str, device: str):
+    from .nowcasters.checkpoint import CheckpointError, load_nowcaster
+
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise CommandError("--device cuda: CUDA is not available on this machine")
+    try:
+        return load_nowcaster(ref, device=device)
+    except (CheckpointError, FileNotFoundError, ValueError) as e:
+        raise CommandError(f"cannot load nowcaster {ref!r}: {e}") from None
+
+
+def run_step(args: argparse.Namespace) -> int:
+    model = load_nowcaster_or_fail(args.nowcaster, args.device)
+    if len(args.states) != model.ctx:
+        raise CommandError(f"nowcaster {model.name!r} needs exactly {model.ctx} state files, got {len(args.states)}")
+    spec = find_spec(args.spec, args.states)
+    states = torch.empty(spec.n_params, model.ctx, dtype=torch.float32)
+    newest: dict[str, torch.Tensor] = {}
+    for i, path in enumerate(args.states):
+        tensors = read_state(path)
+        try:
+            check_state(tensors, spec, where=path)
+        except StateError as e:
+            raise CommandError(str(e)) from None
+        flatten(tensors, spec, out=states[:, i])
+        newest = tensors
+    t0 = time.perf_counter()
+    try:
+        pred = nowcast(model, spec, states, args.k)
+    except (NowcastError, FloatingPointError) as e:
+        raise CommandError(str(e)) from None
+    elapsed = time.perf_counter() - t0
+    out = dict(newest)  # buffers and other extra keys pass through from the newest file
+    out.update(unflatten(pred, spec, dtypes={n: newest[n].dtype for n in spec.names}))
+    meta = {"ninocast.nowcaster": model.name, "ninocast.k": str(args.k),
+            SPEC_METADATA_KEY: json.dumps(spec.to_json(), separators=(",", ":"))}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in out.items()}, args.out, metadata=meta)
+    print(f"nowcast with {model.name} (k={args.k}) of {spec.n_params:,} parameters in {elapsed:.2f} s -> {args.out}")
+    return 0
+
+
+def run_import(args: argparse.Namespace) -> int:
+    from .nowcasters.checkpoint import CheckpointError, load_nowcaster, save_nowcaster
+
+    src = Path(args.checkpoint)
+    if not src.is_file():
+        raise CommandError(f"{src}: no such file")
+    name = args.name or src.stem
+    try:
+        model = load_nowcaster(str(src), name=name)
+        save_nowcaster(model, args.out, name=name, source={"imported_from": src.name})
+    except (CheckpointError, ValueError, OSError) as e:
+        raise CommandError(f"cannot import {src}: {e}") from None
+    print(f"imported {src.name} as {model.kind} nowcaster {name!r} ({model.num_parameters():,} parameters) -> {args.out}")
+    return 0
