@@ -61,9 +61,15 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="run the nowcast server (uvicorn)",
                        description="Serve nowcasters over HTTP. Settings come from NINOCAST_* environment "
                        "variables and an optional TOML file; flags override both.")
-    s.add_argument("--host")
-    s.add_argument("--port", type=int)
-    s.add_argument("--config", metavar="FILE.toml", help="settings file")
+    s.add_argument("--host", help="bind address (NINOCAST_HOST, default 127.0.0.1)")
+    s.add_argument("--port", type=int, help="port (NINOCAST_PORT, default 8000)")
+    s.add_argument("--config", metavar="FILE.toml", help="settings file (NINOCAST_CONFIG)")
+    s.add_argument("--data-dir", help="sessions and states (NINOCAST_DATA_DIR, default ./data)")
+    s.add_argument("--models-dir", help="every subdirectory is a nowcaster to load (NINOCAST_MODELS_DIR)")
+    s.add_argument("--keys-file", help="API key hashes; without it the server is open (NINOCAST_KEYS_FILE)")
+    s.add_argument("--device", help="auto, cpu, cuda or cuda:N (NINOCAST_DEVICE)")
+    s.add_argument("--default-nowcaster", help="NINOCAST_DEFAULT_NOWCASTER (default linefit)")
+    s.add_argument("--open", action="store_true", help="serve without API keys even on a non-loopback address")
     s.set_defaults(func=_lazy("ninocast_server.api.serve_cli", "run_serve"))
 
     s = sub.add_parser("keys", help="manage API keys of a shared server")
@@ -107,6 +113,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
 
-
-if __name__ == "__main__":
-    sys.exit(main())

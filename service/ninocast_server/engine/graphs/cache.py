@@ -37,5 +37,10 @@ class GraphCache:
                 self._graphs.popitem(last=False)
         return g
 
+    def put(self, spec: ModelSpec, graph: NeuralGraph, with_lpe: bool = True) -> None:
+        """Seed the cache with a prepared graph (e.g. one with an injected reference LPE)."""
+        with self._lock:
+            self._graphs[(spec.fingerprint(), with_lpe)] = graph
+
     def __len__(self) -> int:
         return len(self._graphs)

@@ -1,0 +1,173 @@
+"""NowcastClient: a typed HTTP client for the ninocast server.
+
+Control messages are JSON; tensors travel as raw safetensors bytes. Every failure becomes a ``NowcastAPIError``
+subclass that carries the server's ``error`` code and ``detail`` sentence, so callers can tell "the server is
+busy, try later" from "your request is wrong".
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Mapping
+
+import httpx
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from .spec import ModelSpec
+
+DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+class NowcastAPIError(Exception):
+    """Any failure talking to the server. ``status`` is None when no HTTP answer came back."""
+
+    kind = "error"
+
+    def __init__(self, message: str, status: int | None = None, error: str | None = None,
+                 detail: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.error, self.detail = status, error, detail
+
+
+class ServerUnavailable(NowcastAPIError):
+    """No answer (connection refused, timeout) or a 5xx: worth retrying later."""
+
+    kind = "unavailable"
+
+
+class ServerBusy(NowcastAPIError):
+    """503 with Retry-After: the server's queue or memory budget is full."""
+
+    kind = "busy"
+
+    def __init__(self, *args: Any, retry_after: float | None = None, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.retry_after = retry_after
+
+
+class RequestRejected(NowcastAPIError):
+    """A 4xx: the request itself is wrong (bad spec, too few states, unknown session...)."""
+
+    kind = "rejected"
+
+
+class AuthError(RequestRejected):
+    """401: missing or wrong API key."""
+
+    kind = "auth"
+
+
+class NotFound(RequestRejected):
+    """404: no such session for this key (deleted, expired, or someone else's)."""
+
+    kind = "not_found"
+
+
+class InvalidResponse(NowcastAPIError):
+    """The server answered 2xx with a body that is not what the API promises."""
+
+    kind = "invalid_response"
+
+
+def _raise_for(resp: httpx.Response) -> None:
+    if resp.is_success:
+        return
+    try:
+        body = resp.json()
+        error, detail = str(body.get("error")), str(body.get("detail"))
+    except Exception:
+        error, detail = None, resp.text[:500]
+    msg = f"{resp.request.method} {resp.request.url.path} -> {resp.status_code}: {detail}"
+    if resp.status_code == 503:
+        ra = resp.headers.get("Retry-After")
+        raise ServerBusy(msg, resp.status_code, error, detail, retry_after=float(ra) if ra else None)
+    if resp.status_code >= 500:
+        raise ServerUnavailable(msg, resp.status_code, error, detail)
+    cls = {401: AuthError, 404: NotFound}.get(resp.status_code, RequestRejected)
+    raise cls(msg, resp.status_code, error, detail)
+
+
+class NowcastClient:
+    """``NowcastClient("http://gpu-box:8000", api_key=...)``; retries transport failures and 503s."""
+
+    def __init__(self, url: str, api_key: str | None = None, timeout: float = 60.0, retries: int = 2,
+                 backoff: float = 0.5, transport: httpx.BaseTransport | None = None) -> None:
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.retries, self.backoff = retries, backoff
+        self._http = httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=timeout, transport=transport)
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> "NowcastClient":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ plumbing
+    def _request(self, method: str, path: str, **kw: Any) -> httpx.Response:
+        """Send with retries on no-answer, 5xx and 503; 4xx answers are final."""
+        last: NowcastAPIError | None = None
+        for attempt in range(self.retries + 1):
+            try:
+                resp = self._http.request(method, path, **kw)
+                _raise_for(resp)
+                return resp
+            except httpx.TransportError as e:
+                last = ServerUnavailable(f"{method} {path}: {type(e).__name__}: {e}")
+            except (ServerUnavailable, ServerBusy) as e:
+                last = e
+            if attempt < self.retries:
+                wait = getattr(last, "retry_after", None) or self.backoff * 2**attempt
+                time.sleep(min(wait, 30.0))
+        assert last is not None
+        raise last
+
+    # ------------------------------------------------------------------ API
+    def health(self) -> dict:
+        return self._request("GET", "/healthz").json()
+
+    def nowcasters(self) -> list[dict]:
+        return self._request("GET", "/v1/nowcasters").json()["nowcasters"]
+
+    def create_session(self, spec: ModelSpec, nowcaster: str | None = None, ctx: int | None = None,
+                       period: int | None = None, max_train_steps: int | None = None, name: str | None = None,
+                       record: bool = False) -> dict:
+        body: dict[str, Any] = {"spec": spec.to_json(), "record": record}
+        for key, val in (("nowcaster", nowcaster), ("ctx", ctx), ("period", period),
+                         ("max_train_steps", max_train_steps), ("name", name)):
+            if val is not None:
+                body[key] = val
+        return self._request("POST", "/v1/sessions", json=body).json()
+
+    def get_session(self, session_id: str) -> dict:
+        return self._request("GET", f"/v1/sessions/{session_id}").json()
+
+    def list_sessions(self) -> list[dict]:
+        return self._request("GET", "/v1/sessions").json()["sessions"]
+
+    def delete_session(self, session_id: str) -> None:
+        self._request("DELETE", f"/v1/sessions/{session_id}")
+
+    def put_state(self, session_id: str, step: int, tensors: Mapping[str, torch.Tensor] | bytes) -> dict:
+        """Upload one snapshot (named tensors, or ready safetensors bytes). Idempotent by step."""
+        body = tensors if isinstance(tensors, bytes) else encode_state(tensors)
+        return self._request("PUT", f"/v1/sessions/{session_id}/states/{step}", content=body,
+                             headers={"Content-Type": "application/octet-stream"}).json()
+
+    def nowcast(self, session_id: str, k: int | None = None, dtype: str | None = None) -> dict[str, torch.Tensor]:
+        """Nowcasted parameters by name, from the session's newest ctx states."""
+        body = {key: v for key, v in (("k", k), ("dtype", dtype)) if v is not None}
+        resp = self._request("POST", f"/v1/sessions/{session_id}/nowcast", json=body)
+        try:
+            return st_load(resp.content)
+        except Exception as e:
+            raise InvalidResponse(f"nowcast answer is not a safetensors body: {e}", resp.status_code) from None
+
+
+def encode_state(tensors: Mapping[str, torch.Tensor]) -> bytes:
+    """Named tensors -> safetensors bytes (contiguous CPU copies only where needed)."""
+    return st_save({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()})

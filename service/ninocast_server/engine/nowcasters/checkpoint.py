@@ -1,0 +1,219 @@
+"""Loading and saving nowcasters.
+
+Two on-disk forms:
+
+* the reference's ``.pt`` files (NINO_SPEC §3.7): a torch zip whose top level is ``{"state_dict", "model_args"}``.
+  They are read with ``weights_only=True``: the pickle may only rebuild tensors and plain containers, so a
+  malicious file cannot run code. ``model_args`` is checked key by key against §3.1;
+* our own directory form, which needs no pickle at all::
+
+      <dir>/config.json        {"format": "ninocast-nowcaster", "version": 1, "kind": "nino"|"wnn",
+                                "name": ..., "model_args": {...}, "source": {...}}
+      <dir>/model.safetensors  the state_dict
+
+``load_nowcaster("linefit" | <dir> | <file.pt>)`` returns a ready ``Nowcaster``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import Tensor
+
+from .base import Nowcaster
+from .linefit import Linefit
+from .nino import NiNo, NiNoModel
+from .wnn import WNN, WNNModel
+
+FORMAT, VERSION = "ninocast-nowcaster", 1
+CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded; the message names the file and the problem."""
+
+
+# The reference's constructor arguments (§3.1) and what we do with each.
+_ARCHITECTURE = {"ctx": 5, "hid": 128, "layers": 3, "gnn": True, "max_feat_size": 9, "seq_len": 40,
+                 "wte_pos_enc": True, "vocab_size": 50257, "edge_types": 15, "lpe": 8, "upd_scale": 1.0,
+                 "residual": True}
+_FIXED = {"dms": True, "input_layer": "linear", "act_name": "silu", "improved_graph": True, "scale_method": "std",
+          "towers": 1, "final_edge_update": False, "edge_sample_ratio": 0.0}  # only these values are implemented
+_RUNTIME_ONLY = {"chunk_size", "message_passing_device"}  # memory/placement knobs: ignored, we chunk our own way
+_WNN_KEYS = ("ctx", "hid", "layers", "seq_len", "edge_types", "upd_scale", "residual")
+_NINO_KEYS = _WNN_KEYS + ("max_feat_size", "wte_pos_enc", "vocab_size", "lpe")
+
+Model = NiNoModel | WNNModel
+
+
+# ----------------------------------------------------------------------------- model_args -> module
+def _is_gnn(value: Any) -> bool:
+    """The reference treats False, None and "none" as "no GNN" (the WNN+ variant)."""
+    return not (value is None or value is False or (isinstance(value, str) and value.lower() == "none"))
+
+
+def _check_value(key: str, value: Any, where: str) -> Any:
+    default = _ARCHITECTURE[key]
+    if isinstance(default, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(default, int):
+        ok = isinstance(value, int) and not isinstance(value, bool) and value > 0
+    else:  # float
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok:
+        raise CheckpointError(f"{where}: model_args[{key!r}] = {value!r} is not a valid {type(default).__name__}")
+    return value
+
+
+def model_from_args(model_args: Mapping[str, Any], where: str = "checkpoint",
+                    device: str | torch.device = "cpu") -> Model:
+    """Build the (untrained) module a checkpoint's ``model_args`` describe; unknown or unsupported args raise.
+
+    Loaders build it on the "meta" device: no memory is spent before the weights' shapes have been checked."""
+    if not isinstance(model_args, Mapping):
+        raise CheckpointError(f"{where}: model_args must be a dict, got {type(model_args).__name__}")
+    known = set(_ARCHITECTURE) | set(_FIXED) | _RUNTIME_ONLY
+    unknown = sorted(str(k) for k in model_args if k not in known)
+    if unknown:
+        raise CheckpointError(f"{where}: unknown model_args {unknown}; known: {sorted(known)}")
+    for key, required in _FIXED.items():
+        if key in model_args and model_args[key] not in (required, None):
+            raise CheckpointError(f"{where}: model_args[{key!r}] = {model_args[key]!r} is not supported "
+                                  f"(only {required!r} is implemented)")
+    gnn = _is_gnn(model_args.get("gnn", True))
+    args = {k: _check_value(k, model_args[k], where) for k in _ARCHITECTURE if k in model_args and k != "gnn"}
+    try:
+        with torch.device(device):
+            if gnn:
+                return NiNoModel(**{k: v for k, v in args.items() if k in _NINO_KEYS})
+            return WNNModel(**{k: v for k, v in args.items() if k in _WNN_KEYS})
+    except ValueError as e:
+        raise CheckpointError(f"{where}: {e}") from None
+
+
+def _load_state(model: Model, state: Mapping[str, Any], where: str) -> Model:
+    """Strict load into a meta-device ``model``, with a readable account of what does not fit (instead of
+    torch's long RuntimeError). The checked CPU tensors become the parameters (no copy, no init)."""
+    if not isinstance(state, Mapping):
+        raise CheckpointError(f"{where}: state_dict must be a dict, got {type(state).__name__}")
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [str(k) for k in state if k not in expected]
+    problems = []
+    if missing:
+        problems.append(f"missing keys {missing[:8]}{' ...' if len(missing) > 8 else ''}")
+    if unexpected:
+        problems.append(f"unexpected keys {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
+    for key, want in expected.items():
+        got = state.get(key)
+        if got is None:
+            continue
+        if not isinstance(got, Tensor) or not got.is_floating_point():
+            problems.append(f"{key} is not a floating-point tensor")
+        elif tuple(got.shape) != tuple(want.shape):
+            problems.append(f"{key} has shape {tuple(got.shape)}, model_args imply {tuple(want.shape)}")
+    if problems:
+        raise CheckpointError(f"{where}: weights do not match model_args {model.model_args}: " + "; ".join(problems))
+    tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
+    model.load_state_dict(tensors, strict=True, assign=True)
+    return model.eval()
+
+
+def _wrap(model: Model, name: str) -> Nowcaster:
+    return NiNo(model, name=name) if isinstance(model, NiNoModel) else WNN(model, name=name)
+
+
+# ----------------------------------------------------------------------------- official .pt files
+def load_official(path: str | Path) -> Model:
+    """A reference checkpoint (§3.7) -> its module, loaded without unpickling anything but tensors."""
+    path = Path(path)
+    if not zipfile.is_zipfile(path):  # also keeps torch away from the legacy (non-zip) pickle format
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (expected a torch zip archive)")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"{path}: refused: the file holds objects other than tensors and plain containers "
+                              f"({str(e).splitlines()[0][:200]})") from None
+    except (RuntimeError, OSError, EOFError, ValueError, zipfile.BadZipFile) as e:
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({str(e).splitlines()[0][:200]})") from None
+    if not isinstance(obj, dict) or "state_dict" not in obj or "model_args" not in obj:
+        found = sorted(map(str, obj)) if isinstance(obj, dict) else type(obj).__name__
+        raise CheckpointError(f"{path}: expected a dict with 'state_dict' and 'model_args', found {found}")
+    return _load_state(model_from_args(obj["model_args"], str(path), "meta"), obj["state_dict"], str(path))
+
+
+# ----------------------------------------------------------------------------- our directory format
+def save_nowcaster(model: NiNo | WNN | Model, out_dir: str | Path, name: str | None = None,
+                   source: Mapping[str, Any] | None = None) -> Path:
+    """Write ``config.json`` + ``model.safetensors`` into ``out_dir`` (created if needed); returns the directory."""
+    from safetensors.torch import save_file
+
+    module = model.model if isinstance(model, (NiNo, WNN)) else model
+    if not isinstance(module, (NiNoModel, WNNModel)):
+        raise TypeError(f"cannot save a {type(model).__name__}: only NiNo and WNN nowcasters have weights")
+    kind = "nino" if isinstance(module, NiNoModel) else "wnn"
+    name = name or getattr(model, "name", None) or kind
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in module.state_dict().items()}
+    save_file(tensors, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
+    config = {"format": FORMAT, "version": VERSION, "kind": kind, "name": name,
+              "model_args": module.model_args, "source": dict(source or {})}
+    (out / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+    return out
+
+
+def load_directory(path: str | Path) -> tuple[Model, dict]:
+    """Our directory format -> (module, config)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    cfg_path, weights = path / CONFIG_FILE, path / WEIGHTS_FILE
+    if not cfg_path.is_file() or not weights.is_file():
+        raise CheckpointError(f"{path}: a nowcaster directory needs {CONFIG_FILE} and {WEIGHTS_FILE}")
+    try:
+        config = json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{cfg_path}: not valid JSON ({e})") from None
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
+        raise CheckpointError(f"{cfg_path}: not a {FORMAT} config (format = {config.get('format')!r})"
+                              if isinstance(config, dict) else f"{cfg_path}: expected a JSON object")
+    if config.get("version") != VERSION:
+        raise CheckpointError(f"{cfg_path}: unsupported version {config.get('version')!r} (this code reads {VERSION})")
+    kind, args = config.get("kind"), config.get("model_args")
+    if kind not in ("nino", "wnn"):
+        raise CheckpointError(f"{cfg_path}: kind must be 'nino' or 'wnn', got {kind!r}")
+    if not isinstance(args, dict):
+        raise CheckpointError(f"{cfg_path}: model_args must be an object")
+    model = model_from_args(args, str(cfg_path), "meta")
+    if (kind == "nino") != isinstance(model, NiNoModel):
+        raise CheckpointError(f"{cfg_path}: kind {kind!r} disagrees with model_args gnn={args.get('gnn')!r}")
+    try:
+        state = load_file(str(weights), device="cpu")
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{weights}: not a readable safetensors file ({e})") from None
+    return _load_state(model, state, str(weights)), config
+
+
+def load_nowcaster(ref: str, device: str | torch.device = "cpu", name: str | None = None) -> Nowcaster:
+    """"linefit", a directory in our format, or an official ``.pt`` file -> a Nowcaster on ``device``.
+
+    The name defaults to the config's name (directories) or the file stem (``nino_mlp.pt`` -> ``nino_mlp``).
+    """
+    if ref == "linefit":
+        return Linefit(name=name or "linefit").to(device)
+    path = Path(ref)
+    if path.is_dir():
+        model, config = load_directory(path)
+        return _wrap(model, name or str(config.get("name") or path.name)).to(device)
+    if path.is_file():
+        return _wrap(load_official(path), name or path.stem).to(device)
+    raise CheckpointError(f"no nowcaster at {ref!r}: expected 'linefit', a directory with {CONFIG_FILE} and "
+                          f"{WEIGHTS_FILE}, or an official .pt checkpoint")

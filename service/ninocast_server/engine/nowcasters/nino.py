@@ -1,0 +1,397 @@
+"""NiNo: a graph neural network that nowcasts every weight of a model from its last few states (NINO_SPEC §3).
+
+The model reads a neural graph (one edge per weight, one node per neuron), runs ``layers`` rounds of
+edge-conditioned mean message passing, and an MLP head turns each edge's hidden state into the change of
+that weight ``k`` intervals ahead. Parameter names and shapes match the published checkpoints (§3.6), so
+``load_state_dict(strict=True)`` takes them as they are.
+
+Two forwards share the same layers:
+
+* ``NiNoModel.forward``: the training forward (§3.5): every horizon 1..T for every edge, autograd-friendly.
+* ``NiNoModel.nowcast``: the inference forward (§3.3) for one horizon ``k``, built for graphs with millions
+  of edges. It gives the same numbers, computed in a cheaper order:
+  - the last conv's node output never reaches the head (§9.2), so that layer is skipped entirely;
+  - only the F_g rows ``f*T + k-1`` of the head's last layer are used (a tiny matmul instead of F_m*T rows);
+  - ``pre([v_dst ; v_src])`` and the edge update's ``lin_s(v_src) + lin_t(v_dst)`` are linear in the node
+    states, so they are computed once per node and gathered per edge;
+  - edges are processed in chunks into preallocated scratch buffers (allocating big temporaries per chunk
+    costs more than the matmuls on CPU); the only O(E) float buffer is the (E, hid) edge state, and even
+    that is optional: without it each pass recomputes the states from the edge features (~20 % more
+    matmul work, O(chunk) memory). By default it is kept when it fits in ``EDGE_STATE_BUDGET`` bytes, so a
+    GPT-2-small graph (~1.2e8 edges, 64 GB of edge states) still runs.
+
+Nothing here mutates the module: one instance serves every graph (the reference truncates ``edge_proj`` in
+place when F_g < F_m; here the weight is sliced).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .base import NowcastError, ScaledNowcaster
+
+if TYPE_CHECKING:
+    from ..graphs.base import NeuralGraph
+
+DEFAULT_CHUNK = 2**14  # edges per chunk: scratch stays in cache; measured faster than 2^16..2^20 on CPU
+EDGE_STATE_BUDGET = 2**30  # bytes of (E, hid) edge states kept between passes when keep_edge_states is None
+
+
+# ----------------------------------------------------------------------------- building blocks
+class MLP(nn.Module):
+    """Linear layers with SiLU between them, kept under ``.fc`` so keys read ``<name>.fc.<i>.weight``."""
+
+    def __init__(self, dims: Sequence[int]) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
+            if i:
+                layers.append(nn.SiLU())
+            layers.append(nn.Linear(a, b))
+        self.fc = nn.Sequential(*layers)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(x)
+
+
+def in_degree(dst: Tensor, num_nodes: int) -> Tensor:
+    """(N, 1) float count of incoming edges, at least 1 so that a node without edges gets a mean of 0."""
+    return torch.bincount(dst, minlength=num_nodes).clamp_(min=1).to(torch.float32).unsqueeze_(1)
+
+
+def chunks(n: int, size: int) -> Iterator[slice]:
+    for start in range(0, n, size):
+        yield slice(start, min(start + size, n))
+
+
+class NiNoConv(nn.Module):
+    """One message-passing layer: PNA with one tower, the "mean" aggregator and the identity scaler.
+
+    Written PyG-style (message / aggregate / update) but in plain torch: importing torch_geometric is slow and
+    the layer is small. The message is a FiLM-style modulation of a node-pair term by the edge state:
+    ``m_e = a_e * pre([v_dst ; v_src]) + b_e`` with ``[a_e ; b_e] = edge_encoder(h_e)`` (target first, §9.3).
+    """
+
+    def __init__(self, hid: int) -> None:
+        super().__init__()
+        self.edge_encoder = nn.Linear(hid, 2 * hid)
+        self.pre_nns = nn.ModuleList([nn.Sequential(nn.Linear(2 * hid, hid))])
+        self.post_nns = nn.ModuleList([nn.Sequential(nn.Linear(2 * hid, hid))])
+        self.lin = nn.Linear(hid, hid)
+
+    @property
+    def pre(self) -> nn.Linear:
+        return self.pre_nns[0][0]
+
+    @property
+    def post(self) -> nn.Linear:
+        return self.post_nns[0][0]
+
+    def node_terms(self, v: Tensor) -> tuple[Tensor, Tensor]:
+        """pre([v_dst ; v_src]) = (W[:, :h] v_dst + b) + W[:, h:] v_src: both halves, once per node."""
+        h = v.shape[1]
+        w = self.pre.weight
+        return F.linear(v, w[:, :h], self.pre.bias), F.linear(v, w[:, h:])
+
+    def message(self, h_e: Tensor, pre_e: Tensor) -> Tensor:
+        scale, shift = self.edge_encoder(h_e).chunk(2, dim=-1)
+        return torch.addcmul(shift, scale, pre_e)
+
+    def message_(self, h_e: Tensor, pre_e: Tensor, enc: Tensor) -> Tensor:
+        """In-place ``message`` for inference: ``enc`` (n, 2h) is scratch, the result overwrites ``pre_e``."""
+        h = pre_e.shape[1]
+        torch.addmm(self.edge_encoder.bias, h_e, self.edge_encoder.weight.t(), out=enc)
+        return pre_e.mul_(enc[:, :h]).add_(enc[:, h:])
+
+    @staticmethod
+    def aggregate(msg: Tensor, dst: Tensor, out: Tensor) -> Tensor:
+        """Adds each message to its target row of ``out``: the mean's numerator, so that chunks can accumulate."""
+        return out.index_add_(0, dst, msg)
+
+    def update(self, v: Tensor, mean: Tensor) -> Tensor:
+        return self.lin(self.post(torch.cat([v, mean], dim=1)))  # no activation between post and lin
+
+    def forward(self, v: Tensor, h: Tensor, edge_index: Tensor, deg: Tensor | None = None) -> Tensor:
+        src, dst = edge_index[0], edge_index[1]
+        pre_dst, pre_src = self.node_terms(v)
+        msg = self.message(h, pre_dst[dst] + pre_src[src])
+        sums = self.aggregate(msg, dst, v.new_zeros(v.shape))
+        return self.update(v, sums / (in_degree(dst, v.shape[0]) if deg is None else deg))
+
+
+class EdgeUpdate(nn.Module):
+    """Refreshes edge states from the new node states: h <- lin1(silu(lin_e(h) + lin_s(v_src) + lin_t(v_dst)))."""
+
+    def __init__(self, hid: int) -> None:
+        super().__init__()
+        self.lin_e = nn.Linear(hid, hid)
+        self.lin_s = nn.Linear(hid, hid)
+        self.lin_t = nn.Linear(hid, hid)
+        self.lin1 = nn.Linear(hid, hid)
+
+    def node_terms(self, v: Tensor) -> tuple[Tensor, Tensor]:
+        """(lin_s(v), lin_t(v) + lin_e.bias) per node; gathered per edge they complete lin_e(h) without its bias."""
+        return self.lin_s(v), self.lin_t(v) + self.lin_e.bias
+
+    def forward(self, h: Tensor, s_e: Tensor, t_e: Tensor) -> Tensor:
+        return self.lin1(F.silu(F.linear(h, self.lin_e.weight) + s_e + t_e))
+
+    def forward_(self, h: Tensor, st_e: Tensor) -> Tensor:
+        """In-place ``forward`` for inference: ``st_e`` = s_e + t_e is scratch, the new state overwrites ``h``."""
+        u = F.silu(st_e.addmm_(h, self.lin_e.weight.t()), inplace=True)
+        return torch.addmm(self.lin1.bias, u, self.lin1.weight.t(), out=h)
+
+
+class GNN(nn.Module):
+    """The message-passing stack (key prefix ``gnn.``): L convs and L-1 edge updates (final_edge_update=False)."""
+
+    def __init__(self, hid: int, layers: int) -> None:
+        super().__init__()
+        self.convs = nn.ModuleList([NiNoConv(hid) for _ in range(layers)])
+        self.edge_update = nn.ModuleList([EdgeUpdate(hid) for _ in range(layers - 1)])
+
+
+@dataclass
+class _Scratch:
+    """Per-chunk buffers reused across chunks and layers (the inference forward allocates nothing per chunk)."""
+
+    h: Tensor  # (n, hid) edge states when they are not kept in an (E, hid) store
+    a: Tensor  # (n, hid)
+    b: Tensor  # (n, hid)
+    enc: Tensor  # (n, 2 hid) edge-encoder output
+
+    @classmethod
+    def make(cls, n: int, hid: int, device: torch.device) -> "_Scratch":
+        new = lambda width: torch.empty(n, width, device=device)  # noqa: E731
+        return cls(new(hid), new(hid), new(hid), new(2 * hid))
+
+    def rows(self, n: int) -> "_Scratch":
+        return _Scratch(self.h[:n], self.a[:n], self.b[:n], self.enc[:n])
+
+
+def _gather_sum(table_a: Tensor, idx_a: Tensor, table_b: Tensor, idx_b: Tensor, out: Tensor, tmp: Tensor) -> Tensor:
+    """out = table_a[idx_a] + table_b[idx_b], through preallocated buffers."""
+    torch.index_select(table_a, 0, idx_a, out=out)
+    return out.add_(torch.index_select(table_b, 0, idx_b, out=tmp))
+
+
+# ----------------------------------------------------------------------------- the model
+class NiNoModel(nn.Module):
+    """The NiNo GNN (gnn=True in the reference's model_args); see the module docstring."""
+
+    def __init__(self, ctx: int = 5, hid: int = 128, layers: int = 3, max_feat_size: int = 9, seq_len: int = 40,
+                 wte_pos_enc: bool = True, vocab_size: int = 50257, edge_types: int = 15, lpe: int = 8,
+                 upd_scale: float = 1.0, residual: bool = True) -> None:
+        super().__init__()
+        if layers < 2:
+            raise ValueError("NiNo needs layers >= 2 (with one layer the graph would not influence the output)")
+        self.ctx, self.hid, self.layers, self.max_feat_size, self.seq_len = ctx, hid, layers, max_feat_size, seq_len
+        self.wte_pos_enc, self.vocab_size, self.edge_types, self.lpe = wte_pos_enc, vocab_size, edge_types, lpe
+        self.upd_scale, self.residual = float(upd_scale), bool(residual)
+
+        self.layer_embed = nn.Embedding(edge_types, hid)
+        self.edge_proj = MLP([max_feat_size * ctx, hid])
+        if wte_pos_enc:
+            self.wte_pos_enc_layer = nn.Embedding(vocab_size + 1, hid)
+        self.node_proj = MLP([lpe, hid])
+        self.gnn = GNN(hid, layers)
+        self.edge_out = MLP([hid, hid, max_feat_size * seq_len])
+
+    @property
+    def model_args(self) -> dict:
+        """Constructor arguments in the reference's ``model_args`` vocabulary (what checkpoints store)."""
+        return {"gnn": True, "ctx": self.ctx, "hid": self.hid, "layers": self.layers,
+                "max_feat_size": self.max_feat_size, "seq_len": self.seq_len, "wte_pos_enc": self.wte_pos_enc,
+                "vocab_size": self.vocab_size, "edge_types": self.edge_types, "lpe": self.lpe,
+                "upd_scale": self.upd_scale, "residual": self.residual}
+
+    # ---------------------------------------------------------------- shared pieces
+    def feat_slots(self, edge_attr: Tensor) -> int:
+        """F_g of slot-major (E, F_g*ctx) edge features; the model can read at most F_m slots."""
+        if edge_attr.dim() != 2 or edge_attr.shape[1] % self.ctx:
+            raise NowcastError(f"edge features must be (E, F_g*{self.ctx}), got {tuple(edge_attr.shape)}")
+        f = edge_attr.shape[1] // self.ctx
+        if not 1 <= f <= self.max_feat_size:
+            raise NowcastError(f"this NiNo model reads at most {self.max_feat_size} values per edge (kernel area), "
+                               f"the graph has {f} (e.g. a 5x5 kernel has 25); such graphs are not supported")
+        return f
+
+    def embed_edges(self, edge_attr: Tensor, edge_type: Tensor, out: Tensor | None = None) -> Tensor:
+        """h_e = edge_proj(A_e) + Emb_t[type_e], using only edge_proj's first F_g*ctx input columns (§3.3.2)."""
+        w = self.edge_proj.fc[0].weight[:, : edge_attr.shape[1]]  # a view: the module is never modified
+        b = self.edge_proj.fc[0].bias
+        if out is None:
+            return F.linear(edge_attr, w, b) + self.layer_embed(edge_type)
+        torch.index_select(self.layer_embed.weight, 0, edge_type, out=out)
+        return out.addmm_(edge_attr, w.t()).add_(b)
+
+    def embed_nodes(self, pos: Tensor, pos_w: Tensor | None) -> Tensor:
+        v = self.node_proj(pos)
+        if self.wte_pos_enc:
+            if pos_w is None:
+                raise NowcastError("this NiNo model embeds token ids: the graph must carry pos_w")
+            if pos_w.numel() and int(pos_w.max()) > self.vocab_size:
+                raise NowcastError(f"token id {int(pos_w.max()) - 1} is outside this model's vocabulary "
+                                   f"({self.vocab_size} tokens)")
+            v = v + self.wte_pos_enc_layer(pos_w)
+        return v
+
+    def _check_k(self, k: int) -> None:
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= self.seq_len:
+            raise NowcastError(f"k must be an integer in 1..{self.seq_len}, got {k!r}")
+
+    def _check_graph(self, edge_attr: Tensor, edge_index: Tensor, edge_type: Tensor, pos: Tensor) -> None:
+        E = edge_attr.shape[0]
+        if edge_index.shape != (2, E) or edge_type.shape != (E,):
+            raise NowcastError(f"graph arrays disagree: edge_attr {tuple(edge_attr.shape)}, edge_index "
+                               f"{tuple(edge_index.shape)}, edge_type {tuple(edge_type.shape)}")
+        if pos.dim() != 2 or pos.shape[1] != self.lpe:
+            raise NowcastError(f"pos must be (num_nodes, {self.lpe}), got {tuple(pos.shape)}")
+        if E and not (0 <= int(edge_index.min()) and int(edge_index.max()) < pos.shape[0]):
+            raise NowcastError(f"edge_index refers to nodes outside 0..{pos.shape[0] - 1}")
+
+    # ---------------------------------------------------------------- training forward (§3.5)
+    def forward(self, edge_attr: Tensor, edge_index: Tensor, edge_type: Tensor, pos: Tensor,
+                pos_w: Tensor | None = None) -> Tensor:
+        """(E, F_g*ctx) features -> (E, F_g*T) predictions for every horizon, slot-major (column f*T + t is
+        slot f at horizon t+1), the residual added to each. Differentiable; meta-training uses F_g = F_m."""
+        f_g = self.feat_slots(edge_attr)
+        self._check_graph(edge_attr, edge_index, edge_type, pos)
+        src, dst = edge_index[0], edge_index[1]
+        deg = in_degree(dst, pos.shape[0])
+        h = self.embed_edges(edge_attr, edge_type)
+        v = self.embed_nodes(pos, pos_w)
+        for conv, upd in zip(self.gnn.convs, self.gnn.edge_update):  # the last conv has no effect: skipped
+            v = F.silu(conv(v, h, edge_index, deg))
+            s, t = upd.node_terms(v)
+            h = upd(h, s[src], t[dst])
+        delta = self.edge_out(h)[:, : f_g * self.seq_len].view(-1, f_g, self.seq_len) * self.upd_scale
+        if self.residual:
+            delta = delta + edge_attr.reshape(-1, f_g, self.ctx)[:, :, -1:]
+        return delta.reshape(-1, f_g * self.seq_len)
+
+    # ---------------------------------------------------------------- inference forward (§3.3)
+    def nowcast(self, edge_attr: Tensor, edge_index: Tensor, edge_type: Tensor, pos: Tensor,
+                pos_w: Tensor | None, k: int, chunk_size: int = DEFAULT_CHUNK,
+                keep_edge_states: bool | None = None) -> Tensor:
+        """(E, F_g*ctx) scaled edge features -> (E, F_g) scaled predictions at horizon k (float32).
+
+        ``keep_edge_states``: keep the (E, hid) edge states between passes (faster) or recompute them (O(chunk)
+        memory); None decides by ``EDGE_STATE_BUDGET``. Runs under inference mode, but the returned tensor is
+        an ordinary one (callers un-scale it in place)."""
+        self._check_k(k)
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+        f_g = self.feat_slots(edge_attr)
+        self._check_graph(edge_attr, edge_index, edge_type, pos)
+        out = torch.empty(edge_attr.shape[0], f_g, device=self.layer_embed.weight.device)
+        if keep_edge_states is None:
+            keep_edge_states = edge_attr.shape[0] * self.hid * 4 <= EDGE_STATE_BUDGET
+        with torch.inference_mode():
+            self._nowcast_into(out, edge_attr, edge_index, edge_type, pos, pos_w, k, chunk_size, keep_edge_states)
+        return out
+
+    def _nowcast_into(self, out: Tensor, edge_attr: Tensor, edge_index: Tensor, edge_type: Tensor, pos: Tensor,
+                      pos_w: Tensor | None, k: int, chunk_size: int, keep_edge_states: bool) -> None:
+        f_g = out.shape[1]
+        dev = out.device
+        attr = edge_attr.to(dev, torch.float32).contiguous()
+        src, dst = edge_index[0].to(dev), edge_index[1].to(dev)
+        types = edge_type.to(dev)
+        pos = pos.to(dev, torch.float32)
+        pos_w = None if pos_w is None else pos_w.to(dev)
+        E, N, hid = attr.shape[0], pos.shape[0], self.hid
+        n_passes = self.layers - 1  # message-passing rounds that reach the head
+
+        scratch = _Scratch.make(max(1, min(chunk_size, E)), hid, dev)
+        store = torch.empty(E, hid, device=dev) if keep_edge_states and n_passes >= 2 else None
+        tables: list[tuple[Tensor, Tensor]] = []  # per edge update: (lin_s(v), lin_t(v) + bias) per node
+
+        def edge_states(sl: slice, depth: int, buf: _Scratch) -> Tensor:
+            """h^depth for the edges in ``sl``: the store holds h^(depth-1) from the previous pass, or recompute."""
+            if store is not None and depth >= 2:
+                h, done = store[sl], depth - 1
+            else:
+                h = self.embed_edges(attr[sl], types[sl], out=store[sl] if store is not None else buf.h)
+                done = 0
+            for j in range(done, depth):
+                s, t = tables[j]
+                st = _gather_sum(s, src[sl], t, dst[sl], buf.a, buf.b)
+                self.gnn.edge_update[j].forward_(h, st)
+            return h
+
+        v = self.embed_nodes(pos, pos_w)
+        deg = in_degree(dst, N)
+        for layer in range(n_passes):
+            conv: NiNoConv = self.gnn.convs[layer]
+            pre_dst, pre_src = conv.node_terms(v)
+            sums = torch.zeros(N, hid, device=dev)
+            for sl in chunks(E, chunk_size):
+                buf = scratch.rows(sl.stop - sl.start)
+                h = edge_states(sl, layer, buf)
+                pre_e = _gather_sum(pre_dst, dst[sl], pre_src, src[sl], buf.a, buf.b)
+                conv.aggregate(conv.message_(h, pre_e, buf.enc), dst[sl], sums)
+            v = F.silu(conv.update(v, sums.div_(deg)))
+            tables.append(self.gnn.edge_update[layer].node_terms(v))
+
+        head_in, head_out = self.edge_out.fc[0], self.edge_out.fc[2]
+        rows = torch.arange(f_g, device=dev) * self.seq_len + (k - 1)  # slot f at horizon k
+        w_k, b_k = head_out.weight[rows], head_out.bias[rows]
+        newest = attr.view(E, f_g, self.ctx)[:, :, -1]
+        for sl in chunks(E, chunk_size):
+            buf = scratch.rows(sl.stop - sl.start)
+            h = edge_states(sl, n_passes, buf)
+            z = F.silu(torch.addmm(head_in.bias, h, head_in.weight.t(), out=buf.a), inplace=True)
+            o = torch.addmm(b_k, z, w_k.t(), out=out[sl])
+            if self.upd_scale != 1.0:
+                o.mul_(self.upd_scale)
+            if self.residual:
+                o.add_(newest[sl])
+
+
+# ----------------------------------------------------------------------------- the nowcaster
+class NiNo(ScaledNowcaster):
+    """NiNo as a service nowcaster: scaled (P, ctx) states + the spec's neural graph -> (P,) scaled prediction."""
+
+    kind = "nino"
+    needs_graph = True
+    needs_lpe = True
+
+    def __init__(self, model: NiNoModel, name: str = "nino", chunk_size: int = DEFAULT_CHUNK,
+                 keep_edge_states: bool | None = None) -> None:
+        self.model = model.eval()
+        self.name = name
+        self.ctx, self.horizon = model.ctx, model.seq_len
+        self.chunk_size, self.keep_edge_states = int(chunk_size), keep_edge_states
+        self.device = model.layer_embed.weight.device
+
+    def to(self, device: torch.device | str) -> "NiNo":
+        self.model.to(device)
+        self.device = torch.device(device)
+        return self
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+    def describe(self) -> dict:
+        return {**super().describe(), "model_args": self.model.model_args}
+
+    def predict_scaled(self, scaled: Tensor, k: int, graph: "NeuralGraph | None") -> Tensor:
+        if graph is None:
+            raise NowcastError(f"{self.name}: NiNo needs the model's neural graph")
+        if graph.feat_size > self.model.max_feat_size:
+            raise NowcastError(f"{self.name}: the graph has {graph.feat_size} values per edge (largest kernel "
+                               f"area) but the model reads at most {self.model.max_feat_size}; "
+                               "models with kernels larger than 3x3 are not supported")
+        if graph.pos is None:
+            raise NowcastError(f"{self.name}: NiNo needs the graph's Laplacian positional encoding (pos)")
+        attr = graph.edge_features(scaled.to(self.device, torch.float32))
+        pred = self.model.nowcast(attr, graph.edge_index, graph.edge_type, graph.pos, graph.pos_w, k,
+                                  chunk_size=self.chunk_size, keep_edge_states=self.keep_edge_states)
+        del attr
+        return graph.to_vector(pred)

@@ -1,0 +1,1 @@
+"""Sessions of training runs: the on-disk store, upload validation and the compute queue that runs nowcasts."""

@@ -1,0 +1,196 @@
+"""Safetensors files from untrusted clients: parse and check the header ourselves, then read tensors zero-copy.
+
+An upload is hostile until proven otherwise: the 8-byte header length, the JSON and every tensor's offsets are
+checked against the file before any byte of tensor data is interpreted. Tensors are then viewed straight from a
+memory map (no copy of the body) to check values and to fill the states matrix of a nowcast.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import mmap
+import struct
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from ninocast.spec import ModelSpec
+
+from .errors import ServiceError
+
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1, "I16": 2, "U16": 2, "F16": 2,
+            "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8, "C64": 8}
+FLOAT_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+DTYPE_NAMES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
+CHECK_CHUNK = 1 << 24  # elements per isfinite pass: bounds the temporary bool tensor to 16 MB
+
+
+@dataclass(frozen=True)
+class Entry:
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int  # absolute offsets in the file
+    end: int
+
+
+@dataclass(frozen=True)
+class Header:
+    entries: dict[str, Entry]
+    data_start: int
+    metadata: dict[str, str]
+
+
+def bad(detail: str) -> ServiceError:
+    return ServiceError(400, "invalid_safetensors", detail)
+
+
+def parse_header(path: Path) -> Header:
+    """Read and check the header of the file at ``path``; raise ServiceError(400) saying what is wrong."""
+    with open(path, "rb") as f:
+        size = f.seek(0, 2)
+        f.seek(0)
+        if size < 8:
+            raise bad(f"body is {size} bytes: a safetensors file starts with an 8-byte header length")
+        (n,) = struct.unpack("<Q", f.read(8))
+        if n > MAX_HEADER_BYTES:
+            raise bad(f"header length {n} exceeds the {MAX_HEADER_BYTES}-byte limit")
+        if n > size - 8:
+            raise bad(f"header length {n} is larger than the {size - 8} bytes that follow it (truncated body?)")
+        raw = f.read(n)
+    try:
+        obj = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise bad(f"header is not valid JSON: {e}") from None
+    if not isinstance(obj, dict):
+        raise bad("header must be a JSON object")
+    return _check_entries(obj, 8 + n, size)
+
+
+def _check_entries(obj: dict, data_start: int, size: int) -> Header:
+    data_len = size - data_start
+    meta = obj.pop("__metadata__", None) or {}
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise bad("__metadata__ must map strings to strings")
+    entries: dict[str, Entry] = {}
+    for name, e in obj.items():
+        if not isinstance(e, dict) or set(e) != {"dtype", "shape", "data_offsets"}:
+            raise bad(f"tensor {name!r}: entry must have exactly dtype, shape and data_offsets")
+        dtype, shape, offs = e["dtype"], e["shape"], e["data_offsets"]
+        if dtype not in ITEMSIZE:
+            raise bad(f"tensor {name!r}: unknown dtype {dtype!r}")
+        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+            raise bad(f"tensor {name!r}: shape must be a list of non-negative integers, got {shape!r}"[:300])
+        if not (isinstance(offs, list) and len(offs) == 2 and all(type(o) is int for o in offs)):
+            raise bad(f"tensor {name!r}: data_offsets must be [begin, end] integers, got {offs!r}"[:300])
+        b, end = offs
+        if not 0 <= b <= end <= data_len:
+            raise bad(f"tensor {name!r}: data_offsets [{b}, {end}] lie outside the {data_len} data bytes")
+        want = math.prod(shape) * ITEMSIZE[dtype]
+        if end - b != want:
+            raise bad(f"tensor {name!r}: data_offsets span {end - b} bytes but {dtype} {shape} needs {want}")
+        entries[name] = Entry(dtype, tuple(shape), data_start + b, data_start + end)
+    prev_end, prev_name = data_start, None
+    for name, e in sorted(entries.items(), key=lambda kv: (kv[1].begin, kv[1].end)):
+        if e.begin < prev_end:
+            raise bad(f"tensors {prev_name!r} and {name!r} overlap in the data section")
+        if e.end > e.begin:
+            prev_end, prev_name = e.end, name
+    return Header(entries, data_start, meta)
+
+
+def check_against_spec(header: Header, spec: ModelSpec) -> None:
+    """Every spec tensor present, with its shape and a float dtype; extra tensors (buffers) are ignored."""
+    missing = [p.name for p in spec.layout if p.name not in header.entries]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise ServiceError(422, "missing_tensor", f"the state lacks spec tensor {missing[0]!r}{more}")
+    for p in spec.layout:
+        e = header.entries[p.name]
+        if e.shape != p.shape:
+            raise ServiceError(422, "shape_mismatch",
+                               f"tensor {p.name!r} has shape {list(e.shape)}, the spec says {list(p.shape)}")
+        if e.dtype not in FLOAT_DTYPES:
+            raise ServiceError(422, "unsupported_dtype",
+                               f"tensor {p.name!r} has dtype {e.dtype}; expected F32, BF16 or F16")
+
+
+@contextmanager
+def mapped(path: Path) -> Iterator[mmap.mmap]:
+    """A private (copy-on-write) map of the file: writable for torch.frombuffer, never written back."""
+    with open(path, "rb") as f:
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    try:
+        yield mm
+    finally:
+        try:
+            mm.close()
+        except BufferError:  # a view still alive somewhere: the GC closes it
+            pass
+
+
+def view(mm: mmap.mmap, e: Entry) -> Tensor:
+    """The entry's data as a flat tensor over the map (no copy)."""
+    dtype = FLOAT_DTYPES[e.dtype]
+    return torch.frombuffer(mm, dtype=dtype, count=math.prod(e.shape), offset=e.begin)
+
+
+def check_finite(path: Path, header: Header, spec: ModelSpec) -> None:
+    """Raise 422 naming the first spec tensor holding NaN or Inf."""
+    with mapped(path) as mm:
+        for p in spec.layout:
+            t = view(mm, header.entries[p.name])
+            for i in range(0, t.numel(), CHECK_CHUNK):
+                if not bool(torch.isfinite(t[i : i + CHECK_CHUNK]).all()):
+                    del t
+                    raise ServiceError(422, "nonfinite_values", f"tensor {p.name!r} contains NaN or Inf")
+            del t
+
+
+def load_states(paths: Sequence[Path], spec: ModelSpec) -> Tensor:
+    """(P, len(paths)) float32 states, oldest first, read column by column from the files' maps."""
+    states = torch.empty(spec.n_params, len(paths), dtype=torch.float32)
+    for j, path in enumerate(paths):
+        header = parse_header(path)
+        with mapped(path) as mm:
+            for p in spec.layout:
+                t = view(mm, header.entries[p.name])
+                states[p.start : p.stop, j].copy_(t)
+                del t
+    return states
+
+
+def dtypes_of(path: Path, spec: ModelSpec) -> dict[str, str]:
+    header = parse_header(path)
+    return {p.name: header.entries[p.name].dtype for p in spec.layout}
+
+
+def encode(flat: Tensor, spec: ModelSpec, dtypes: str | Mapping[str, str],
+           metadata: Mapping[str, str] | None = None) -> tuple[bytes, memoryview]:
+    """(P,) float32 -> (header bytes, data bytes) of a safetensors file with the spec's tensors in order.
+
+    The spec layout is contiguous, so with one dtype the data section is the (converted) flat vector itself.
+    """
+    names = [dtypes] * len(spec.layout) if isinstance(dtypes, str) else [dtypes[p.name] for p in spec.layout]
+    header: dict[str, object] = {"__metadata__": dict(metadata or {})}
+    offset = 0
+    for p, dt in zip(spec.layout, names):
+        n = p.numel * ITEMSIZE[dt]
+        header[p.name] = {"dtype": dt, "shape": list(p.shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    if len(set(names)) == 1:
+        data = flat.to(FLOAT_DTYPES[names[0]]).contiguous().view(torch.uint8)
+    else:
+        data = torch.empty(offset, dtype=torch.uint8)
+        for p, dt in zip(spec.layout, names):
+            part = flat[p.start : p.stop].to(FLOAT_DTYPES[dt]).view(torch.uint8)
+            b = header[p.name]["data_offsets"][0]  # type: ignore[index]
+            data[b : b + part.numel()] = part
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    return struct.pack("<Q", len(blob)) + blob, memoryview(data.numpy()).cast("B")

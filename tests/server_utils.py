@@ -1,0 +1,173 @@
+"""Start a real ``ninocast serve`` process on a free loopback port, and build states of a small trained model."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import torch
+from safetensors.torch import save
+
+ROOT = Path(__file__).resolve().parents[1]
+OCTET = {"Content-Type": "application/octet-stream"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def server_env(**settings: Any) -> dict[str, str]:
+    """The test process's environment with the repo importable and NINOCAST_* set from ``settings``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NINOCAST_")}
+    paths = [str(ROOT / "client"), str(ROOT / "service")] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
+    env["PYTHONPATH"] = os.pathsep.join(paths)
+    env.update({f"NINOCAST_{k.upper()}": str(v) for k, v in settings.items() if v is not None})
+    return env
+
+
+def cli_cmd(*args: str) -> list[str]:
+    """The ``ninocast`` command, run by this interpreter."""
+    return [sys.executable, "-m", "ninocast", *args]
+
+
+def serve_cmd(*args: str) -> list[str]:
+    return cli_cmd("serve", *args)
+
+
+class Server:
+    """A ``ninocast serve`` subprocess; ``url`` once ready. Settings are NINOCAST_* names without the prefix."""
+
+    def __init__(self, data_dir: Path, port: int | None = None, **settings: Any) -> None:
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.settings = {"host": "127.0.0.1", "port": self.port, "data_dir": data_dir, "device": "cpu",
+                         "log_level": "warning", **settings}
+        self.proc: subprocess.Popen | None = None
+        self.log = data_dir.parent / f"server-{self.port}.log"
+
+    def start(self, timeout: float = 60.0) -> "Server":
+        self._log = open(self.log, "ab")
+        self.proc = subprocess.Popen(serve_cmd(), env=server_env(**self.settings), cwd=ROOT,
+                                     stdout=self._log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
+            try:
+                if httpx.get(self.url + "/readyz", timeout=2).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"server not ready after {timeout}s:\n{self.log.read_text()[-3000:]}")
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown handlers, no flushing."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        if getattr(self, "_log", None):
+            self._log.close()
+
+    def client(self, key: str | None = None, **kw: Any) -> httpx.Client:
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        return httpx.Client(base_url=self.url, headers=headers, timeout=kw.pop("timeout", 60), **kw)
+
+
+def assert_error(resp: httpx.Response, status: int, code: str | None = None, mentions: str | None = None) -> dict:
+    """A JSON {error, detail} answer with this status (and code, and a word of the detail)."""
+    assert resp.status_code == status, (resp.status_code, resp.text[:500])
+    body = resp.json()
+    assert set(body) >= {"error", "detail"}, body
+    if code is not None:
+        assert body["error"] == code, body
+    if mentions is not None:
+        assert mentions.lower() in body["detail"].lower(), body
+    return body
+
+
+# ---------------------------------------------------------------------------- a small model and its states
+def small_model(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+
+
+def training_states(seed: int = 0, n: int = 5, steps_between: int = 3) -> tuple[dict, list[dict[str, torch.Tensor]]]:
+    """(spec JSON, n state dicts) from real Adam steps of a small MLP on a fixed regression task."""
+    from ninocast.spec import ModelSpec
+
+    model = small_model(seed)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    g = torch.Generator().manual_seed(seed)
+    x, y = torch.randn(64, 8, generator=g), torch.randn(64, 4, generator=g)
+    states = []
+    for _ in range(n):
+        for _ in range(steps_between):
+            opt.zero_grad()
+            torch.nn.functional.mse_loss(model(x), y).backward()
+            opt.step()
+        states.append({k: v.detach().clone() for k, v in model.named_parameters()})
+    return ModelSpec.from_module(model).to_json(), states
+
+
+def encode(tensors: dict[str, torch.Tensor]) -> bytes:
+    return save({k: v.contiguous() for k, v in tensors.items()})
+
+
+def flat_states(spec_json: dict, states: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+    """(P, ctx) float32, oldest first, in spec order."""
+    from ninocast.spec import ModelSpec
+
+    spec = ModelSpec.from_json(spec_json)
+    return torch.stack([torch.cat([s[n].float().reshape(-1) for n in spec.names]) for s in states], dim=1)
+
+
+def reference_nowcast(nowcaster: Any, spec_json: dict, states: torch.Tensor, k: int) -> torch.Tensor:
+    """What the engine answers in-process for the same request (skips while the engine is not importable)."""
+    try:
+        from ninocast_server.engine.runner import nowcast
+    except ImportError as e:
+        pytest.skip(f"engine not importable yet: {e}")
+    from ninocast.spec import ModelSpec
+
+    return nowcast(nowcaster, ModelSpec.from_json(spec_json), states, k)
+
+
+def flatten_answer(spec_json: dict, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    from ninocast.spec import ModelSpec
+
+    spec = ModelSpec.from_json(spec_json)
+    assert list(tensors) == spec.names or set(tensors) == set(spec.names)
+    for p in spec.layout:
+        assert tuple(tensors[p.name].shape) == p.shape, p.name
+    return torch.cat([tensors[n].float().reshape(-1) for n in spec.names])
+
+
+def upload_all(c: httpx.Client, sid: str, states: list[dict[str, torch.Tensor]], first_step: int = 200,
+               every: int = 200) -> list[int]:
+    steps = []
+    for i, s in enumerate(states):
+        step = first_step + i * every
+        r = c.put(f"/v1/sessions/{sid}/states/{step}", content=encode(s), headers=OCTET)
+        assert r.status_code == 201, r.text
+        steps.append(step)
+    return steps
