@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base import NowcastError, ScaledNowcaster
-from .nino import DEFAULT_CHUNK, MLP, chunks
+from .nino import DEFAULT_CHUNK, MLP, chunks, embedding
 
 if TYPE_CHECKING:
     from ..graphs.base import NeuralGraph
@@ -29,7 +29,7 @@ class WNNModel(nn.Module):
         super().__init__()
         self.ctx, self.hid, self.seq_len, self.edge_types, self.layers = ctx, hid, seq_len, edge_types, layers
         self.upd_scale, self.residual = float(upd_scale), bool(residual)
-        self.layer_embed = nn.Embedding(edge_types, hid)
+        self.layer_embed = embedding(edge_types, hid)
         self.edge_proj = MLP([ctx, hid])
         self.edge_mlp = MLP([hid] * (layers + 1) + [seq_len])  # layers=3 -> fc.0, fc.2, fc.4, fc.6
 
