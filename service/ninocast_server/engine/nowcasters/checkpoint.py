@@ -32,6 +32,8 @@ from .nino import NiNo, NiNoModel
 from .wnn import WNN, WNNModel
 
 FORMAT, VERSION = "ninocast-nowcaster", 1
+BUNDLED_DIR = Path(__file__).resolve().parents[2] / "models"  # nowcasters shipped inside the package
+DEFAULT_BUNDLED = "ninocast-nino"
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
 
 
@@ -202,11 +204,21 @@ def load_directory(path: str | Path) -> tuple[Model, dict]:
     return _load_state(model, state, str(weights)), config
 
 
+def resolve_ref(ref: str) -> str:
+    """"default" -> the bundled default nowcaster (linefit until one is shipped); a bundled name -> its directory."""
+    if ref == "default":
+        ref = DEFAULT_BUNDLED if (BUNDLED_DIR / DEFAULT_BUNDLED).is_dir() else "linefit"
+    if ref != "linefit" and not Path(ref).exists() and (BUNDLED_DIR / ref).is_dir():
+        return str(BUNDLED_DIR / ref)
+    return ref
+
+
 def load_nowcaster(ref: str, device: str | torch.device = "cpu", name: str | None = None) -> Nowcaster:
     """"linefit", a directory in our format, or an official ``.pt`` file -> a Nowcaster on ``device``.
 
     The name defaults to the config's name (directories) or the file stem (``nino_mlp.pt`` -> ``nino_mlp``).
     """
+    ref = resolve_ref(ref)
     if ref == "linefit":
         return Linefit(name=name or "linefit").to(device)
     path = Path(ref)

@@ -1,0 +1,42 @@
+"""Task: one training problem (data, model, optimiser settings, metric, target) shared by the speedup benchmark
+and trajectory collection for meta-training. Runs with the same seed see the same batches in the same order."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+
+class Task(ABC):
+    name: str = ""
+    kind: str = ""  # "vision" | "language" | "tabular"
+    metric: str = ""  # "test_acc" (%) | "val_ppl" | ...
+    higher_is_better: bool = True
+    target: float = 0.0  # steps-to-target threshold on `metric`
+    lr: float = 1e-3  # AdamW learning rate
+    weight_decay: float = 0.0
+    batch_size: int = 128
+    budget: int = 10_000  # max_train_steps
+    in_distribution: bool = True  # False: held out of meta-training (FM-32, the 3-64 and Llama language models)
+
+    @abstractmethod
+    def build_model(self, seed: int) -> nn.Module:
+        """A freshly initialised model; the same seed gives the same weights."""
+
+    @abstractmethod
+    def batches(self, seed: int) -> Iterator[Any]:
+        """Training batches forever (epoch after epoch), reshuffled per epoch from (seed, epoch)."""
+
+    @abstractmethod
+    def loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
+        """Training loss of one batch."""
+
+    @abstractmethod
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        """Held-out metrics; includes ``self.metric``."""
+
+    def reached(self, value: float) -> bool:
+        return value >= self.target if self.higher_is_better else value <= self.target
