@@ -66,3 +66,25 @@ class ScaledNowcaster(Nowcaster):
     @abstractmethod
     def predict_scaled(self, scaled: Tensor, k: int, graph: "NeuralGraph | None") -> Tensor:
         """(P, ctx) scaled states -> (P,) scaled prediction."""
+
+
+class ModuleNowcaster(ScaledNowcaster):
+    """A scaled nowcaster around a trained ``nn.Module`` that has ``ctx``, ``seq_len`` and ``model_args``."""
+
+    def __init__(self, model: torch.nn.Module, name: str, chunk_size: int) -> None:
+        self.model = model.eval()
+        self.name = name
+        self.ctx, self.horizon = model.ctx, model.seq_len
+        self.chunk_size = int(chunk_size)
+        self.device = next(model.parameters()).device
+
+    def to(self, device: torch.device | str) -> "ModuleNowcaster":
+        self.model.to(device)
+        self.device = torch.device(device)
+        return self
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+    def describe(self) -> dict:
+        return {**super().describe(), "model_args": self.model.model_args}

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import NowcastError, ScaledNowcaster
+from .base import ModuleNowcaster, NowcastError
 
 if TYPE_CHECKING:
     from ..graphs.base import NeuralGraph
@@ -370,7 +370,7 @@ class NiNoModel(nn.Module):
 
 
 # ----------------------------------------------------------------------------- the nowcaster
-class NiNo(ScaledNowcaster):
+class NiNo(ModuleNowcaster):
     """NiNo as a service nowcaster: scaled (P, ctx) states + the spec's neural graph -> (P,) scaled prediction."""
 
     kind = "nino"
@@ -379,22 +379,8 @@ class NiNo(ScaledNowcaster):
 
     def __init__(self, model: NiNoModel, name: str = "nino", chunk_size: int = DEFAULT_CHUNK,
                  keep_edge_states: bool | None = None) -> None:
-        self.model = model.eval()
-        self.name = name
-        self.ctx, self.horizon = model.ctx, model.seq_len
-        self.chunk_size, self.keep_edge_states = int(chunk_size), keep_edge_states
-        self.device = model.layer_embed.weight.device
-
-    def to(self, device: torch.device | str) -> "NiNo":
-        self.model.to(device)
-        self.device = torch.device(device)
-        return self
-
-    def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.model.parameters())
-
-    def describe(self) -> dict:
-        return {**super().describe(), "model_args": self.model.model_args}
+        super().__init__(model, name, chunk_size)
+        self.keep_edge_states = keep_edge_states
 
     def predict_scaled(self, scaled: Tensor, k: int, graph: "NeuralGraph | None") -> Tensor:
         if graph is None:

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import NowcastError, ScaledNowcaster
+from .base import ModuleNowcaster, NowcastError
 from .nino import DEFAULT_CHUNK, MLP, chunks, embedding
 
 if TYPE_CHECKING:
@@ -101,7 +101,7 @@ class WNNModel(nn.Module):
                 o.add_(x[sl, -1:])
 
 
-class WNN(ScaledNowcaster):
+class WNN(ModuleNowcaster):
     """WNN+ as a service nowcaster. Needs the graph only for each parameter's edge type (no LPE, no edges)."""
 
     kind = "wnn"
@@ -109,22 +109,7 @@ class WNN(ScaledNowcaster):
     needs_lpe = False
 
     def __init__(self, model: WNNModel, name: str = "wnn", chunk_size: int = DEFAULT_CHUNK) -> None:
-        self.model = model.eval()
-        self.name = name
-        self.ctx, self.horizon = model.ctx, model.seq_len
-        self.chunk_size = int(chunk_size)
-        self.device = model.layer_embed.weight.device
-
-    def to(self, device: torch.device | str) -> "WNN":
-        self.model.to(device)
-        self.device = torch.device(device)
-        return self
-
-    def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.model.parameters())
-
-    def describe(self) -> dict:
-        return {**super().describe(), "model_args": self.model.model_args}
+        super().__init__(model, name, chunk_size)
 
     def predict_scaled(self, scaled: Tensor, k: int, graph: "NeuralGraph | None") -> Tensor:
         if graph is None:
