@@ -1,13 +1,8 @@
-"""Start a real ``ninocast serve`` process on a free loopback port, and build states of a small trained model."""
+"""Start a real ``ninocast serve`` process on a free loopback port (ninocast_server.testing), and build states of a
+small trained model."""
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -16,77 +11,21 @@ import pytest
 import torch
 from safetensors.torch import save
 
+from ninocast_server.testing import ServerProcess, cli_cmd, free_port, serve_cmd, server_env  # noqa: F401 (re-exported)
+
 ROOT = Path(__file__).resolve().parents[1]
 OCTET = {"Content-Type": "application/octet-stream"}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def server_env(**settings: Any) -> dict[str, str]:
-    """The test process's environment with the repo importable and NINOCAST_* set from ``settings``."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("NINOCAST_")}
-    paths = [str(ROOT / "client"), str(ROOT / "service")] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
-    env["PYTHONPATH"] = os.pathsep.join(paths)
-    env.update({f"NINOCAST_{k.upper()}": str(v) for k, v in settings.items() if v is not None})
-    return env
-
-
-def cli_cmd(*args: str) -> list[str]:
-    """The ``ninocast`` command, run by this interpreter."""
-    return [sys.executable, "-m", "ninocast", *args]
-
-
-def serve_cmd(*args: str) -> list[str]:
-    return cli_cmd("serve", *args)
-
-
-class Server:
-    """A ``ninocast serve`` subprocess; ``url`` once ready. Settings are NINOCAST_* names without the prefix."""
+class Server(ServerProcess):
+    """A ``ninocast serve`` subprocess run from the repository root (see ninocast_server.testing)."""
 
     def __init__(self, data_dir: Path, port: int | None = None, **settings: Any) -> None:
-        self.port = port or free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.settings = {"host": "127.0.0.1", "port": self.port, "data_dir": data_dir, "device": "cpu",
-                         "log_level": "warning", **settings}
-        self.proc: subprocess.Popen | None = None
-        self.log = data_dir.parent / f"server-{self.port}.log"
+        super().__init__(data_dir, port, cwd=ROOT, **settings)
 
     def start(self, timeout: float = 60.0) -> "Server":
-        self._log = open(self.log, "ab")
-        self.proc = subprocess.Popen(serve_cmd(), env=server_env(**self.settings), cwd=ROOT,
-                                     stdout=self._log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
-            try:
-                if httpx.get(self.url + "/readyz", timeout=2).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        self.stop()
-        raise RuntimeError(f"server not ready after {timeout}s:\n{self.log.read_text()[-3000:]}")
-
-    def kill(self) -> None:
-        """SIGKILL: no shutdown handlers, no flushing."""
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(10)
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.kill()
-        if getattr(self, "_log", None):
-            self._log.close()
+        super().start(timeout)
+        return self
 
     def client(self, key: str | None = None, **kw: Any) -> httpx.Client:
         headers = {"Authorization": f"Bearer {key}"} if key else {}

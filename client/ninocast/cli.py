@@ -95,7 +95,148 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--device", default="cpu")
     b.add_argument("--repeat", type=int, default=1, help="timed nowcasts per model after the first")
     b.set_defaults(func=_lazy("ninocast_server.bench.engine", "run_bench_engine"))
+    b = bs.add_parser("client", help="the client's cost to the training loop: ordinary and nowcast steps",
+                      description="Median wall time of an ordinary step with NowcastOptimizer against the bare "
+                      "optimizer (~1M-parameter MLP; target < 2%% overhead), and the end-to-end cost of a nowcast "
+                      "step in local mode and through a real server (docs/benchmarks-client.md).")
+    b.add_argument("--parts", default="ordinary,nowcast", help="comma-separated: ordinary, nowcast")
+    b.add_argument("--width", type=int, default=512, help="MLP width w, layers w-2w-w (512: 1.05M parameters)")
+    b.add_argument("--batch", type=int, default=64)
+    b.add_argument("--steps", type=int, default=1000, help="interleaved ordinary steps per optimizer")
+    b.add_argument("--period", type=int, default=1000, help="period in the ordinary-step part")
+    b.add_argument("--nowcasts", type=int, default=5, help="nowcasts timed per mode")
+    b.add_argument("--nowcast-period", type=int, default=50, help="period in the nowcast part")
+    b.add_argument("--nowcaster", default=None, help="default: linefit locally, the server's default remotely")
+    b.add_argument("--server", default=None, help="URL of a running server (default: start one on loopback)")
+    b.add_argument("--no-server", action="store_true", help="local mode only")
+    b.add_argument("--api-key", default=None)
+    b.add_argument("--threads", type=int, default=1, help="torch threads (default 1: steadier timings)")
+    b.add_argument("--json", default=None, help="also write the results to this file")
+    b.set_defaults(func=_lazy("ninocast_server.bench.client", "run_bench_client"))
+    b = bs.add_parser("server", help="upload throughput, nowcast round trip vs engine, sustained load",
+                      description="Start a real server on a free loopback port (temporary data dir) and measure "
+                      "state upload MB/s against a file copy + fsync, the nowcast round trip (upload + nowcast + "
+                      "download) against the engine alone, and N concurrent sessions streaming states and "
+                      "nowcasting (p50/p99 latency, errors, peak server RSS). Prints markdown tables.")
+    b.add_argument("--parts", default="upload,roundtrip,load", help="comma-separated subset of upload,roundtrip,load")
+    b.add_argument("--nowcaster", default=None, metavar="FILE.pt",
+                   help="checkpoint imported into the server's models dir; default: the official "
+                   "nino_no_posw.pt from ../shared")
+    b.add_argument("--models", default="c10-32,mlp-1m,gpt2-3m", help="round-trip models (engine benchmark names)")
+    b.add_argument("--upload-models", default="gpt2-3m,linear-25m",
+                   help="upload states: engine benchmark names or linear-25m (100 MB)")
+    b.add_argument("--k", type=int, default=10)
+    b.add_argument("--device", default="cpu", help="server (NINOCAST_DEVICE) and in-process engine device")
+    b.add_argument("--repeat", type=int, default=3, help="timed uploads / warm round trips per model")
+    b.add_argument("--duration", type=float, default=120.0, help="seconds of sustained load")
+    b.add_argument("--sessions", type=int, default=16, help="concurrent sessions of the load part")
+    b.add_argument("--load-model", default="c10-32", help="model of the load part (engine benchmark name)")
+    b.add_argument("--load-nowcaster", default="nino", help="'nino' (the imported checkpoint) or 'linefit'")
+    b.add_argument("--nowcast-every", type=int, default=5, help="uploads between nowcasts per session")
+    b.add_argument("--think", type=float, default=0.05, help="pause (s) after each request of a load session")
+    b.add_argument("--work-dir", default=None, help="parent of the temporary directory (default: the system's)")
+    b.add_argument("--keep", action="store_true", help="keep the temporary directory (server logs, data)")
+    b.add_argument("--json", default=None, metavar="FILE", help="also write every number as JSON")
+    b.set_defaults(func=_lazy("ninocast_server.bench.server", "run_bench_server"))
+    b = bs.add_parser("speedup", help="steps to a task's target: AdamW vs AdamW + nowcasters, with plots",
+                      description="Train each task with AdamW alone and wrapped by each nowcaster (NowcastOptimizer, "
+                      "local engine or --server), same init and batches per seed; write results.md, summary.csv, "
+                      "runs.csv, runs.jsonl and plots/<task>.png to --out. Tasks: fm-16, fm-32, kjv-gpt2-3-24, "
+                      "kjv-gpt2-2-32, kjv-gpt2-3-64, kjv-llama-3-24, digits (docs/tasks.md).")
+    b.add_argument("--task", action="append", metavar="NAME[,NAME]",
+                   help="task(s), repeatable or comma-separated (default fm-16; digits with --quick)")
+    b.add_argument("--nowcasters", metavar="REF[,REF]",
+                   help="comma list: linefit, nino (official nino_no_posw.pt), wnn+ (nino_mlp.pt), a .pt file, a "
+                   "nowcaster directory, or a server's nowcaster name; AdamW is always included "
+                   "(default nino,wnn+,linefit; linefit with --quick)")
+    b.add_argument("--seeds", help="comma list (default 1000,2000,3000; 1000,2000 with --quick)")
+    b.add_argument("--server", metavar="URL", help="nowcast through a running server (default: local engine)")
+    b.add_argument("--api-key", help="API key for --server (default: NINOCAST_API_KEY)")
+    b.add_argument("--eval-every", type=int, help="evaluate every N steps (default: the task's, e.g. 50 for FM)")
+    b.add_argument("--max-steps", type=int, help="training budget override (default: the task's)")
+    b.add_argument("--period", type=int, help="nowcast period override (default: the task's, 1000 for FM)")
+    b.add_argument("--threads", type=int, default=1, help="torch threads per process (default 1)")
+    b.add_argument("--no-early-stop", action="store_true", help="train the whole budget even after the target")
+    b.add_argument("--resume", action="store_true", help="keep the runs already in OUT/runs.jsonl, do the rest")
+    b.add_argument("--no-progress", action="store_true", help="no progress bars")
+    b.add_argument("--report-only", action="store_true",
+                   help="only rewrite results.md, CSVs and plots from OUT/runs.jsonl (e.g. while a run is going)")
+    b.add_argument("--quick", action="store_true", help="smoke run in seconds (digits + linefit, tiny budget)")
+    b.add_argument("--out", default="bench-speedup", metavar="DIR", help="output directory (default ./bench-speedup)")
+    b.set_defaults(func=_lazy("ninocast_server.bench.speedup", "run_bench_speedup"))
+    _add_metatrain_parsers(sub)
     return p
+
+
+def _add_metatrain_parsers(sub: argparse._SubParsersAction) -> None:
+    """collect, metatrain, export-trajectories, validate-trajectories (docs/metatrain.md)."""
+    s = sub.add_parser("collect", help="train tasks with AdamW and record their trajectories for meta-training",
+                       description="Train every (task, seed, lr scale) with AdamW and record the flat parameters "
+                       "every --interval steps into a trajectory store (safetensors shards + manifest.json). "
+                       "Resumable: complete runs are skipped, partial runs continue from their last shard.")
+    s.add_argument("-o", "--out", required=True, metavar="STORE", help="trajectory store directory")
+    s.add_argument("--tasks", default="fm-16,digits", help="comma-separated task names (default fm-16,digits)")
+    s.add_argument("--seeds", default="0", help="comma-separated seeds (default 0)")
+    s.add_argument("--lr-scales", default="1", help="comma-separated multipliers of each task's lr (default 1)")
+    s.add_argument("--steps", type=int, help="optimiser steps per run (default: the task's budget)")
+    s.add_argument("--interval", type=int, default=200, help="steps between snapshots (default 200)")
+    s.add_argument("--dtype", choices=["float16", "float32"], default="float16")
+    s.add_argument("--shard-snapshots", type=int, default=10, help="snapshots per shard / resume point (default 10)")
+    s.add_argument("--no-eval", action="store_true", help="do not evaluate the metric at each snapshot")
+    s.add_argument("--allow-held-out", action="store_true", help="allow held-out tasks (FM-32, 3-64, Llama)")
+    s.add_argument("--threads", type=int, help="torch CPU threads")
+    s.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    s.set_defaults(func=_lazy("ninocast_server.metatrain.cli", "run_collect"))
+
+    s = sub.add_parser("metatrain", help="meta-train a NiNo or WNN+ nowcaster on trajectory stores",
+                       description="Train a nowcaster on windows of recorded trajectories (NINO_SPEC 6): L1 on "
+                       "scaled future states, AdamW + cosine decay, clipping; NaN-safe and resumable. Writes "
+                       "config.json + model.safetensors + MODEL_CARD.md + loss_curve.png into --out.")
+    s.add_argument("stores", nargs="+", metavar="STORE")
+    s.add_argument("-o", "--out", required=True, metavar="DIR", help="nowcaster directory to write")
+    s.add_argument("--model", choices=["nino", "wnn"], default="nino")
+    s.add_argument("--name", help="nowcaster name (default: the --out directory's name)")
+    s.add_argument("--init", metavar="DIR", help="fine-tune this nowcaster (ninocast format) instead of a fresh one")
+    s.add_argument("--iters", type=int, default=20000)
+    s.add_argument("--batch-trajectories", type=int, default=4)
+    s.add_argument("--windows", type=int, default=4, help="windows per trajectory (default 4)")
+    s.add_argument("--lr", type=float, default=3e-3)
+    s.add_argument("--weight-decay", type=float, default=1e-2)
+    s.add_argument("--clip", type=float, default=5.0)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--spacing", type=int, default=200, help="optimiser steps between a window's states (default 200)")
+    s.add_argument("--hid", type=int, default=128)
+    s.add_argument("--layers", type=int, default=3)
+    s.add_argument("--wte-pos-enc", action="store_true", help="NiNo: learn token-id embeddings (+6.4M parameters)")
+    s.add_argument("--per-tensor-lm-scaling", action="store_true",
+                   help="scale GPT-2 trajectories per tensor (default: globally from wte on, as the reference)")
+    s.add_argument("--tasks", help="only these tasks (comma-separated)")
+    s.add_argument("--val-fraction", type=float, default=0.2, help="held-out runs per task (default 0.2)")
+    s.add_argument("--val-batches", type=int, default=8)
+    s.add_argument("--val-every", type=int, default=200)
+    s.add_argument("--ckpt-every", type=int, default=200)
+    s.add_argument("--work-dir", help="checkpoint and history (default: OUT/train)")
+    s.add_argument("--max-minutes", type=float, help="stop after this much wall time (resumable; the cosine "
+                   "schedule still spans --iters)")
+    s.add_argument("--threads", type=int, help="torch CPU threads")
+    s.add_argument("--device", default="cpu")
+    s.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    s.set_defaults(func=_lazy("ninocast_server.metatrain.cli", "run_metatrain"))
+
+    s = sub.add_parser("export-trajectories", help="turn a server's recorded sessions into a trajectory store",
+                       description="Read the server's data directory (sessions created with record=true) and "
+                       "write one run per session into a trajectory store, for `ninocast metatrain --init`.")
+    s.add_argument("--data-dir", required=True, help="the server's data directory (NINOCAST_DATA_DIR)")
+    s.add_argument("-o", "--out", required=True, metavar="STORE")
+    s.add_argument("--owners", help="only these key owners (comma-separated)")
+    s.add_argument("--sessions", help="only these session ids (comma-separated)")
+    s.add_argument("--dtype", choices=["float16", "float32"], default="float16")
+    s.set_defaults(func=_lazy("ninocast_server.metatrain.cli", "run_export"))
+
+    s = sub.add_parser("validate-trajectories", help="check a trajectory store's shards against its manifest")
+    s.add_argument("store", metavar="STORE")
+    s.add_argument("--deep", action="store_true", help="also read every shard and check values and steps")
+    s.set_defaults(func=_lazy("ninocast_server.metatrain.cli", "run_validate"))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

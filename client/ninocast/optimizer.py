@@ -10,6 +10,15 @@ The base optimizer's own state (Adam moments, its step count) is never touched b
 Snapshots are a device-to-host copy on the training thread; a background thread uploads them, so ordinary
 steps never wait for the network. A failed nowcast never stops training: it is counted, warned about once per
 kind, and the call falls back to a normal base-optimizer step (``on_error="raise"`` to fail loudly instead).
+
+The wrapper is a ``torch.optim.Optimizer`` (like accelerate's ``AcceleratedOptimizer`` it delegates
+``param_groups``/``state``/``defaults`` to the wrapped optimizer without calling ``Optimizer.__init__``), so LR
+schedulers, ``GradScaler``, Hugging Face ``Trainer`` and Lightning accept it. With a ``closure`` (Lightning,
+LBFGS-style loops) a nowcast call evaluates the closure once first, as NINO_SPEC §5.3 (2a) does, and returns
+its loss.
+
+Under ``torch.distributed`` only rank 0 snapshots and talks to the backend; every nowcast's outcome and the
+new parameters are broadcast from rank 0, so all ranks stay identical and take the same fallback decisions.
 """
 
 from __future__ import annotations
@@ -33,7 +42,15 @@ from .transport import NowcastAPIError
 Snapshot = dict[str, torch.Tensor]
 
 
-class NowcastOptimizer:
+class NowcastOptimizer(torch.optim.Optimizer):
+    """``NowcastOptimizer(torch.optim.AdamW(model.parameters()), model, server=URL, period=1000)``.
+
+    Where nowcasts run: ``server=URL`` (a ninocast server; ``api_key=``), or ``local=True`` / ``nowcaster=REF``
+    (the engine in this process: ``'linefit'``, a nowcaster directory or an official ``.pt``; needs
+    ``pip install 'ninocast[server]'``). Readable afterwards: ``nowcasts`` (one record per nowcast),
+    ``failures`` (a Counter by kind), ``step_count``.
+    """
+
     def __init__(
         self,
         optimizer: torch.optim.Optimizer,
@@ -59,6 +76,8 @@ class NowcastOptimizer:
             raise ValueError("on_error must be 'warn' or 'raise'")
         if period < ctx or period % ctx:
             raise ValueError(f"period ({period}) must be a positive multiple of ctx ({ctx})")
+        if server is None and not local and nowcaster is None:
+            raise ValueError("give server=URL to nowcast on a server, or local=True / nowcaster=PATH")
         self.optimizer = optimizer
         self.model = _unwrap(model)
         self.spec = spec or ModelSpec.from_module(self.model)
@@ -80,25 +99,39 @@ class NowcastOptimizer:
                 self.backend = RemoteBackend(server, self.spec, api_key=api_key, nowcaster=nowcaster, ctx=ctx,
                                              period=period, max_train_steps=max_train_steps, name=session_name,
                                              record=record, timeout=timeout, retries=retries)
-            elif local or nowcaster is not None:
-                self.backend = LocalBackend(self.spec, nowcaster or "default", device=device)
             else:
-                raise ValueError("give server=URL to nowcast on a server, or local=True / nowcaster=PATH")
+                self.backend = LocalBackend(self.spec, nowcaster or "default", device=device)
         self._uploads: "queue.Queue[tuple[int, Snapshot] | None]" = queue.Queue(maxsize=max(2, ctx))
         self._uploader: threading.Thread | None = None
 
     # ------------------------------------------------------------------ torch.optim surface
-    @property
+    @property  # type: ignore[override]
     def param_groups(self) -> list[dict]:
         return self.optimizer.param_groups
 
-    @property
+    @param_groups.setter
+    def param_groups(self, value: list[dict]) -> None:
+        self.optimizer.param_groups = value
+
+    @property  # type: ignore[override]
     def state(self) -> Any:
         return self.optimizer.state
 
-    @property
+    @state.setter
+    def state(self, value: Any) -> None:
+        self.optimizer.state = value
+
+    @property  # type: ignore[override]
     def defaults(self) -> dict:
         return self.optimizer.defaults
+
+    @defaults.setter
+    def defaults(self, value: dict) -> None:
+        self.optimizer.defaults = value
+
+    def __repr__(self) -> str:
+        return f"NowcastOptimizer(period={self.period}, ctx={self.ctx}, step_count={self.step_count}, " \
+               f"backend={type(self.backend).__name__}, optimizer={self.optimizer!r})"
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.optimizer.zero_grad(set_to_none=set_to_none)
@@ -118,6 +151,15 @@ class NowcastOptimizer:
     def current_k(self) -> int:
         return k_at_step(self.step_count, self.max_train_steps, self.period, MAX_HORIZON, self.k_decay)
 
+    def set_max_train_steps(self, max_train_steps: int) -> None:
+        """Change the planned run length (the k schedule), e.g. once a trainer knows it. Takes effect on the
+        server only for a session not created yet (sessions are created at the first upload)."""
+        if max_train_steps <= 0:
+            raise ValueError(f"max_train_steps must be positive, got {max_train_steps}")
+        self.max_train_steps = int(max_train_steps)
+        if isinstance(self.backend, RemoteBackend):
+            self.backend.session_args["max_train_steps"] = self.max_train_steps
+
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         s = self.step_count
         loss = None
@@ -125,8 +167,12 @@ class NowcastOptimizer:
             self._snapshot(s)
         if len(self.snapshots) == self.ctx:
             window, self.snapshots = self.snapshots, []
-            if not self._nowcast(window, s):
-                loss = self.optimizer.step(closure)  # fallback: training goes on
+            if closure is not None:  # NINO_SPEC §5.3 (2a): the closure runs once, before the nowcast
+                with torch.enable_grad():
+                    loss = closure()
+            if not self._nowcast(window, s):  # fallback: training goes on with a normal step
+                result = self.optimizer.step() if closure is not None else self.optimizer.step(closure)
+                loss = loss if closure is not None else result
         else:
             loss = self.optimizer.step(closure)
         self.step_count = s + 1
@@ -134,6 +180,8 @@ class NowcastOptimizer:
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
+        """The base optimizer's state under ``"optimizer"`` and the wrapper's (step counter, the current
+        window's snapshots, failures, the server session) under ``"ninocast"``."""
         self.flush()
         return {
             "optimizer": self.optimizer.state_dict(),
@@ -147,16 +195,24 @@ class NowcastOptimizer:
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
+        """Restore what ``state_dict`` saved. A plain base-optimizer state dict is accepted too (the wrapper's
+        counter then starts at 0)."""
+        if "ninocast" not in state:
+            self.optimizer.load_state_dict(state)  # type: ignore[arg-type]
+            return
         ours = state["ninocast"]
         for key in ("period", "ctx"):
             if ours[key] != getattr(self, key):
                 raise ValueError(f"saved {key}={ours[key]} differs from this wrapper's {getattr(self, key)}")
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.flush()
         self.step_count = int(ours["step_count"])
-        self.snapshots = [(int(step), dict(snap)) for step, snap in ours["snapshots"]]
+        # snapshots live on the CPU whatever a framework's device placement did to the dict
+        self.snapshots = [(int(step), {k: v.to("cpu") for k, v in dict(snap).items()})
+                          for step, snap in ours["snapshots"]]
         self.failures = Counter(ours.get("failures", {}))
         if self.backend:
-            self.backend.load_state_dict(ours.get("backend", {}))
+            self.backend.load_state_dict(dict(ours.get("backend", {})))
 
     def flush(self) -> None:
         """Wait until every snapshot taken so far has been handed to the backend."""
@@ -164,6 +220,7 @@ class NowcastOptimizer:
             self._uploads.join()
 
     def close(self) -> None:
+        """Finish pending uploads and close the connection (the server session is kept)."""
         self.flush()
         if self._uploader is not None:
             self._uploads.put(None)
@@ -177,10 +234,12 @@ class NowcastOptimizer:
         if not self._rank0:
             self.snapshots.append((step, {}))  # other ranks only count the window
             return
-        snap = {n: self._params[n].detach().to("cpu", copy=True) for n in self.spec.names}
+        with torch.no_grad():
+            snap = {n: self._params[n].detach().to("cpu", copy=True) for n in self.spec.names}
         self.snapshots.append((step, snap))
-        self._ensure_uploader()
-        self._uploads.put((step, snap))
+        if getattr(self.backend, "streams_states", True):
+            self._ensure_uploader()
+            self._uploads.put((step, snap))  # bounded: a stalled uploader holds at most a few snapshots
 
     def _ensure_uploader(self) -> None:
         if self._uploader is None or not self._uploader.is_alive():
@@ -196,7 +255,7 @@ class NowcastOptimizer:
                 assert self.backend is not None
                 try:
                     self.backend.add_state(*item)
-                except NowcastAPIError as e:  # the nowcast re-sends the window; note it and go on
+                except NowcastAPIError as e:  # the nowcast re-sends what is missing; note it and go on
                     self._note_failure(f"upload_{e.kind}", e, raise_ok=False)
                 except Exception as e:  # noqa: BLE001 - the uploader must never die silently
                     self._note_failure("upload_error", e, raise_ok=False)
@@ -204,9 +263,11 @@ class NowcastOptimizer:
                 self._uploads.task_done()
 
     def _nowcast(self, window: list[tuple[int, Snapshot]], step: int) -> bool:
-        """Returns True when the parameters were replaced by a nowcast."""
-        ok = torch.ones(1, device=self._params[self.spec.names[0]].device)  # NCCL wants device tensors
+        """Returns True when the parameters were replaced by a nowcast. Every rank returns the same answer."""
+        # 1 = apply the nowcast, 0 = fall back to a base step, -1 = rank 0 raises (on_error="raise")
+        flag = torch.ones(1, device=self._params[self.spec.names[0]].device)  # NCCL wants device tensors
         result: dict[str, torch.Tensor] | None = None
+        error: BaseException | None = None
         k = self.current_k()
         if self._rank0:
             self.flush()
@@ -215,15 +276,24 @@ class NowcastOptimizer:
                 assert self.backend is not None
                 result = self.backend.nowcast(window, k)
                 check_state(result, self.spec, where="nowcast answer")
-            except (NowcastAPIError, StateError, ValueError, RuntimeError, OSError) as e:
+            except Exception as e:  # noqa: BLE001 - whatever goes wrong, training goes on (policy)
                 kind = getattr(e, "kind", "invalid_response" if isinstance(e, StateError) else "error")
-                self._note_failure(kind, e, raise_ok=True)
-                ok.zero_()
+                result = None
+                if self.on_error == "raise":  # counted, then raised on every rank once all ranks know
+                    self.failures[kind] += 1
+                    error = e
+                    flag.fill_(-1)
+                else:
+                    self._note_failure(kind, e, raise_ok=False)
+                    flag.zero_()
             else:
                 self.nowcasts.append({"step": step, "k": k, "seconds": time.perf_counter() - t0,
                                       "snapshot_steps": [s for s, _ in window]})
-        ok = _broadcast_flag(ok)
-        if not bool(ok.item()):
+        flag = _broadcast_flag(flag)
+        code = int(flag.item())
+        if code < 0:
+            raise error if error is not None else RuntimeError("ninocast: the nowcast failed on rank 0")
+        if code == 0:
             return False
         with torch.no_grad():
             for name in self.spec.names:
@@ -245,8 +315,15 @@ class NowcastOptimizer:
 
 # ---------------------------------------------------------------------- distributed helpers
 def _unwrap(model: nn.Module) -> nn.Module:
-    """DistributedDataParallel / DataParallel keep the real model in ``.module``."""
-    return getattr(model, "module", model) if hasattr(model, "module") and isinstance(model.module, nn.Module) else model
+    """The model whose parameter names the spec uses: DistributedDataParallel / DataParallel keep it in
+    ``.module``, ``torch.compile`` in ``._orig_mod``."""
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        else:
+            return model
 
 
 def _dist_active() -> bool:

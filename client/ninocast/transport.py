@@ -74,15 +74,25 @@ class InvalidResponse(NowcastAPIError):
 def _raise_for(resp: httpx.Response) -> None:
     if resp.is_success:
         return
+    error: str | None = None
+    detail: str | None = None
     try:
         body = resp.json()
-        error, detail = str(body.get("error")), str(body.get("detail"))
+        if isinstance(body, dict):
+            error = None if body.get("error") is None else str(body["error"])
+            detail = None if body.get("detail") is None else str(body["detail"])
     except Exception:
-        error, detail = None, resp.text[:500]
-    msg = f"{resp.request.method} {resp.request.url.path} -> {resp.status_code}: {detail}"
+        pass
+    if detail is None:
+        detail = resp.text[:500] or resp.reason_phrase
+    msg = f"{resp.request.method} {resp.request.url.path} -> {resp.status_code}" + \
+        (f" {error}" if error else "") + f": {detail}"
     if resp.status_code == 503:
-        ra = resp.headers.get("Retry-After")
-        raise ServerBusy(msg, resp.status_code, error, detail, retry_after=float(ra) if ra else None)
+        try:
+            retry_after = float(resp.headers["Retry-After"])
+        except (KeyError, ValueError):
+            retry_after = None
+        raise ServerBusy(msg, resp.status_code, error, detail, retry_after=retry_after)
     if resp.status_code >= 500:
         raise ServerUnavailable(msg, resp.status_code, error, detail)
     cls = {401: AuthError, 404: NotFound}.get(resp.status_code, RequestRejected)
@@ -90,12 +100,14 @@ def _raise_for(resp: httpx.Response) -> None:
 
 
 class NowcastClient:
-    """``NowcastClient("http://gpu-box:8000", api_key=...)``; retries transport failures and 503s."""
+    """``NowcastClient("http://gpu-box:8000", api_key=...)``; retries transport failures, 5xx and 503s
+    (``retries`` times, exponential ``backoff`` or the server's Retry-After, at most ``max_retry_wait`` s each)."""
 
     def __init__(self, url: str, api_key: str | None = None, timeout: float = 60.0, retries: int = 2,
-                 backoff: float = 0.5, transport: httpx.BaseTransport | None = None) -> None:
+                 backoff: float = 0.5, transport: httpx.BaseTransport | None = None,
+                 max_retry_wait: float = 30.0) -> None:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self.retries, self.backoff = retries, backoff
+        self.retries, self.backoff, self.max_retry_wait = retries, backoff, max_retry_wait
         self._http = httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=timeout, transport=transport)
 
     def close(self) -> None:
@@ -122,16 +134,31 @@ class NowcastClient:
                 last = e
             if attempt < self.retries:
                 wait = getattr(last, "retry_after", None) or self.backoff * 2**attempt
-                time.sleep(min(wait, 30.0))
+                time.sleep(min(wait, self.max_retry_wait))
         assert last is not None
         raise last
 
+    def _json(self, method: str, path: str, key: str | None = None, **kw: Any) -> Any:
+        """The JSON answer (or its ``key``); anything else is an InvalidResponse."""
+        resp = self._request(method, path, **kw)
+        try:
+            body = resp.json()
+            return body[key] if key is not None else body
+        except Exception as e:
+            raise InvalidResponse(f"{method} {path}: unexpected answer ({type(e).__name__}: {e}): "
+                                  f"{resp.text[:200]!r}", resp.status_code) from None
+
     # ------------------------------------------------------------------ API
     def health(self) -> dict:
-        return self._request("GET", "/healthz").json()
+        return self._json("GET", "/healthz")
 
-    def nowcasters(self) -> list[dict]:
-        return self._request("GET", "/v1/nowcasters").json()["nowcasters"]
+    def ready(self) -> dict:
+        """``/readyz``: ``{"status": "ready", "checks": {...}}``; a ServerBusy (503) when not ready."""
+        return self._json("GET", "/readyz")
+
+    def nowcasters(self) -> dict:
+        """The catalogue as served: ``{"default": name, "devices": [...], "nowcasters": [{name, kind, ...}]}``."""
+        return self._json("GET", "/v1/nowcasters")
 
     def create_session(self, spec: ModelSpec, nowcaster: str | None = None, ctx: int | None = None,
                        period: int | None = None, max_train_steps: int | None = None, name: str | None = None,
@@ -141,13 +168,15 @@ class NowcastClient:
                          ("max_train_steps", max_train_steps), ("name", name)):
             if val is not None:
                 body[key] = val
-        return self._request("POST", "/v1/sessions", json=body).json()
+        return self._json("POST", "/v1/sessions", json=body)
 
     def get_session(self, session_id: str) -> dict:
-        return self._request("GET", f"/v1/sessions/{session_id}").json()
+        """Settings, the steps held, the nowcasts done (GET /v1/sessions/{id})."""
+        return self._json("GET", f"/v1/sessions/{session_id}")
 
     def list_sessions(self) -> list[dict]:
-        return self._request("GET", "/v1/sessions").json()["sessions"]
+        """This key's sessions (the ``sessions`` list of GET /v1/sessions)."""
+        return self._json("GET", "/v1/sessions", key="sessions")
 
     def delete_session(self, session_id: str) -> None:
         self._request("DELETE", f"/v1/sessions/{session_id}")
@@ -155,17 +184,35 @@ class NowcastClient:
     def put_state(self, session_id: str, step: int, tensors: Mapping[str, torch.Tensor] | bytes) -> dict:
         """Upload one snapshot (named tensors, or ready safetensors bytes). Idempotent by step."""
         body = tensors if isinstance(tensors, bytes) else encode_state(tensors)
-        return self._request("PUT", f"/v1/sessions/{session_id}/states/{step}", content=body,
-                             headers={"Content-Type": "application/octet-stream"}).json()
+        return self._json("PUT", f"/v1/sessions/{session_id}/states/{step}", content=body,
+                          headers={"Content-Type": "application/octet-stream"})
 
     def nowcast(self, session_id: str, k: int | None = None, dtype: str | None = None) -> dict[str, torch.Tensor]:
-        """Nowcasted parameters by name, from the session's newest ctx states."""
+        """Nowcasted parameters by name, from the session's newest ctx states. ``dtype``: float32 (the
+        server's default), bfloat16, float16, or 'uploaded' (each tensor as in the newest state)."""
+        return self.nowcast_with_info(session_id, k=k, dtype=dtype)[0]
+
+    def nowcast_with_info(self, session_id: str, k: int | None = None,
+                          dtype: str | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """``(tensors, info)``; info: ``k``, ``steps`` (the states used, oldest first), ``nowcaster``,
+        ``device`` and ``server_timing`` as the server's headers tell (None where absent)."""
         body = {key: v for key, v in (("k", k), ("dtype", dtype)) if v is not None}
         resp = self._request("POST", f"/v1/sessions/{session_id}/nowcast", json=body)
         try:
-            return st_load(resp.content)
+            tensors = st_load(resp.content)
         except Exception as e:
             raise InvalidResponse(f"nowcast answer is not a safetensors body: {e}", resp.status_code) from None
+        h = resp.headers
+        try:
+            info = {"k": int(h["X-Ninocast-K"]) if "X-Ninocast-K" in h else None,
+                    "steps": [int(x) for x in h["X-Ninocast-Steps"].split(",")] if h.get("X-Ninocast-Steps")
+                    else None,
+                    "nowcaster": h.get("X-Ninocast-Nowcaster"), "device": h.get("X-Ninocast-Device"),
+                    "server_timing": h.get("Server-Timing")}
+        except ValueError as e:
+            raise InvalidResponse(f"nowcast answer has malformed X-Ninocast headers: {e}", resp.status_code) \
+                from None
+        return tensors, info
 
 
 def encode_state(tensors: Mapping[str, torch.Tensor]) -> bytes:
