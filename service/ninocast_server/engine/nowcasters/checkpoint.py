@@ -33,7 +33,9 @@ from .wnn import WNN, WNNModel
 
 FORMAT, VERSION = "ninocast-nowcaster", 1
 BUNDLED_DIR = Path(__file__).resolve().parents[2] / "models"  # nowcasters shipped inside the package
-DEFAULT_BUNDLED = "ninocast-nino"
+# What "default" means. Stays linefit until a bundled model (ninocast-nino) has shown its speedup on held-out
+# FM-32 with `ninocast bench speedup` (docs/metatrain.md): a weak learned default would slow users down.
+DEFAULT_NOWCASTER = "linefit"
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
 
 
@@ -207,7 +209,7 @@ def load_directory(path: str | Path) -> tuple[Model, dict]:
 def resolve_ref(ref: str) -> str:
     """"default" -> the bundled default nowcaster (linefit until one is shipped); a bundled name -> its directory."""
     if ref == "default":
-        ref = DEFAULT_BUNDLED if (BUNDLED_DIR / DEFAULT_BUNDLED).is_dir() else "linefit"
+        ref = DEFAULT_NOWCASTER
     if ref != "linefit" and not Path(ref).exists() and (BUNDLED_DIR / ref).is_dir():
         return str(BUNDLED_DIR / ref)
     return ref
