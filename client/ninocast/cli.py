@@ -134,6 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--load-nowcaster", default="nino", help="'nino' (the imported checkpoint) or 'linefit'")
     b.add_argument("--nowcast-every", type=int, default=5, help="uploads between nowcasts per session")
     b.add_argument("--think", type=float, default=0.05, help="pause (s) after each request of a load session")
+    b.add_argument("--threads", type=int, default=None,
+                   help="torch threads of the server and of the in-process engine (default: torch's)")
     b.add_argument("--work-dir", default=None, help="parent of the temporary directory (default: the system's)")
     b.add_argument("--keep", action="store_true", help="keep the temporary directory (server logs, data)")
     b.add_argument("--json", default=None, metavar="FILE", help="also write every number as JSON")

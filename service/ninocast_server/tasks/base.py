@@ -22,6 +22,13 @@ class Task(ABC):
     budget: int = 10_000  # max_train_steps
     in_distribution: bool = True  # False: held out of meta-training (FM-32, the 3-64 and Llama language models)
 
+    # --- benchmark protocol (defaults follow NINO_SPEC §5/§7; tasks override what differs)
+    period: int = 1000  # nowcast every `period` optimizer calls (ctx snapshots every period // ctx calls)
+    ctx: int = 5
+    eval_every: int = 50  # evaluate every this many steps (plus around every nowcast), see docs/tasks.md
+    eval_before_nowcast: bool = False  # language: also evaluate right before each nowcast step (paper protocol)
+    description: str = ""  # one line for tables and docs
+
     @abstractmethod
     def build_model(self, seed: int) -> nn.Module:
         """A freshly initialised model; the same seed gives the same weights."""
@@ -40,3 +47,16 @@ class Task(ABC):
 
     def reached(self, value: float) -> bool:
         return value >= self.target if self.higher_is_better else value <= self.target
+
+    def make_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
+        """The base optimizer of the task (AdamW with the task's lr and weight decay)."""
+        return torch.optim.AdamW(model.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+
+    def info(self) -> dict[str, Any]:
+        """The task's settings as plain values (written next to benchmark results)."""
+        keys = ("name", "kind", "metric", "higher_is_better", "target", "lr", "weight_decay", "batch_size",
+                "budget", "in_distribution", "period", "ctx", "eval_every", "eval_before_nowcast", "description")
+        return {k: getattr(self, k) for k in keys}
+
+    def __repr__(self) -> str:
+        return f"<Task {self.name}: {self.description}>"

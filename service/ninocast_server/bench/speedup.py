@@ -1,0 +1,391 @@
+"""``ninocast bench speedup``: steps to a task's target with AdamW alone and with nowcasters, through the product.
+
+For every task, seed and method the same model initialisation and the same batch sequence are used (batch ``s``
+feeds optimizer call ``s`` in every run; a nowcast call consumes its batch without using it, as the reference's
+loop does). The nowcasting runs wrap the task's AdamW in ``ninocast.NowcastOptimizer`` (local engine, or a server
+with ``--server``), so what is measured is what a user gets.
+
+Evaluation schedule (the same for every method of a task): after every ``eval_every`` steps, after every
+nowcast-position step (multiples of ``period``), at the last step, and, for tasks with ``eval_before_nowcast``
+(language), right before each nowcast step as well. Steps to target = the first evaluated step count whose metric
+reaches the target; a run stops there (as the reference's train_vision.py) unless ``--no-early-stop``. Runs that
+never reach it count as 2 x budget in the medians.
+
+Outputs in ``--out``: runs.jsonl (every run, with its curve; appended as runs finish, so ``--resume`` skips
+them), runs.csv, summary.csv, results.md, plots/<task>.png, config.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+FAIL_FACTOR = 2  # a run that never reaches the target counts as FAIL_FACTOR x budget steps
+SHARED_CKPTS = Path(__file__).resolve().parents[3].parent / "shared" / "reference" / "checkpoints"
+ALIASES = {"nino": "nino_no_posw.pt", "nino_no_posw": "nino_no_posw.pt", "wnn": "nino_mlp.pt",
+           "wnn+": "nino_mlp.pt", "nino_mlp": "nino_mlp.pt", "nino_mlp_h32": "nino_mlp_h32.pt"}
+QUICK = {"max_steps": 240, "period": 60, "eval_every": 10, "seeds": "1000,2000"}
+DIGITS_QUICK = {"max_steps": 1000, "period": 100, "eval_every": 10}  # digits: its whole budget
+
+
+# ---------------------------------------------------------------------------------------------- methods
+def resolve_nowcaster(ref: str) -> tuple[str, str]:
+    """(label, ref for NowcastOptimizer). Aliases nino / wnn+ name the official checkpoints in ../shared."""
+    ref = ref.strip()
+    key = ref.lower()
+    if key == "linefit":
+        return "linefit", "linefit"
+    if key in ALIASES:
+        path = SHARED_CKPTS / ALIASES[key]
+        label = "wnn+" if "mlp" in ALIASES[key] else "nino"
+        if ALIASES[key] == "nino_mlp_h32.pt":
+            label = "wnn+h32"
+        return label, str(path)
+    p = Path(ref)
+    if p.exists():
+        stem = p.stem if p.is_file() else p.name
+        return {"nino_no_posw": "nino", "nino_mlp": "wnn+", "nino_mlp_h32": "wnn+h32"}.get(stem, stem), str(p)
+    return ref, ref  # a nowcaster name known to the server
+
+
+def _split(values: Iterable[str] | None) -> list[str]:
+    out: list[str] = []
+    for v in values or []:
+        out += [x.strip() for x in v.split(",") if x.strip()]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- one run
+def eval_points(max_steps: int, period: int, eval_every: int, before_nowcast: bool) -> set[int]:
+    """Step counts (optimizer calls completed) after which the model is evaluated; 0 is the initial model."""
+    pts = {0, max_steps}
+    pts.update(range(eval_every, max_steps + 1, eval_every))
+    pts.update(range(period, max_steps + 1, period))  # right after each nowcast step
+    if before_nowcast:
+        pts.update(s - 1 for s in range(period, max_steps + 1, period))
+    return {p for p in pts if 0 <= p <= max_steps}
+
+
+def run_one(task, method: str, ref: str | None, seed: int, *, max_steps: int, period: int, eval_every: int,
+            early_stop: bool = True, server: str | None = None, api_key: str | None = None,
+            progress: bool = True) -> dict[str, Any]:
+    """Train one (task, method, seed); returns the run record (see module doc)."""
+    import torch
+    from tqdm import tqdm
+
+    model = task.build_model(seed)
+    model.train()
+    base = task.make_optimizer(model)
+    opt: Any = base
+    if ref is not None:
+        from ninocast import NowcastOptimizer
+
+        kw: dict[str, Any] = dict(period=period, ctx=task.ctx, max_train_steps=max_steps, nowcaster=ref)
+        if server:
+            kw.update(server=server, api_key=api_key, session_name=f"bench-{task.name}-{method}-{seed}")
+        else:
+            kw.update(local=True)
+        opt = NowcastOptimizer(base, model, **kw)
+    points = eval_points(max_steps, period, eval_every, task.eval_before_nowcast)
+    batches = task.batches(seed)
+    curve: list[list[Any]] = []  # [step, metric, tag] tag: eval | pre | post (around a nowcast step)
+    reached_at: int | None = None
+    train_s = eval_s = 0.0
+    nowcast_steps: list[int] = []
+
+    def evaluate(step: int, tag: str) -> bool:
+        nonlocal eval_s, reached_at
+        t0 = time.perf_counter()
+        m = task.evaluate(model)
+        eval_s += time.perf_counter() - t0
+        value = float(m[task.metric])
+        curve.append([step, value, tag])
+        if reached_at is None and task.reached(value):
+            reached_at = step
+        return reached_at is not None
+
+    evaluate(0, "eval")
+    bar = tqdm(total=max_steps, desc=f"{task.name} {method} seed {seed}", unit="step", file=sys.stderr,
+               disable=not progress, mininterval=2.0, dynamic_ncols=True, leave=False)
+    steps_run = 0
+    try:
+        for s in range(max_steps):
+            batch = next(batches)  # consumed on every call, so batch s feeds call s in every method's run
+            need = getattr(opt, "need_grads", True)
+            t0 = time.perf_counter()
+            n_before = len(getattr(opt, "nowcasts", ()))
+            if need:
+                opt.zero_grad(set_to_none=True)
+                loss = task.loss(model, batch)
+                loss.backward()
+            opt.step()
+            train_s += time.perf_counter() - t0
+            steps_run = s + 1
+            nowcasted = len(getattr(opt, "nowcasts", ())) > n_before
+            if nowcasted:
+                nowcast_steps.append(steps_run)
+            bar.update(1)
+            if steps_run in points or nowcasted:
+                tag = "post" if steps_run % period == 0 else "pre" if (steps_run + 1) % period == 0 else "eval"
+                if evaluate(steps_run, tag) and early_stop:
+                    break
+            if need and not math.isfinite(float(loss.detach())):
+                curve.append([steps_run, float("nan"), "diverged"])
+                break
+    finally:
+        bar.close()
+        if hasattr(opt, "close"):
+            opt.close()
+        del batches
+    nowcasts = list(getattr(opt, "nowcasts", []))
+    values = [c[1] for c in curve if not math.isnan(c[1])]
+    best = (max(values) if task.higher_is_better else min(values)) if values else float("nan")
+    return {
+        "task": task.name, "method": method, "nowcaster": ref, "seed": seed, "max_steps": max_steps,
+        "period": period, "eval_every": eval_every, "target": task.target, "metric": task.metric,
+        "reached": reached_at is not None, "steps_to_target": reached_at, "steps_run": steps_run,
+        "final_metric": curve[-1][1], "best_metric": best,
+        "train_s": round(train_s, 3), "nowcast_s": round(sum(n["seconds"] for n in nowcasts), 3),
+        "eval_s": round(eval_s, 3), "n_nowcasts": len(nowcasts), "nowcast_steps": nowcast_steps,
+        "nowcast_k": [n["k"] for n in nowcasts], "failures": dict(getattr(opt, "failures", {}) or {}),
+        "server": server, "curve": curve, "threads": torch.get_num_threads(),
+    }
+
+
+# ---------------------------------------------------------------------------------------------- reporting
+def effective_steps(run: dict) -> int:
+    return run["steps_to_target"] if run["reached"] else FAIL_FACTOR * run["max_steps"]
+
+
+def summarize(runs: list[dict]) -> list[dict]:
+    """One row per (task, method): medians over seeds, speedup against AdamW on the same task."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in runs:
+        groups.setdefault((r["task"], r["method"]), []).append(r)
+    rows = []
+    for (task, method), rs in groups.items():
+        rs = sorted(rs, key=lambda r: r["seed"])
+        rows.append({
+            "task": task, "method": method, "seeds": len(rs), "reached": sum(r["reached"] for r in rs),
+            "median_steps": statistics.median(effective_steps(r) for r in rs),
+            "steps_per_seed": " ".join(str(r["steps_to_target"]) if r["reached"] else f">{r['max_steps']}"
+                                       for r in rs),
+            "budget": rs[0]["max_steps"], "target": rs[0]["target"], "metric": rs[0]["metric"],
+            "final_metric": statistics.median(r["final_metric"] for r in rs),
+            "best_metric": statistics.median(r["best_metric"] for r in rs),
+            "train_s_mean": statistics.mean(r["train_s"] for r in rs),
+            "nowcast_s_mean": statistics.mean(r["nowcast_s"] for r in rs),
+            "eval_s_mean": statistics.mean(r["eval_s"] for r in rs),
+            "wall_s_total": sum(r["train_s"] + r["eval_s"] for r in rs),
+            "failures": sum(sum(r["failures"].values()) for r in rs),
+        })
+    for row in rows:
+        # AdamW median over the same seeds as the method (runs may still be missing while a benchmark is going)
+        mine = {r["seed"] for r in groups[(row["task"], row["method"])]}
+        base = [r for r in groups.get((row["task"], "adamw"), []) if r["seed"] in mine]
+        ok = len({r["seed"] for r in base}) == len(mine) and row["median_steps"]
+        row["adamw_median_same_seeds"] = statistics.median(effective_steps(r) for r in base) if ok else None
+        row["speedup"] = row["adamw_median_same_seeds"] / row["median_steps"] if ok else None
+    order = {"adamw": 0}
+    rows.sort(key=lambda r: (r["task"], order.get(r["method"], 1), r["method"]))
+    return rows
+
+
+def _fmt_metric(metric: str, v: float) -> str:
+    return f"{v:.2f}%" if metric.endswith("acc") else f"{v:.3f}"
+
+
+def markdown(rows: list[dict], runs: list[dict]) -> str:
+    out = []
+    for task in dict.fromkeys(r["task"] for r in rows):
+        trs = [r for r in rows if r["task"] == task]
+        t0 = trs[0]
+        seeds = sorted({r["seed"] for r in runs if r["task"] == task})
+        eval_every = next(r["eval_every"] for r in runs if r["task"] == task)
+        period = next(r["period"] for r in runs if r["task"] == task)
+        out.append(f"### {task}: target {t0['metric']} {'>=' if t0['metric'].endswith('acc') else '<='} "
+                   f"{t0['target']}, budget {t0['budget']} steps, period {period}, eval every {eval_every} steps, "
+                   f"seeds {', '.join(map(str, seeds))}\n")
+        out.append("| method | median steps to target | speedup vs AdamW | seeds reaching target | steps per seed "
+                   "| final metric (median) | train s/run (incl. nowcast) | nowcast s/run | eval s/run |")
+        out.append("|---|---|---|---|---|---|---|---|---|")
+        for r in trs:
+            sp = f"{r['speedup']:.2f}x" if r["speedup"] else "n/a"
+            med = f"{r['median_steps']:g}"
+            if r["reached"] < r["seeds"]:
+                med += " *"
+            out.append(f"| {r['method']} | {med} | {sp} | {r['reached']}/{r['seeds']} | {r['steps_per_seed']} | "
+                       f"{_fmt_metric(r['metric'], r['final_metric'])} | {r['train_s_mean']:.1f} | "
+                       f"{r['nowcast_s_mean']:.2f} | {r['eval_s_mean']:.1f} |")
+        out.append("")
+        if any(r["reached"] < r["seeds"] for r in trs):
+            out.append(f"\\* runs that never reached the target count as {FAIL_FACTOR} x budget "
+                       f"({FAIL_FACTOR * t0['budget']} steps) in the median.\n")
+        fails = sum(r["failures"] for r in trs)
+        if fails:
+            out.append(f"Warning: {fails} nowcast failures (the wrapper fell back to AdamW steps); see runs.csv.\n")
+    return "\n".join(out)
+
+
+RUN_FIELDS = ["task", "method", "seed", "reached", "steps_to_target", "steps_run", "max_steps", "period",
+              "eval_every", "target", "final_metric", "best_metric", "train_s", "nowcast_s", "eval_s", "n_nowcasts",
+              "failures", "nowcaster", "server"]
+SUMMARY_FIELDS = ["task", "method", "seeds", "reached", "median_steps", "speedup", "steps_per_seed", "budget",
+                  "target", "metric", "final_metric", "best_metric", "train_s_mean", "nowcast_s_mean", "eval_s_mean",
+                  "wall_s_total", "failures"]
+
+
+def plot(task: str, runs: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rs = [r for r in runs if r["task"] == task]
+    methods = list(dict.fromkeys(r["method"] for r in sorted(rs, key=lambda r: r["method"] != "adamw")))
+    colors = {m: f"C{i}" for i, m in enumerate(methods)}
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for r in rs:
+        pts = [(c[0], c[1]) for c in r["curve"] if not math.isnan(c[1])]
+        if not pts:
+            continue
+        label = r["method"] if r is next(x for x in rs if x["method"] == r["method"]) else None
+        ax.plot(*zip(*pts), color=colors[r["method"]], alpha=0.75, lw=1.2, label=label)
+        post = [(c[0], c[1]) for c in r["curve"] if c[0] in set(r["nowcast_steps"]) and not math.isnan(c[1])]
+        if post:
+            ax.scatter(*zip(*post), color=colors[r["method"]], marker="v", s=28, zorder=3)
+        if r["reached"]:
+            ax.axvline(r["steps_to_target"], color=colors[r["method"]], ls=":", lw=0.8, alpha=0.6)
+    t = rs[0]
+    ax.axhline(t["target"], color="k", ls="--", lw=1, label=f"target {t['target']}")
+    if t["metric"].endswith("acc"):
+        ax.set_ylim(max(0.0, t["target"] - 20), min(100, t["target"] + 5))
+        ax.set_ylabel("test accuracy (%)")
+    else:
+        ax.set_yscale("log")
+        lo = min((c[1] for r in rs for c in r["curve"] if not math.isnan(c[1])), default=t["target"])
+        ax.set_ylim(0.9 * min(lo, t["target"]), 3 * t["target"])  # nowcast spikes above 3x target are clipped
+        ax.set_ylabel(t["metric"] + " (log; clipped at 3 x target)")
+    ax.set_xlabel("steps (optimizer calls, nowcast steps included)")
+    ax.set_title(f"{task}: {t['metric']} vs steps (▼ = right after a nowcast step; dotted = steps to target)",
+                 fontsize=9)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_reports(out: Path, runs: list[dict]) -> list[dict]:
+    rows = summarize(runs)
+    with open(out / "runs.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=RUN_FIELDS, extrasaction="ignore")
+        w.writeheader()
+        for r in runs:
+            w.writerow({**r, "failures": json.dumps(r["failures"]) if r["failures"] else ""})
+    with open(out / "summary.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=SUMMARY_FIELDS, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({**r, "speedup": "" if r["speedup"] is None else round(r["speedup"], 4)})
+    (out / "results.md").write_text(markdown(rows, runs))
+    for task in dict.fromkeys(r["task"] for r in runs):
+        plot(task, runs, out / "plots" / f"{task}.png")
+    return rows
+
+
+def load_runs(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+def run_bench_speedup(args: argparse.Namespace) -> int:
+    import torch
+
+    from ninocast.cli import CommandError
+    from ninocast_server.tasks import get_task
+
+    torch.set_num_threads(max(1, int(args.threads)))
+    if args.report_only:
+        out = Path(args.out)
+        runs = load_runs(out / "runs.jsonl")
+        if not runs:
+            raise CommandError(f"no runs in {out / 'runs.jsonl'}")
+        write_reports(out, runs)
+        print((out / "results.md").read_text())
+        return 0
+    tasks = _split(args.task) or (["digits"] if args.quick else ["fm-16"])
+    refs = _split([args.nowcasters]) if args.nowcasters is not None else (["linefit"] if args.quick
+                                                                            else ["nino", "wnn+", "linefit"])
+    methods: list[tuple[str, str | None]] = [("adamw", None)] + [resolve_nowcaster(r) for r in refs]
+    if len({m for m, _ in methods}) != len(methods):
+        raise CommandError("two nowcasters resolve to the same label")
+    for label, ref in methods[1:]:
+        if ref and not args.server and ref != "linefit" and not Path(ref).exists():
+            raise CommandError(f"nowcaster {ref!r} not found (local mode needs 'linefit', "
+                             f"a .pt checkpoint or a nowcaster directory; aliases: {', '.join(ALIASES)})")
+    seeds = [int(s) for s in _split([args.seeds or (QUICK["seeds"] if args.quick else "1000,2000,3000")])]
+    out = Path(args.out)
+    (out / "plots").mkdir(parents=True, exist_ok=True)
+    jsonl = out / "runs.jsonl"
+    runs = load_runs(jsonl) if args.resume else []
+    if not args.resume and jsonl.exists():
+        jsonl.unlink()
+
+    plan = []
+    for tname in tasks:
+        try:
+            task = get_task(tname)
+        except KeyError as e:
+            raise CommandError(e.args[0]) from None
+        quick = DIGITS_QUICK if task.name == "digits" else QUICK
+        max_steps = args.max_steps or (quick["max_steps"] if args.quick else task.budget)
+        period = args.period or (quick["period"] if args.quick else task.period)
+        eval_every = args.eval_every or (quick["eval_every"] if args.quick else task.eval_every)
+        if period % task.ctx:
+            raise CommandError(f"period {period} must be a multiple of ctx {task.ctx}")
+        for seed in seeds:
+            for label, ref in methods:
+                plan.append((task, label, ref, seed, max_steps, period, eval_every))
+    config = {"argv": sys.argv, "tasks": {t.name: t.info() for t in {id(p[0]): p[0] for p in plan}.values()},
+              "methods": dict(methods), "seeds": seeds, "server": args.server, "threads": torch.get_num_threads(),
+              "torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
+              "cpus": os.cpu_count(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    (out / "config.json").write_text(json.dumps(config, indent=2, default=str))
+    done = {(r["task"], r["method"], r["seed"], r["max_steps"], r["period"], r["eval_every"]) for r in runs}
+    t_start = time.perf_counter()
+    for i, (task, label, ref, seed, max_steps, period, eval_every) in enumerate(plan, 1):
+        if (task.name, label, seed, max_steps, period, eval_every) in done:
+            continue
+        run = run_one(task, label, ref, seed, max_steps=max_steps, period=period, eval_every=eval_every,
+                      early_stop=not args.no_early_stop, server=args.server,
+                      api_key=args.api_key or os.environ.get("NINOCAST_API_KEY"),
+                      progress=not args.no_progress)
+        runs.append(run)
+        with open(jsonl, "a") as f:
+            f.write(json.dumps(run) + "\n")
+        write_reports(out, runs)
+        st = run["steps_to_target"] if run["reached"] else f"not reached in {run['steps_run']}"
+        print(f"[{i}/{len(plan)}] {task.name} {label} seed {seed}: steps to target {st}, final "
+              f"{task.metric} {run['final_metric']:.4g}, train {run['train_s']:.1f} s (nowcast "
+              f"{run['nowcast_s']:.2f} s), eval {run['eval_s']:.1f} s, elapsed "
+              f"{time.perf_counter() - t_start:.0f} s", file=sys.stderr, flush=True)
+    if not runs:
+        print("no runs", file=sys.stderr)
+        return 1
+    write_reports(out, runs)
+    print((out / "results.md").read_text())
+    print(f"wrote {out}/results.md, summary.csv, runs.csv, runs.jsonl, plots/*.png", file=sys.stderr)
+    return 0

@@ -1,0 +1,200 @@
+"""Byte-level language models on the King James Bible (Debian ``bible-kjv``), sized like the paper's LM1B tasks.
+
+* Text: ``bible -f Gen1:1-Rev22:21`` (one verse per line, "Ge1:1 In the beginning..."), the reference prefix
+  stripped, verses joined with "\\n": 31,102 verses, 4,137,850 bytes of ASCII
+  (3,932,160 training and 205,690 validation bytes after the split below). ``NINOCAST_KJV_TEXT=file`` uses a
+  text file instead (for machines without the package).
+* Tokenizer: raw bytes, vocabulary 256, no special tokens (token id = byte value). Nothing to train, nothing to
+  download, and perplexities are per byte.
+* Split (fixed): the text is cut into consecutive 4,096-byte blocks; every 20th block (index % 20 == 10) is
+  validation (5 %), the rest, concatenated in order, is training.
+* Batches: the training stream is cut into non-overlapping windows of ``seq_len + 1`` bytes; epoch e visits them
+  in the order ``randperm(n_windows, generator=seed + e)``; the batch is ``batch_size`` windows (the last batch of
+  an epoch keeps the remainder). Input = window[:-1], labels = window[1:].
+* Validation perplexity: exp(mean next-byte cross-entropy) over ``n_val_windows`` fixed windows taken evenly
+  spaced over the validation stream (the same windows for every run).
+* Models: Hugging Face ``GPT2LMHeadModel`` (tied lm_head) / ``LlamaForCausalLM`` (untied), ``n_positions`` =
+  ``seq_len``, every dropout 0 (so a nowcast step that skips a forward pass does not shift any random stream and
+  all methods see identical computations until the first nowcast). Init: ``torch.manual_seed(seed)`` then the
+  constructor (HF's own init).
+* Context 64 bytes, batch 16 windows; AdamW (constant lr, wd 0), budget 1,000 steps, period 100 (ctx 5 -> a
+  snapshot every 20 steps; k schedule 40, 33, 26, 21, 16, 11, 8, 5, 3, 1 as with 10k/1000), evaluated every 20
+  steps and right before and after every nowcast step (sized to run in minutes on one CPU thread). Targets: the
+  validation perplexity AdamW reaches at the end of its budget (LM_CONFIGS below).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from .base import Task
+from .vision import shuffled_batches
+
+ENV_TEXT = "NINOCAST_KJV_TEXT"
+BLOCK, VAL_EVERY, VAL_OFFSET = 4096, 20, 10
+_REF = re.compile(rb"^\S+?\d+:\d+ ")
+
+
+class TextMissing(FileNotFoundError):
+    """The KJV text is not available; the message says how to get it."""
+
+
+@lru_cache(maxsize=1)
+def kjv_text() -> bytes:
+    """The whole KJV as bytes, one verse per line, without verse references."""
+    path = os.environ.get(ENV_TEXT)
+    if path:
+        with open(path, "rb") as f:
+            return f.read()
+    exe = shutil.which("bible")
+    if exe is None:
+        raise TextMissing("the King James Bible text needs Debian's bible-kjv package (sudo apt-get install "
+                          f"bible-kjv, which pulls in bible-kjv-text), or set {ENV_TEXT}=a plain text file")
+    raw = subprocess.run([exe, "-f", "Gen1:1-Rev22:21"], check=True, capture_output=True, timeout=120).stdout
+    lines = [_REF.sub(b"", line) for line in raw.splitlines() if line.strip()]
+    return b"\n".join(lines) + b"\n"
+
+
+def encode(text: bytes | str) -> torch.Tensor:
+    """Byte tokenizer: token id = byte value (vocab 256)."""
+    if isinstance(text, str):
+        text = text.encode("utf-8")
+    return torch.frombuffer(bytearray(text), dtype=torch.uint8).to(torch.int64)
+
+
+def decode(ids: torch.Tensor | list[int]) -> str:
+    return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
+
+
+def split_blocks(data: bytes, block: int = BLOCK, val_every: int = VAL_EVERY,
+                 val_offset: int = VAL_OFFSET) -> tuple[bytes, bytes]:
+    """(train, validation): every ``val_every``-th block of ``block`` bytes (index % val_every == val_offset) is
+    validation, the rest is training, each concatenated in text order."""
+    blocks = [data[i:i + block] for i in range(0, len(data), block)]
+    val = b"".join(b for i, b in enumerate(blocks) if i % val_every == val_offset)
+    train = b"".join(b for i, b in enumerate(blocks) if i % val_every != val_offset)
+    return train, val
+
+
+@lru_cache(maxsize=1)
+def kjv_split() -> tuple[torch.Tensor, torch.Tensor]:
+    train, val = split_blocks(kjv_text())
+    return encode(train), encode(val)
+
+
+@dataclass(frozen=True)
+class LMConfig:
+    arch: str  # "gpt2" | "llama"
+    n_layer: int
+    d_model: int
+    n_head: int
+    lr: float
+    target: float  # validation perplexity (per byte)
+    in_distribution: bool
+    note: str  # how the target was obtained
+
+
+# Targets: the validation perplexity AdamW alone reaches at the end of its 1,000-step budget, seed 1000, rounded
+# up to 2 decimals, measured once on this machine (2026-11-27) with
+#   ninocast bench speedup --task kjv-gpt2-3-24,kjv-gpt2-2-32,kjv-gpt2-3-64,kjv-llama-3-24 --nowcasters "" \
+#       --seeds 1000 --no-early-stop --out DIR
+# (val ppl at step 1000: 6.937, 6.344, 7.748, 4.977; all curves still falling there, so AdamW needs its whole budget).
+_NOTE = "AdamW seed 1000, val ppl at step 1000 of 1000 ({}), rounded up"
+LM_CONFIGS: dict[str, LMConfig] = {
+    "kjv-gpt2-3-24": LMConfig("gpt2", 3, 24, 3, 3e-3, 6.94, True, _NOTE.format(6.937)),
+    "kjv-gpt2-2-32": LMConfig("gpt2", 2, 32, 2, 3e-3, 6.35, True, _NOTE.format(6.344)),
+    "kjv-gpt2-3-64": LMConfig("gpt2", 3, 64, 4, 3e-3, 7.75, False, _NOTE.format(7.748)),
+    "kjv-llama-3-24": LMConfig("llama", 3, 24, 3, 3e-3, 4.98, False, _NOTE.format(4.977)),
+}
+
+
+class KJVLanguageTask(Task):
+    kind = "language"
+    metric = "val_ppl"
+    higher_is_better = False
+    weight_decay = 0.0
+    batch_size = 16
+    seq_len = 64
+    budget = 1_000
+    period = 100
+    ctx = 5
+    eval_every = 20
+    eval_before_nowcast = True
+    n_val_windows = 128
+    vocab_size = 256
+
+    def __init__(self, name: str, cfg: LMConfig) -> None:
+        self.name, self.cfg = name, cfg
+        self.lr, self.target, self.in_distribution = cfg.lr, cfg.target, cfg.in_distribution
+        self.description = (f"{cfg.arch} {cfg.n_layer} layers d={cfg.d_model} ({cfg.n_head} heads), bytes, KJV, "
+                            f"ctx {self.seq_len}, batch {self.batch_size}, AdamW lr {cfg.lr}, "
+                            f"target val ppl {cfg.target}")
+        self._val: torch.Tensor | None = None
+
+    def build_model(self, seed: int) -> nn.Module:
+        torch.manual_seed(seed)
+        c = self.cfg
+        if c.arch == "gpt2":
+            from transformers import GPT2Config, GPT2LMHeadModel
+
+            conf = GPT2Config(vocab_size=self.vocab_size, n_positions=self.seq_len, n_embd=c.d_model,
+                              n_layer=c.n_layer, n_head=c.n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                              bos_token_id=None, eos_token_id=None)
+            return GPT2LMHeadModel(conf)
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        conf = LlamaConfig(vocab_size=self.vocab_size, hidden_size=c.d_model, intermediate_size=4 * c.d_model,
+                           num_hidden_layers=c.n_layer, num_attention_heads=c.n_head, num_key_value_heads=c.n_head,
+                           max_position_embeddings=self.seq_len, attention_dropout=0.0, tie_word_embeddings=False,
+                           bos_token_id=None, eos_token_id=None)
+        return LlamaForCausalLM(conf)
+
+    def _windows(self, stream: torch.Tensor) -> torch.Tensor:
+        n = (len(stream) - 1) // (self.seq_len + 1)
+        return stream[: n * (self.seq_len + 1)].view(n, self.seq_len + 1)
+
+    def batches(self, seed: int) -> Iterator[torch.Tensor]:
+        train, _ = kjv_split()
+        windows = self._windows(train)
+        for idx in shuffled_batches(len(windows), self.batch_size, seed):
+            yield windows[idx]
+
+    def loss(self, model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+        logits = model(input_ids=batch[:, :-1]).logits
+        return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
+
+    def val_windows(self) -> torch.Tensor:
+        if self._val is None:
+            _, val = kjv_split()
+            w = self._windows(val)
+            pick = torch.linspace(0, len(w) - 1, min(self.n_val_windows, len(w))).round().long()
+            self._val = w[pick]
+        return self._val
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        was_training = model.training
+        model.eval()
+        w = self.val_windows()
+        total = 0.0
+        for i in range(0, len(w), 64):
+            b = w[i:i + 64]
+            logits = model(input_ids=b[:, :-1]).logits
+            total += float(nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), b[:, 1:].reshape(-1),
+                                                       reduction="sum"))
+        model.train(was_training)
+        loss = total / (len(w) * self.seq_len)
+        return {"val_ppl": float(torch.tensor(loss).exp()), "val_loss": loss}
+
+
+def language_task(name: str) -> KJVLanguageTask:
+    return KJVLanguageTask(name, LM_CONFIGS[name])
