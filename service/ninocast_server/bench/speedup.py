@@ -50,7 +50,9 @@ def resolve_nowcaster(ref: str) -> tuple[str, str]:
         if ALIASES[key] == "nino_mlp_h32.pt":
             label = "wnn+h32"
         return label, str(path)
-    p = Path(ref)
+    from ..engine.nowcasters.checkpoint import resolve_ref
+
+    p = Path(resolve_ref(ref))  # bundled names (ninocast-nino, ninocast-wnn) -> their directories
     if p.exists():
         stem = p.stem if p.is_file() else p.name
         return {"nino_no_posw": "nino", "nino_mlp": "wnn+", "nino_mlp_h32": "wnn+h32"}.get(stem, stem), str(p)
