@@ -64,3 +64,63 @@ def test_encode_roundtrip(dtypes):
     assert out["a"].shape == (3, 2) and out["b"].shape == (5,)
     back = torch.cat([out["a"].float().reshape(-1), out["b"].float()])
     torch.testing.assert_close(back, flat, atol=1e-2, rtol=1e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_finite_check_and_load_states(tmp_path, dtype):
+    """The upload check (numpy, in pieces) finds NaN/Inf anywhere, accepts the largest finite values, and the
+    states matrix equals the files' values in float32."""
+    from safetensors.torch import save_file
+
+    from ninocast_server.sessions import safetensors_io as sio
+
+    spec = ModelSpec.from_json({"params": [["a", [300, 7]], ["b", [5]]]})
+    g = torch.Generator().manual_seed(0)
+    files = []
+    for j in range(3):
+        t = {"a": torch.randn(300, 7, generator=g).to(dtype), "b": torch.randn(5, generator=g).to(dtype),
+             "buffer": torch.zeros(3, dtype=torch.int64)}  # not in the spec: ignored
+        t["b"][0] = torch.finfo(dtype).max
+        files.append((tmp_path / f"{j}.safetensors", t))
+        save_file(t, files[-1][0])
+        sio.check_finite(files[-1][0], sio.parse_header(files[-1][0]), spec)
+    states = sio.load_states([p for p, _ in files], spec)
+    assert states.shape == (spec.n_params, 3) and states.is_contiguous()
+    for j, (_, t) in enumerate(files):
+        torch.testing.assert_close(states[:, j], torch.cat([t[n].float().reshape(-1) for n in "ab"]),
+                                   rtol=0, atol=0)
+    old = sio.CHECK_BYTES
+    sio.CHECK_BYTES = 64  # many pieces, so a bad value in a later piece is found too
+    try:
+        for name, pos in (("a", 0), ("a", 1500), ("a", 2099), ("b", 4)):
+            for bad in (float("nan"), float("inf"), -float("inf")):
+                t = {k: v.clone() for k, v in files[0][1].items()}
+                t[name].view(-1)[pos] = bad
+                path = tmp_path / "bad.safetensors"
+                save_file(t, path)
+                with pytest.raises(ServiceError) as e:
+                    sio.check_finite(path, sio.parse_header(path), spec)
+                assert e.value.status == 422 and repr(name) in e.value.detail
+    finally:
+        sio.CHECK_BYTES = old
+
+
+def test_superseded_states_are_renamed_then_removed_at_start_up(tmp_path):
+    """A state pushed out of the ctx window is renamed at once (unlinked after the answer); a crash in between
+    leaves a .old-* file that the next start-up deletes, never a state it would index."""
+    from ninocast_server.sessions.store import SessionStore
+
+    spec = ModelSpec.from_json({"params": [["a", [4]]]})
+    store = SessionStore(tmp_path / "data", 10, 3600, 10)
+    store.open()
+    s = store.create("o", spec, "linefit", 2, 1000, 10000, False, None)
+    garbage = []
+    for step in (1, 2, 3):
+        tmp = store.tmp_dir / f"u{step}"
+        tmp.write_bytes(b"x" * 10)
+        assert store.commit_state(s, step, tmp, 10, garbage)
+    assert sorted(s.states) == [2, 3] and store.used_bytes("o") == 20
+    assert [p.name for p in garbage] == [".old-1.safetensors"] and garbage[0].exists()
+    again = SessionStore(tmp_path / "data", 10, 3600, 10)
+    again.open()
+    assert sorted(again.get("o", s.id).states) == [2, 3] and not garbage[0].exists()

@@ -8,6 +8,7 @@ thread) -> ``compute.run_nowcast`` (states from disk -> ``engine.runner.nowcast`
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any, AsyncIterator
 
 from fastapi import APIRouter, Depends, Path as PathParam, Request, Response
@@ -98,12 +99,15 @@ def build_router() -> APIRouter:
             raise ServiceError(415, "unsupported_media_type", "a state must be sent as application/octet-stream "
                                f"(a safetensors file), got {ctype or 'no Content-Type'!r}")
         quota_left = st.settings.disk_quota_per_key - st.store.used_bytes(owner)
-        tmp, size = await receive_to_file(request, st.store.tmp_dir, st.settings.max_body_bytes, quota_left)
+        tmp, size, _ = await receive_to_file(request, st.store.tmp_dir, st.settings.max_body_bytes, quota_left,
+                                             check=lambda path: _validate(path, s))
+        garbage: list[Path] = []  # superseded states, unlinked after the answer is sent
         try:
-            new = await run_in_threadpool(_validate_and_commit, st.store, s, step, tmp, size)
+            new = await run_in_threadpool(st.store.commit_state, s, step, tmp, size, garbage)
         finally:
             tmp.unlink(missing_ok=True)
-        return JSONResponse(state_ack(s, step, size, new), status_code=201 if new else 200)
+        return JSONResponse(state_ack(s, step, size, new), status_code=201 if new else 200,
+                            background=BackgroundTask(_unlink_all, garbage) if garbage else None)
 
     @r.post("/{session_id}/nowcast", responses={
         200: {"description": "safetensors body of the nowcasted parameters",
@@ -148,12 +152,18 @@ def build_router() -> APIRouter:
     return r
 
 
-def _validate_and_commit(store, s: Session, step: int, tmp, size: int) -> bool:
-    """Trust nothing in the body until its header, names, shapes, dtypes and values check out."""
+def _validate(tmp: Path, s: Session) -> None:
+    """Trust nothing in the body until its header, names, shapes, dtypes and values check out (runs while the
+    upload is fsynced; the state is committed only after both)."""
     header = parse_header(tmp)
     check_against_spec(header, s.spec)
     check_finite(tmp, header, s.spec)
-    return store.commit_state(s, step, tmp, size)
+
+
+def _unlink_all(paths: list[Path]) -> None:
+    """Runs on a worker thread after the answer: deleting a large file costs milliseconds on ext4."""
+    for p in paths:
+        p.unlink(missing_ok=True)
 
 
 async def _chunks(head: bytes, data: memoryview) -> AsyncIterator[bytes | memoryview]:

@@ -1,21 +1,21 @@
 """Safetensors files from untrusted clients: parse and check the header ourselves, then read tensors zero-copy.
 
 An upload is hostile until proven otherwise: the 8-byte header length, the JSON and every tensor's offsets are
-checked against the file before any byte of tensor data is interpreted. Tensors are then viewed straight from a
-memory map (no copy of the body) to check values and to fill the states matrix of a nowcast.
+checked against the file before any byte of tensor data is interpreted. Tensor data is then read with plain reads
+(faster than faulting in a memory map of a page-cached file), in small pieces: to check values, and to fill the
+states matrix of a nowcast.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import mmap
 import struct
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Mapping, Sequence
+from typing import Mapping, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -28,7 +28,8 @@ ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 
             "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8, "C64": 8}
 FLOAT_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 DTYPE_NAMES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
-CHECK_CHUNK = 1 << 24  # elements per isfinite pass: bounds the temporary bool tensor to 16 MB
+CHECK_BYTES = 4 << 20  # bytes of tensor data read and checked at a time
+LOAD_BLOCK = 1 << 16  # parameters per block when reading states for a nowcast (256 kB per state)
 
 
 @dataclass(frozen=True)
@@ -120,49 +121,91 @@ def check_against_spec(header: Header, spec: ModelSpec) -> None:
                                f"tensor {p.name!r} has dtype {e.dtype}; expected F32, BF16 or F16")
 
 
-@contextmanager
-def mapped(path: Path) -> Iterator[mmap.mmap]:
-    """A private (copy-on-write) map of the file: writable for torch.frombuffer, never written back."""
-    with open(path, "rb") as f:
-        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-    try:
-        yield mm
-    finally:
-        try:
-            mm.close()
-        except BufferError:  # a view still alive somewhere: the GC closes it
-            pass
+# Finite iff the exponent bits are not all set: the check for the 16-bit floats, which numpy cannot reduce fast.
+EXPONENT_MASK = {"BF16": 0x7F80, "F16": 0x7C00}
 
 
-def view(mm: mmap.mmap, e: Entry) -> Tensor:
-    """The entry's data as a flat tensor over the map (no copy)."""
-    dtype = FLOAT_DTYPES[e.dtype]
-    return torch.frombuffer(mm, dtype=dtype, count=math.prod(e.shape), offset=e.begin)
+def all_finite(data: np.ndarray, dtype: str) -> bool:
+    """No NaN or Inf in the raw little-endian values ``data`` (uint8) of safetensors dtype F32, BF16 or F16.
+
+    Plain numpy reductions on one thread: torch's would use the intra-op thread pool, whose wake-ups cost ~8 ms
+    per call on a busy 2-core machine (0.16 ms for 4 MB on one thread). float32: min and max propagate NaN and
+    are infinite iff an entry is (no temporary array, no overflow as a sum could); 16-bit: exponent bits.
+    """
+    if not data.size:
+        return True
+    if dtype == "F32":
+        x = data.view(np.float32)
+        return bool(np.isfinite(x.min())) and bool(np.isfinite(x.max()))
+    mask = EXPONENT_MASK[dtype]
+    return int(np.bitwise_and(data.view(np.uint16), mask).max()) != mask
 
 
 def check_finite(path: Path, header: Header, spec: ModelSpec) -> None:
-    """Raise 422 naming the first spec tensor holding NaN or Inf."""
-    with mapped(path) as mm:
+    """Raise 422 naming the first spec tensor holding NaN or Inf (read in pieces of CHECK_BYTES)."""
+    buf = np.empty(min(CHECK_BYTES, max((e.end - e.begin for e in header.entries.values()), default=0)), np.uint8)
+    with open(path, "rb", buffering=0) as f:
         for p in spec.layout:
-            t = view(mm, header.entries[p.name])
-            for i in range(0, t.numel(), CHECK_CHUNK):
-                if not bool(torch.isfinite(t[i : i + CHECK_CHUNK]).all()):
-                    del t
+            e = header.entries[p.name]
+            for begin in range(e.begin, e.end, CHECK_BYTES):
+                piece = buf[: min(CHECK_BYTES, e.end - begin)]
+                _read_exact(f, begin, memoryview(piece), path)
+                if not all_finite(piece, e.dtype):
                     raise ServiceError(422, "nonfinite_values", f"tensor {p.name!r} contains NaN or Inf")
-            del t
 
 
 def load_states(paths: Sequence[Path], spec: ModelSpec) -> Tensor:
-    """(P, len(paths)) float32 states, oldest first, read column by column from the files' maps."""
-    states = torch.empty(spec.n_params, len(paths), dtype=torch.float32)
-    for j, path in enumerate(paths):
-        header = parse_header(path)
-        with mapped(path) as mm:
-            for p in spec.layout:
-                t = view(mm, header.entries[p.name])
-                states[p.start : p.stop, j].copy_(t)
-                del t
+    """(P, len(paths)) float32 states, oldest first, in the contiguous layout the engine expects.
+
+    Read in blocks of LOAD_BLOCK parameters: the block of every file is read (plain reads, into one small
+    buffer), converted to float32 and written transposed into its rows of the matrix, so each part of the
+    result is written once while it is in cache. numpy throughout: one thread, no wake-ups of torch's pool (ms
+    each on a busy machine). Against column-strided torch copies from memory maps: c10-32 40 -> 0.5 ms, gpt2-3m
+    (3.4M) 105 -> 45 ms, 25M parameters about the same (~330 ms: reading 500 MB from the page cache).
+    """
+    ctx = len(paths)
+    states = torch.empty(spec.n_params, ctx, dtype=torch.float32)
+    out = states.numpy()
+    headers = [parse_header(p) for p in paths]
+    size = min(LOAD_BLOCK, max(p.numel for p in spec.layout))
+    raw = np.empty((ctx, size * 4), np.uint8)
+    block = np.empty((ctx, size), np.float32)
+    files = [open(p, "rb", buffering=0) for p in paths]
+    try:
+        for p in spec.layout:
+            for a in range(0, p.numel, size):
+                n = min(size, p.numel - a)
+                for j, (f, h) in enumerate(zip(files, headers)):
+                    e = h.entries[p.name]
+                    item = ITEMSIZE[e.dtype]
+                    piece = raw[j, : n * item]
+                    _read_exact(f, e.begin + a * item, memoryview(piece), paths[j])
+                    block[j, :n] = _as_float32(piece, e.dtype)
+                out[p.start + a : p.start + a + n] = block[:, :n].T
+    finally:
+        for f in files:
+            f.close()
     return states
+
+
+def _as_float32(raw: np.ndarray, dtype: str) -> np.ndarray:
+    """Raw little-endian F32/BF16/F16 values as float32 (exact: bf16 is the top half of a float32)."""
+    if dtype == "F32":
+        return raw.view(np.float32)
+    if dtype == "BF16":
+        return (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+    return raw.view(np.float16).astype(np.float32)
+
+
+def _read_exact(f, offset: int, buf: memoryview, path: Path) -> None:
+    """Fill ``buf`` (bytes) with the bytes at ``offset`` of the raw file ``f``."""
+    f.seek(offset)
+    got = 0
+    while got < len(buf):
+        n = f.readinto(buf[got:])
+        if not n:
+            raise OSError(f"{path} ended {len(buf) - got} bytes early (changed on disk?)")
+        got += n
 
 
 def dtypes_of(path: Path, spec: ModelSpec) -> dict[str, str]:

@@ -112,8 +112,9 @@ class SessionStore:
             st = p.stat()
             s.states[int(p.stem)] = st.st_size
             s.last_used = max(s.last_used, st.st_mtime)
-        for p in (sdir / "states").glob(".tmp-*"):
-            p.unlink(missing_ok=True)
+        for pattern in (".tmp-*", ".old-*"):  # interrupted writes; superseded states not yet unlinked
+            for p in (sdir / "states").glob(pattern):
+                p.unlink(missing_ok=True)
         return s
 
     # ------------------------------------------------------------------ sessions
@@ -170,10 +171,12 @@ class SessionStore:
         return self._bytes.get(owner, 0) if owner is not None else sum(self._bytes.values())
 
     # ------------------------------------------------------------------ states
-    def commit_state(self, s: Session, step: int, tmp: Path, size: int) -> bool:
+    def commit_state(self, s: Session, step: int, tmp: Path, size: int, garbage: list[Path] | None = None) -> bool:
         """Publish a validated upload as ``step``; True if new, False if the same bytes were already there.
 
         Not in record mode, only the newest ctx states are kept (older ones are deleted once a newer one lands).
+        With ``garbage``, an old state is only renamed to ``.old-<step>.safetensors`` (a cheap metadata change)
+        and its path appended, for the caller to unlink after answering; start-up removes any left behind.
         """
         with s.lock:
             if (s.owner, s.id) not in self._sessions:
@@ -191,7 +194,15 @@ class SessionStore:
             added = size
             if not s.record:
                 for old in sorted(s.states)[: -s.ctx]:
-                    s.state_path(old).unlink(missing_ok=True)
+                    path = s.state_path(old)
+                    if garbage is None:
+                        path.unlink(missing_ok=True)
+                    else:
+                        try:
+                            os.replace(path, path.with_name(".old-" + path.name))
+                            garbage.append(path.with_name(".old-" + path.name))
+                        except FileNotFoundError:
+                            pass
                     added -= s.states.pop(old)
             s.last_used = time.time()
         with self._lock:
