@@ -122,6 +122,7 @@ def test_import_checkpoint_round_trip(tmp_path, capsys):
     src = need(CHECKPOINTS / "nino_mlp.pt")
     out = tmp_path / "models" / "wnn"
     assert main(["import-checkpoint", str(src), "-o", str(out)]) == 0
+    assert (out / "model.safetensors").stat().st_mode & 0o044 == 0o044  # readable by a server of another user
     cfg = json.loads((out / "config.json").read_text())
     assert (cfg["kind"], cfg["name"]) == ("wnn", "nino_mlp")
     a, b = load_nowcaster(str(src)), load_nowcaster(str(out))

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import pickle
 import zipfile
 from pathlib import Path
@@ -167,6 +168,9 @@ def save_nowcaster(model: NiNo | WNN | Model, out_dir: str | Path, name: str | N
     out.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in module.state_dict().items()}
     save_file(tensors, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
+    # safetensors writes a 0600 temp file and renames it; a server running as another user (the docker image's
+    # uid 10001 reading a mounted models dir) must be able to read it.
+    os.chmod(out / WEIGHTS_FILE, 0o644)
     config = {"format": FORMAT, "version": VERSION, "kind": kind, "name": name,
               "model_args": module.model_args, "source": dict(source or {})}
     (out / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
