@@ -19,7 +19,7 @@ from torch import nn
 
 from ninocast import (AuthError, ModelSpec, NotFound, NowcastClient, NowcastOptimizer, RequestRejected,
                       ServerBusy, ServerUnavailable, k_schedule)
-from ninocast.flat import flatten
+from nowcast_checks import assert_same, engine_nowcast, params
 from server_utils import Server, cli_cmd, free_port, server_env
 
 PERIOD, CTX, STEPS = 20, 5, 60
@@ -56,10 +56,6 @@ def wrap(model: nn.Module, base: torch.optim.Optimizer | None = None, **kw) -> N
     return NowcastOptimizer(base, model, **args)
 
 
-def params(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in model.named_parameters()}
-
-
 def train(model, opt, start: int, stop: int, before=None, dtype=torch.float32) -> dict:
     """Run calls start..stop-1; record which calls needed grads, stepped the base optimizer, and for each
     nowcast call the window (5 snapshots, the last taken in that call) and the parameters right after."""
@@ -84,19 +80,8 @@ def train(model, opt, start: int, stop: int, before=None, dtype=torch.float32) -
     return rec
 
 
-def engine_nowcast(spec: ModelSpec, window: list[dict], k: int) -> dict[str, torch.Tensor]:
-    from ninocast.flat import unflatten
-    from ninocast_server.engine import nowcast
-    from ninocast_server.engine.nowcasters.linefit import Linefit
-
-    states = torch.stack([flatten(w, spec) for w in window], dim=1)
-    return unflatten(nowcast(Linefit(), spec, states, k), spec)
 
 
-def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
-    assert set(a) == set(b)
-    for name in a:
-        torch.testing.assert_close(a[name], b[name].to(a[name].dtype), rtol=0, atol=0, msg=name)
 
 
 # ---------------------------------------------------------------------------- servers
@@ -247,7 +232,8 @@ def test_server_killed_mid_run_then_restarted(tmp_path):
         server.stop()
     assert [n["step"] for n in opt.nowcasts] == [19, 59]  # the nowcast at 39 failed, the next one worked
     assert opt.failures["unavailable"] == 1
-    assert opt.failures["upload_unavailable"] == 5  # calls 27, 31, 35, 39 and 43
+    # calls 27, 31, 35, 39 and 43; on a loaded machine call 23's upload can still be in flight at the kill
+    assert opt.failures["upload_unavailable"] in (5, 6)
     assert sorted(opt.failures) == ["unavailable", "upload_unavailable"]
     assert rec["base"] == [s for s in range(STEPS) if s not in (19, 59)]  # 39 fell back to a base step
     msgs = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]

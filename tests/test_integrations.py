@@ -12,29 +12,11 @@ import torch
 from torch import nn
 
 from ninocast import ModelSpec, NowcastClient, NowcastOptimizer, k_schedule
-from ninocast.flat import flatten, unflatten
+from nowcast_checks import assert_same, engine_nowcast, params
 from ninocast.integrations import find_nowcast_optimizer
 
 PERIOD, CTX, STEPS = 20, 5, 40
 KS = k_schedule(STEPS, PERIOD)  # [40, 1]
-
-
-def params(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in model.named_parameters()}
-
-
-def engine_nowcast(spec: ModelSpec, window: list[dict], k: int) -> dict[str, torch.Tensor]:
-    from ninocast_server.engine import nowcast
-    from ninocast_server.engine.nowcasters.linefit import Linefit
-
-    states = torch.stack([flatten(w, spec) for w in window], dim=1)
-    return unflatten(nowcast(Linefit(), spec, states, k), spec)
-
-
-def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
-    assert set(a) == set(b)
-    for name in a:
-        torch.testing.assert_close(a[name], b[name].to(a[name].dtype), rtol=0, atol=0, msg=lambda m: f"{name}: {m}")
 
 
 def mlp(seed: int = 0) -> nn.Module:
