@@ -92,6 +92,8 @@ def test_list_delete_and_catalogue(alice, server):
     cat = alice.get("/v1/nowcasters").json()
     lf = next(n for n in cat["nowcasters"] if n["name"] == "linefit")
     assert lf["kind"] == "linefit" and "gpt2" in lf["families"] and "parameters" in lf
+    kinds = {n["name"]: n["kind"] for n in cat["nowcasters"]}  # the bundled nowcasters are served by default
+    assert kinds.get("ninocast-nino") == "nino" and kinds.get("ninocast-wnn") == "wnn"
     assert httpx.get(server.url + "/healthz").json() == {"status": "ok"}
     assert httpx.get(server.url + "/readyz").json()["status"] == "ready"
     assert "ninocast" in httpx.get(server.url + "/openapi.json").json()["info"]["title"]

@@ -44,11 +44,16 @@ class NowcasterRegistry:
         self._lock = threading.Lock()
 
     def load(self, models_dir: Path | None, default: str) -> None:
+        from ..engine.nowcasters.checkpoint import BUNDLED_DIR
+
         self._add("linefit", "linefit", lambda dev: Linefit().to(dev))
-        if models_dir is not None:
-            if not models_dir.is_dir():
-                raise RegistryError(f"NINOCAST_MODELS_DIR={models_dir} is not a directory")
-            for d in sorted(p for p in models_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        if models_dir is not None and not models_dir.is_dir():
+            raise RegistryError(f"NINOCAST_MODELS_DIR={models_dir} is not a directory")
+        # The nowcasters shipped in the package first; a models-dir entry of the same name replaces one.
+        for folder in (BUNDLED_DIR, models_dir):
+            if folder is None or not folder.is_dir():
+                continue
+            for d in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
                 self._add(d.name, str(d), lambda dev, d=d: _load(str(d), dev, d.name))
         if default not in self._refs:
             raise RegistryError(f"NINOCAST_DEFAULT_NOWCASTER={default!r} is not loaded; available: {self.names}")
