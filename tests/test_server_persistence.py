@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import torch
 from safetensors.torch import load
 
@@ -32,6 +34,10 @@ def test_sigkill_and_restart_resume_sessions(tmp_path, api_keys):
             assert view["name"] == "survivor" and view["states"]["steps"] == [200, 400, 600]
             again = c.post(f"/v1/sessions/{rec}/nowcast", json={"k": 5})
             assert again.status_code == 200 and again.content == before.content
+            # the history entry is written just after the answer is sent: give it a moment
+            deadline = time.monotonic() + 5
+            while c.get(f"/v1/sessions/{rec}").json()["nowcasts_done"] < 1 and time.monotonic() < deadline:
+                time.sleep(0.05)
             assert c.get(f"/v1/sessions/{rec}").json()["nowcasts_done"] >= 1
             # the interrupted session continues where it stopped
             assert c.put(f"/v1/sessions/{sid}/states/600", content=encode(states[2]), headers=OCTET).status_code == 200
