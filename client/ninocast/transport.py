@@ -8,7 +8,7 @@ busy, try later" from "your request is wrong".
 from __future__ import annotations
 
 import time
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import httpx
 import torch
@@ -184,8 +184,8 @@ class NowcastClient:
     def put_state(self, session_id: str, step: int, tensors: Mapping[str, torch.Tensor] | bytes) -> dict:
         """Upload one snapshot (named tensors, or ready safetensors bytes). Idempotent by step."""
         body = tensors if isinstance(tensors, bytes) else encode_state(tensors)
-        return self._json("PUT", f"/v1/sessions/{session_id}/states/{step}", content=body,
-                          headers={"Content-Type": "application/octet-stream"})
+        return self._json("PUT", f"/v1/sessions/{session_id}/states/{step}", content=Chunked(body),
+                          headers={"Content-Type": "application/octet-stream", "Content-Length": str(len(body))})
 
     def nowcast(self, session_id: str, k: int | None = None, dtype: str | None = None) -> dict[str, torch.Tensor]:
         """Nowcasted parameters by name, from the session's newest ctx states. ``dtype``: float32 (the
@@ -213,6 +213,22 @@ class NowcastClient:
             raise InvalidResponse(f"nowcast answer has malformed X-Ninocast headers: {e}", resp.status_code) \
                 from None
         return tensors, info
+
+
+class Chunked:
+    """A request body sent in 1 MiB memoryview pieces (re-iterable, so a retry can resend it).
+
+    httpx/httpcore send a ``bytes`` body with ``buffer = buffer[sent:]`` after every partial ``send``, which
+    copies the rest of the body each time: quadratic in the body size (180 MB/s for 100 MB here, against
+    1.1 GB/s for the same bytes in pieces).
+    """
+
+    def __init__(self, data: bytes, piece: int = 1 << 20) -> None:
+        self.data, self.piece = memoryview(data), piece
+
+    def __iter__(self) -> Iterator[memoryview]:
+        for i in range(0, len(self.data), self.piece):
+            yield self.data[i : i + self.piece]
 
 
 def encode_state(tensors: Mapping[str, torch.Tensor]) -> bytes:

@@ -6,7 +6,7 @@ with its data dir in a fresh temporary directory:
 * ``upload``: state upload throughput (MB/s, 1 MB = 10^6 bytes) against a plain file copy of the same bytes on the
   same disk (``shutil.copyfile`` of the page-cached file + fsync, which is what the server must do at least).
   Each state is sent twice: as a body in 1 MiB pieces (the server's throughput) and by
-  ``NowcastClient.put_state`` with one ``bytes`` body (what the client library achieves today; see ``Chunked``).
+  ``NowcastClient.put_state`` (which sends its body in the same 1 MiB pieces, ``ninocast.transport.Chunked``).
 * ``roundtrip``: upload of the last state + nowcast + download and decode of the answer, against the engine's own
   time (``runner.nowcast`` in this process, warm graph cache) on the same states, for the engine benchmark
   models; both sides use warm (second and later) nowcasts and report the median.
@@ -30,6 +30,8 @@ import threading
 import time
 from pathlib import Path
 from typing import Any
+
+from ninocast.transport import Chunked
 
 from .engine import SHARED_CKPT, bench_spec, synthetic_states
 
@@ -82,22 +84,6 @@ def catalogue(c) -> dict[str, dict]:
 
 
 # ------------------------------------------------------------------------------------------------ upload
-class Chunked:
-    """A request body sent in 1 MiB memoryview pieces (re-iterable, so a retry can resend it).
-
-    httpx/httpcore send a ``bytes`` body with ``buffer = buffer[sent:]`` after every partial ``send``, which
-    copies the rest of the body each time: quadratic in the body size (180 MB/s for 100 MB here, against
-    1.1 GB/s for the same bytes in pieces).
-    """
-
-    def __init__(self, data: bytes, piece: int = 1 << 20) -> None:
-        self.data, self.piece = memoryview(data), piece
-
-    def __iter__(self):
-        for i in range(0, len(self.data), self.piece):
-            yield self.data[i : i + self.piece]
-
-
 def bench_upload(url: str, work: Path, names: list[str], repeat: int) -> list[dict]:
     import httpx
     import torch
@@ -341,7 +327,7 @@ def format_report(res: dict) -> str:
     out = []
     if res.get("upload"):
         out += ["### State upload throughput (loopback)", "",
-                "| state | bytes | upload, body in 1 MiB pieces (MB/s, median / best) | NowcastClient.put_state, one bytes body (MB/s, median / best) | file copy + fsync (MB/s, median / best) | upload / copy | target >= 50% |",
+                "| state | bytes | upload, body in 1 MiB pieces (MB/s, median / best) | NowcastClient.put_state (MB/s, median / best) | file copy + fsync (MB/s, median / best) | upload / copy | target >= 50% |",
                 "|---|---|---|---|---|---|---|"]
         for r in res["upload"]:
             out.append(f"| {r['model']} ({r['params']:,} params) | {r['bytes'] / MB:.1f} MB | "
