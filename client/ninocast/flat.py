@@ -31,7 +31,7 @@ def check_state(tensors: Mapping[str, Tensor], spec: ModelSpec, where: str = "st
         if tuple(t.shape) != p.shape:
             raise StateError(f"{where}: {p.name} has shape {list(t.shape)}, the spec says {list(p.shape)}")
         if t.dtype not in ACCEPTED_DTYPES:
-            raise StateError(f"{where}: {p.name} has dtype {t.dtype}; expected float32, bfloat16 or float16")
+            raise StateError(f"{where}: {p.name} has dtype {t.dtype}; expected float32, float64, bfloat16 or float16")
         if not torch.isfinite(t).all():
             raise StateError(f"{where}: {p.name} contains NaN or Inf")
 
