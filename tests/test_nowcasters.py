@@ -7,6 +7,7 @@ folder (spec fixtures + the published checkpoints); the rest runs on small rando
 from __future__ import annotations
 
 import json
+import os
 from functools import lru_cache
 from pathlib import Path
 
@@ -344,3 +345,17 @@ def test_checkpoint_errors(tmp_path):
     (out / "config.json").write_text(json.dumps({**config, "kind": "nino"}))
     with pytest.raises(CheckpointError, match="disagrees"):
         load_nowcaster(str(out))
+
+
+@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root reads files whatever their mode")
+def test_unreadable_nowcaster_says_permission_denied(tmp_path):
+    out = save_nowcaster(random_wnn(hid=8), tmp_path / "w")
+    (out / "config.json").chmod(0)
+    with pytest.raises(CheckpointError, match=r"config.json: cannot read it \(Permission denied\)"):
+        load_nowcaster(str(out))
+    out.chmod(0)
+    try:
+        with pytest.raises(CheckpointError, match="permission denied"):
+            load_nowcaster(str(out))
+    finally:
+        out.chmod(0o755)

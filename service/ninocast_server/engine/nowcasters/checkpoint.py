@@ -184,12 +184,16 @@ def load_directory(path: str | Path) -> tuple[Model, dict]:
 
     path = Path(path)
     cfg_path, weights = path / CONFIG_FILE, path / WEIGHTS_FILE
+    if path.is_dir() and not os.access(path, os.R_OK | os.X_OK):
+        raise CheckpointError(f"{path}: permission denied (this process cannot list or open files in it)")
     if not cfg_path.is_file() or not weights.is_file():
         raise CheckpointError(f"{path}: a nowcaster directory needs {CONFIG_FILE} and {WEIGHTS_FILE}")
     try:
         config = json.loads(cfg_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{cfg_path}: not valid JSON ({e})") from None
+    except OSError as e:
+        raise CheckpointError(f"{cfg_path}: cannot read it ({e.strerror or e})") from None
     if not isinstance(config, dict) or config.get("format") != FORMAT:
         raise CheckpointError(f"{cfg_path}: not a {FORMAT} config (format = {config.get('format')!r})"
                               if isinstance(config, dict) else f"{cfg_path}: expected a JSON object")
