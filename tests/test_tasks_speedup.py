@@ -185,7 +185,7 @@ def test_eval_points():
     assert eval_points(100, 50, 30, True) == {0, 30, 49, 50, 60, 90, 99, 100}
 
 
-def test_bench_speedup_quick_smoke(tmp_path):
+def test_bench_speedup_quick_smoke(tmp_path, capsys):
     from ninocast.cli import main
 
     out = tmp_path / "bench"
@@ -229,6 +229,21 @@ def test_bench_speedup_quick_smoke(tmp_path):
     # --resume keeps finished runs and does nothing more
     assert main(["bench", "speedup", "--quick", "--no-progress", "--resume", "--out", str(out)]) == 0
     assert len((out / "runs.jsonl").read_text().splitlines()) == 4
+
+    # --report-only --target: steps to a looser target read off the stored curves, into their own folder
+    adamw = [r for r in runs if r["method"] == "adamw"]
+    loose = min(max(c[1] for c in r["curve"]) for r in adamw) - 5.0
+    assert main(["bench", "speedup", "--report-only", "--target", f"{loose:g}", "--out", str(out)]) == 0
+    retargeted = {(r["method"], r["seed"]): r for r in csv.DictReader(open(out / f"target-{loose:g}" / "runs.csv"))}
+    for r in runs:
+        first = next((c[0] for c in r["curve"] if c[1] >= float(f"{loose:g}")), None)
+        row = retargeted[(r["method"], str(r["seed"]))]
+        assert row["steps_to_target"] == ("" if first is None else str(first))
+        assert float(row["target"]) == float(f"{loose:g}")
+    assert all(retargeted[("adamw", str(r["seed"]))]["reached"] == "True" for r in adamw)
+    if any(r["reached"] for r in runs):  # a run stopped at 97 % says nothing about 99.9 %
+        assert main(["bench", "speedup", "--report-only", "--target", "99.9", "--out", str(out)]) == 2
+        assert "stopped at its target 97.0" in capsys.readouterr().err
 
 
 def test_bench_run_through_server_matches_local(server, api_keys):

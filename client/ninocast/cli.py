@@ -168,6 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--no-progress", action="store_true", help="no progress bars")
     b.add_argument("--report-only", action="store_true",
                    help="only rewrite results.md, CSVs and plots from OUT/runs.jsonl (e.g. while a run is going)")
+    b.add_argument("--target", type=float, help="steps-to-target threshold override (default: the task's); with "
+                   "--report-only, re-scores the stored curves into OUT/target-<value>/ (or --retarget-out)")
+    b.add_argument("--retarget-out", metavar="DIR", help="with --report-only --target: where to write the reports")
     b.add_argument("--quick", action="store_true", help="smoke run in seconds (digits + linefit, tiny budget)")
     b.add_argument("--out", default="bench-speedup", metavar="DIR", help="output directory (default ./bench-speedup)")
     b.set_defaults(func=_lazy("ninocast_server.bench.speedup", "run_bench_speedup"))
