@@ -347,6 +347,28 @@ def test_metatrain_resumes_exactly(tiny_store, tmp_path):
         metatrain(_cfg([tiny_store], part, iters=9), progress=False, log=lambda s: None)
 
 
+@pytest.mark.parametrize("keep", ["best", "last"])
+def test_metatrain_keeps_the_best_validated_weights(tiny_store, tmp_path, keep):
+    """lr 1.0 makes the validation loss bounce, so the best weights are not the last ones."""
+    out = tmp_path / keep
+    summary = metatrain(_cfg([tiny_store], out, lr=1.0, iters=8, val_every=1, keep=keep), progress=False,
+                        log=lambda s: None)
+    hist = json.loads((out / "train" / "history.json").read_text())
+    vals = dict((it, v) for it, v in hist["val"])
+    best_it = min(vals, key=vals.get)
+    assert best_it != 8 and tuple(hist["best"]) == (best_it, vals[best_it])
+    from safetensors.torch import load_file
+
+    written = load_file(str(out / "model.safetensors"))
+    last = torch.load(out / "train" / "checkpoint.pt", weights_only=True)["model"]
+    same_as_last = all(torch.equal(written[k], last[k]) for k in written)
+    if keep == "best":
+        assert not same_as_last and summary["kept_iteration"] == best_it and summary["val_loss"] == vals[best_it]
+        assert f"weights kept: iteration {best_it} (lowest validation loss)" in (out / "MODEL_CARD.md").read_text()
+    else:
+        assert same_as_last and summary["kept_iteration"] == 8 and summary["val_loss"] == vals[8]
+
+
 # ----------------------------------------------------------------------------- export
 def test_export_recorded_sessions(tmp_path):
     from ninocast_server.metatrain.export import export_sessions

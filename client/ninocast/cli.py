@@ -228,6 +228,8 @@ def _add_metatrain_parsers(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--work-dir", help="checkpoint and history (default: OUT/train)")
     s.add_argument("--max-minutes", type=float, help="stop after this much wall time (resumable; the cosine "
                    "schedule still spans --iters)")
+    s.add_argument("--keep", choices=["best", "last"], default="best",
+                   help="write the weights with the lowest validation loss (default) or the last ones")
     s.add_argument("--threads", type=int, help="torch CPU threads")
     s.add_argument("--device", default="cpu")
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bars")

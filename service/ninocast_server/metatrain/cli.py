@@ -66,7 +66,7 @@ def run_metatrain(args: argparse.Namespace) -> int:
         tasks=_csv(args.tasks) if args.tasks else None, val_fraction=args.val_fraction,
         val_batches=args.val_batches, val_every=args.val_every, ckpt_every=args.ckpt_every, init=args.init,
         work_dir=args.work_dir, threads=args.threads, device=args.device,
-        max_minutes=args.max_minutes)
+        max_minutes=args.max_minutes, keep=args.keep)
     try:
         summary = metatrain(cfg, progress=not args.quiet)
     except (StoreError, CheckpointError, ValueError) as e:

@@ -68,6 +68,7 @@ class MetaTrainConfig:
     threads: int | None = None
     device: str = "cpu"
     max_minutes: float | None = None  # stop early (wall time of this invocation); the schedule keeps --iters
+    keep: str = "best"  # "best": the weights with the lowest validation loss; "last": the final weights
 
 
 @dataclass
@@ -79,6 +80,7 @@ class History:
     skipped_at: list[int] = field(default_factory=list)
     wall_s: float = 0.0
     baselines: dict[str, float] = field(default_factory=dict)
+    best: tuple[int, float] | None = None  # (iteration, validation loss) of the lowest validation so far
 
 
 # ----------------------------------------------------------------------------- data split
@@ -210,6 +212,7 @@ def metatrain(cfg: MetaTrainConfig, progress: bool = True, log: Callable[[str], 
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, cfg.iters), eta_min=cfg.min_lr)
     hist = History()
+    best_state: dict[str, torch.Tensor] | None = None  # weights at hist.best, kept in the checkpoint too
     ck_path = work / CHECKPOINT
     if ck_path.is_file():
         ck = torch.load(ck_path, map_location="cpu", weights_only=True)
@@ -220,15 +223,25 @@ def metatrain(cfg: MetaTrainConfig, progress: bool = True, log: Callable[[str], 
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
         hist = History(**json.loads(ck["history"]))
+        best_state = ck.get("best")
         log(f"resuming at iteration {hist.iteration} of {cfg.iters}")
     hist.baselines = baseline_losses(val_batches, cfg.horizon)
 
     def save_checkpoint() -> None:
         tmp = ck_path.with_suffix(".tmp")
         torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                    "model_args": model.model_args, "iters": cfg.iters, "history": json.dumps(asdict(hist))}, tmp)
+                    "model_args": model.model_args, "iters": cfg.iters, "history": json.dumps(asdict(hist)),
+                    "best": best_state}, tmp)
         tmp.replace(ck_path)
         (work / HISTORY).write_text(json.dumps(asdict(hist)) + "\n")
+
+    def validate(iteration: int) -> None:
+        nonlocal best_state
+        v = evaluate(model, val_batches, device)
+        hist.val.append((iteration, v))
+        if math.isfinite(v) and (hist.best is None or v < hist.best[1]):
+            best_state = {k: t.detach().cpu().clone() for k, t in model.state_dict().items()}
+            hist.best = (iteration, v)
 
     params = [p for p in model.parameters() if p.requires_grad]
     bar = tqdm(total=cfg.iters, initial=hist.iteration, desc=f"metatrain {cfg.model}", unit="it",
@@ -267,7 +280,7 @@ def metatrain(cfg: MetaTrainConfig, progress: bool = True, log: Callable[[str], 
             hist.iteration = it + 1
             bar.update(1)
             if (it + 1) % cfg.val_every == 0 or it + 1 == cfg.iters:
-                hist.val.append((it + 1, evaluate(model, val_batches, device)))
+                validate(it + 1)
             if ema is not None:
                 post = {"loss": f"{ema:.4f}", "skipped": hist.skipped}
                 if hist.val:
@@ -280,8 +293,12 @@ def metatrain(cfg: MetaTrainConfig, progress: bool = True, log: Callable[[str], 
         bar.close()
     hist.wall_s = time.monotonic() - t_start
     if not hist.val or hist.val[-1][0] != hist.iteration:
-        hist.val.append((hist.iteration, evaluate(model, val_batches, device)))
+        validate(hist.iteration)
     save_checkpoint()
+    if cfg.keep == "best" and best_state is not None and hist.best[0] != hist.iteration:
+        model.load_state_dict(best_state)
+        log(f"keeping the weights of iteration {hist.best[0]} (validation {hist.best[1]:.4f}; "
+            f"final {hist.val[-1][1]:.4f})")
     return finish(model.cpu().eval(), cfg, hist, stores, train_keys, val_keys, init_info, log)
 
 
@@ -293,7 +310,9 @@ def finish(model: nn.Module, cfg: MetaTrainConfig, hist: History, stores: Sequen
     tasks = sorted({st.runs[rid].task for st in stores for root, rid in train_keys if root == str(st.root)})
     summary = {
         "model": cfg.model, "iterations": hist.iteration, "skipped_steps": hist.skipped,
-        "final_train_loss": _tail_mean(hist.train), "val_loss": hist.val[-1][1] if hist.val else None,
+        "final_train_loss": _tail_mean(hist.train),
+        "val_loss": hist.best[1] if cfg.keep == "best" and hist.best else hist.val[-1][1] if hist.val else None,
+        "kept_iteration": hist.best[0] if cfg.keep == "best" and hist.best else hist.iteration,
         "val_baselines": hist.baselines, "wall_s": round(hist.wall_s, 1), "tasks": tasks,
         "train_runs": len(train_keys), "val_runs": len(val_keys),
     }
@@ -378,6 +397,8 @@ def model_card(name: str, cfg: MetaTrainConfig, hist: History, summary: dict, st
         f"- ctx {cfg.ctx}, horizons {cfg.horizon}, spacing {cfg.spacing} optimiser steps, hid {cfg.hid}, "
         f"layers {cfg.layers}" + (f", wte_pos_enc {cfg.wte_pos_enc}" if cfg.model == "nino" else ""),
         f"- skipped steps (non-finite loss or gradient): {hist.skipped}",
+        f"- weights kept: iteration {summary['kept_iteration']} ("
+        + ("lowest validation loss" if cfg.keep == "best" else "the last") + ")",
     ]
     if init_info:
         lines.append(f"- fine-tuned from `{init_info.get('init')}` ({init_info.get('init_name')})")
@@ -386,7 +407,7 @@ def model_card(name: str, cfg: MetaTrainConfig, hist: History, summary: dict, st
         "## Losses (masked L1 on scaled future states, all horizons)", "",
         "| | loss |", "|---|---|",
         f"| train (mean of the last 50 iterations) | {fmt(summary['final_train_loss'])} |",
-        f"| validation (held-out trajectories) | {fmt(summary['val_loss'])} |",
+        f"| validation (held-out trajectories), kept weights | {fmt(summary['val_loss'])} |",
         f"| baseline: last state, same windows | {fmt(hist.baselines.get('last'))} |",
         f"| baseline: linefit, same windows | {fmt(hist.baselines.get('linefit'))} |", "",
     ]
