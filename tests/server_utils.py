@@ -18,9 +18,15 @@ OCTET = {"Content-Type": "application/octet-stream"}
 
 
 class Server(ServerProcess):
-    """A ``ninocast serve`` subprocess run from the repository root (see ninocast_server.testing)."""
+    """A ``ninocast serve`` subprocess run from the repository root (see ninocast_server.testing).
+
+    Its default nowcaster is linefit unless a test names another: the protocol tests compare what comes back with
+    an exact offline linefit. ``default_nowcaster=None`` keeps the server's own default (ninocast-nino)."""
 
     def __init__(self, data_dir: Path, port: int | None = None, **settings: Any) -> None:
+        settings.setdefault("default_nowcaster", "linefit")
+        if settings["default_nowcaster"] is None:
+            del settings["default_nowcaster"]
         super().__init__(data_dir, port, cwd=ROOT, **settings)
 
     def start(self, timeout: float = 60.0) -> "Server":

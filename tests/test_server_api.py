@@ -153,3 +153,26 @@ def test_concurrent_clients(server, api_keys):
         t.join(120)
     if errors:
         raise errors[0]
+
+
+def test_default_nowcaster_is_the_bundled_nino(tmp_path):
+    """Without NINOCAST_DEFAULT_NOWCASTER, a session that names no nowcaster gets our own graph model."""
+    from server_utils import Server
+    from ninocast_server.engine.nowcasters.checkpoint import load_nowcaster
+
+    server = Server(tmp_path / "data", default_nowcaster=None).start()
+    try:
+        with server.client() as c:
+            assert c.get("/v1/nowcasters").json()["default"] == "ninocast-nino"
+            spec, states = training_states(seed=2)
+            sess = c.post("/v1/sessions", json={"spec": spec, "period": 1000, "max_train_steps": 10000}).json()
+            assert sess["nowcaster"] == "ninocast-nino"
+            upload_all(c, sess["id"], states, first_step=199)
+            r = c.post(f"/v1/sessions/{sess['id']}/nowcast")
+            assert r.status_code == 200, r.text
+            k = int(r.headers["x-ninocast-k"])
+            want = reference_nowcast(load_nowcaster("ninocast-nino"), spec, flat_states(spec, states), k)
+            torch.testing.assert_close(flatten_answer(spec, load(r.content)), want, rtol=1e-5, atol=1e-6)
+            assert not torch.allclose(want, reference_nowcast(Linefit(), spec, flat_states(spec, states), k))
+    finally:
+        server.stop()

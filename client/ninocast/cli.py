@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--models-dir", help="every subdirectory is a nowcaster to load (NINOCAST_MODELS_DIR)")
     s.add_argument("--keys-file", help="API key hashes; without it the server is open (NINOCAST_KEYS_FILE)")
     s.add_argument("--device", help="auto, cpu, cuda or cuda:N (NINOCAST_DEVICE)")
-    s.add_argument("--default-nowcaster", help="NINOCAST_DEFAULT_NOWCASTER (default linefit)")
+    s.add_argument("--default-nowcaster", help="NINOCAST_DEFAULT_NOWCASTER (default ninocast-nino, the bundled graph model)")
     s.add_argument("--open", action="store_true", help="serve without API keys even on a non-loopback address")
     s.set_defaults(func=_lazy("ninocast_server.api.serve_cli", "run_serve"))
 

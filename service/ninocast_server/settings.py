@@ -31,7 +31,7 @@ class Settings(BaseSettings):
     data_dir: Path = Path("data")
     models_dir: Path | None = None
     keys_file: Path | None = None
-    default_nowcaster: str = "linefit"
+    default_nowcaster: str = "ninocast-nino"
     device: str = "auto"
     # None = automatic: open (no keys) only on a loopback bind without a keys file.
     open_mode: bool | None = None

@@ -34,9 +34,9 @@ from .wnn import WNN, WNNModel
 
 FORMAT, VERSION = "ninocast-nowcaster", 1
 BUNDLED_DIR = Path(__file__).resolve().parents[2] / "models"  # nowcasters shipped inside the package
-# What "default" means. Stays linefit until a bundled model (ninocast-nino) has shown its speedup on held-out
-# FM-32 with `ninocast bench speedup` (docs/metatrain.md): a weak learned default would slow users down.
-DEFAULT_NOWCASTER = "linefit"
+# What "default" means: our own graph model, meta-trained on FM-16 trajectories; its speedup on held-out FM-32
+# is in docs/metatrain.md. (linefit, the previous default, wrecks training with NiNo's k schedule.)
+DEFAULT_NOWCASTER = "ninocast-nino"
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
 
 
@@ -215,7 +215,7 @@ def load_directory(path: str | Path) -> tuple[Model, dict]:
 
 
 def resolve_ref(ref: str) -> str:
-    """"default" -> the bundled default nowcaster (linefit until one is shipped); a bundled name -> its directory."""
+    """"default" -> the bundled default nowcaster (ninocast-nino); a bundled name -> its directory."""
     if ref == "default":
         ref = DEFAULT_NOWCASTER
     if ref != "linefit" and not Path(ref).exists() and (BUNDLED_DIR / ref).is_dir():
