@@ -244,6 +244,10 @@ def test_bench_speedup_quick_smoke(tmp_path, capsys):
     if any(r["reached"] for r in runs):  # a run stopped at 97 % says nothing about 99.9 %
         assert main(["bench", "speedup", "--report-only", "--target", "99.9", "--out", str(out)]) == 2
         assert "stopped at its target 97.0" in capsys.readouterr().err
+    (tmp_path / "odd").mkdir()
+    (tmp_path / "odd" / "runs.jsonl").write_text(json.dumps({**runs[0], "task": "no-such-task"}) + "\n")
+    assert main(["bench", "speedup", "--report-only", "--target", "50", "--out", str(tmp_path / "odd")]) == 2
+    assert "unknown task 'no-such-task'" in capsys.readouterr().err
 
 
 def test_bench_run_through_server_matches_local(server, api_keys):

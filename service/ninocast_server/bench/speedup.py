@@ -349,8 +349,8 @@ def run_bench_speedup(args: argparse.Namespace) -> int:
         if args.target is not None:
             try:
                 runs = retarget(runs, args.target, {t: get_task(t).higher_is_better for t in {r["task"] for r in runs}})
-            except ValueError as e:
-                raise CommandError(str(e)) from None
+            except (KeyError, ValueError) as e:
+                raise CommandError(str(e.args[0])) from None
             out = Path(args.retarget_out or out / f"target-{args.target:g}")
             (out / "plots").mkdir(parents=True, exist_ok=True)
         write_reports(out, runs)
