@@ -347,15 +347,42 @@ def test_checkpoint_errors(tmp_path):
         load_nowcaster(str(out))
 
 
-@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root reads files whatever their mode")
+_LOAD_UNREADABLE = """
+import sys
+from ninocast_server.engine.nowcasters.checkpoint import CheckpointError, load_nowcaster
+try:
+    load_nowcaster(sys.argv[1])
+except CheckpointError as e:
+    print(e)
+"""
+
+
+def _load_without_root_powers(path: Path) -> str:
+    """Load in a child process that file modes apply to: as root (CI), with the capabilities that bypass them
+    dropped (util-linux setpriv)."""
+    import shutil
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-c", _LOAD_UNREADABLE, str(path)]
+    if os.geteuid() == 0:
+        if shutil.which("setpriv") is None:
+            pytest.skip("running as root without setpriv: file modes cannot be made to apply")
+        drop = "-dac_override,-dac_read_search"
+        cmd = ["setpriv", f"--inh-caps={drop}", f"--bounding-set={drop}", *cmd]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env={**os.environ,
+                       "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert r.returncode == 0, r.stderr[-2000:]
+    return r.stdout
+
+
 def test_unreadable_nowcaster_says_permission_denied(tmp_path):
     out = save_nowcaster(random_wnn(hid=8), tmp_path / "w")
     (out / "config.json").chmod(0)
-    with pytest.raises(CheckpointError, match=r"config.json: cannot read it \(Permission denied\)"):
-        load_nowcaster(str(out))
+    assert "config.json: cannot read it (Permission denied)" in _load_without_root_powers(out)
+    (out / "config.json").chmod(0o644)
     out.chmod(0)
     try:
-        with pytest.raises(CheckpointError, match="permission denied"):
-            load_nowcaster(str(out))
+        assert "permission denied (this process cannot list" in _load_without_root_powers(out)
     finally:
         out.chmod(0o755)

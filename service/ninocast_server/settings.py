@@ -15,6 +15,8 @@ from typing import Any, Literal
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from . import DEFAULT_NOWCASTER
+
 ENV_PREFIX = "NINOCAST_"
 GiB = 1024**3
 
@@ -31,7 +33,7 @@ class Settings(BaseSettings):
     data_dir: Path = Path("data")
     models_dir: Path | None = None
     keys_file: Path | None = None
-    default_nowcaster: str = "ninocast-nino"
+    default_nowcaster: str = DEFAULT_NOWCASTER
     device: str = "auto"
     # None = automatic: open (no keys) only on a loopback bind without a keys file.
     open_mode: bool | None = None

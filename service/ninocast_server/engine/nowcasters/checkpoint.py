@@ -27,6 +27,7 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor
 
+from ... import DEFAULT_NOWCASTER
 from .base import Nowcaster
 from .linefit import Linefit
 from .nino import NiNo, NiNoModel
@@ -34,9 +35,6 @@ from .wnn import WNN, WNNModel
 
 FORMAT, VERSION = "ninocast-nowcaster", 1
 BUNDLED_DIR = Path(__file__).resolve().parents[2] / "models"  # nowcasters shipped inside the package
-# What "default" means: our own graph model, meta-trained on FM-16 trajectories; its speedup on held-out FM-32
-# is in docs/metatrain.md. (linefit, the previous default, wrecks training with NiNo's k schedule.)
-DEFAULT_NOWCASTER = "ninocast-nino"
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
 
 
