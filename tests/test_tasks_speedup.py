@@ -121,6 +121,30 @@ def test_batches_are_deterministic_per_seed():
     assert all(torch.equal(p, q) for p, q in zip(m1.parameters(), m2.parameters()))
 
 
+def test_digits_cnn_is_the_fm_convnet_on_8x8_images_and_learns():
+    from ninocast_server.engine.graphs.build import build_graph
+    from ninocast import ModelSpec
+
+    task = get_task("digits-cnn")
+    assert (task.kind, task.lr, task.target, task.in_distribution) == ("vision", 3e-3, 90.0, True)
+    model = task.build_model(1000)
+    assert [tuple(p.shape) for p in model.parameters()] == [(8, 1, 3, 3), (8,), (16, 8, 3, 3), (16,), (16, 16, 3, 3),
+                                                          (16,), (10, 16), (10,)]
+    graph = build_graph(ModelSpec.from_module(model), with_lpe=False)
+    assert graph.n_params == sum(p.numel() for p in model.parameters()) == 3738
+    x, y = next(task.batches(1000))
+    assert x.shape == (32, 1, 8, 8) and y.shape == (32,)
+    before = task.evaluate(model)
+    opt = task.make_optimizer(model)
+    batches = task.batches(1000)
+    for _ in range(150):
+        opt.zero_grad()
+        task.loss(model, next(batches)).backward()
+        opt.step()
+    after = task.evaluate(model)
+    assert model.training and after["test_loss"] < before["test_loss"] and after["test_acc"] > before["test_acc"] + 20
+
+
 # ------------------------------------------------------------------------------------------ KJV
 def test_byte_tokenizer_and_block_split():
     from ninocast_server.tasks.language import decode, encode, split_blocks
@@ -166,7 +190,7 @@ def test_language_models_and_specs():
 
 
 def test_registry():
-    assert {"fm-16", "fm-32", "digits", "kjv-gpt2-3-24", "kjv-gpt2-2-32", "kjv-gpt2-3-64",
+    assert {"fm-16", "fm-32", "digits", "digits-cnn", "kjv-gpt2-3-24", "kjv-gpt2-2-32", "kjv-gpt2-3-64",
             "kjv-llama-3-24"} <= set(TASKS)
     assert get_task("FM_16").name == "fm-16"
     with pytest.raises(KeyError, match="known tasks"):

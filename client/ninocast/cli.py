@@ -149,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
                       description="Train each task with AdamW alone and wrapped by each nowcaster (NowcastOptimizer, "
                       "local engine or --server), same init and batches per seed; write results.md, summary.csv, "
                       "runs.csv, runs.jsonl and plots/<task>.png to --out. Tasks: fm-16, fm-32, kjv-gpt2-3-24, "
-                      "kjv-gpt2-2-32, kjv-gpt2-3-64, kjv-llama-3-24, digits (docs/tasks.md).")
+                      "kjv-gpt2-2-32, kjv-gpt2-3-64, kjv-llama-3-24, digits, digits-cnn (docs/tasks.md).")
     b.add_argument("--task", action="append", metavar="NAME[,NAME]",
                    help="task(s), repeatable or comma-separated (default fm-16; digits with --quick)")
     b.add_argument("--nowcasters", metavar="REF[,REF]",

@@ -35,6 +35,11 @@ def _digits() -> Task:
     return DigitsTask()
 
 
+def _digits_cnn() -> Task:
+    from .digits import DigitsConvTask
+    return DigitsConvTask()
+
+
 # name -> factory (data is loaded lazily, on first use of batches()/evaluate())
 TASKS: dict[str, Callable[[], Task]] = {
     "fm-16": _fm16,
@@ -44,6 +49,7 @@ TASKS: dict[str, Callable[[], Task]] = {
     "kjv-gpt2-3-64": _lm("kjv-gpt2-3-64"),
     "kjv-llama-3-24": _lm("kjv-llama-3-24"),
     "digits": _digits,
+    "digits-cnn": _digits_cnn,
 }
 
 
