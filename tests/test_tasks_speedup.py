@@ -272,6 +272,9 @@ def test_bench_speedup_quick_smoke(tmp_path, capsys):
     (tmp_path / "odd" / "runs.jsonl").write_text(json.dumps({**runs[0], "task": "no-such-task"}) + "\n")
     assert main(["bench", "speedup", "--report-only", "--target", "50", "--out", str(tmp_path / "odd")]) == 2
     assert "unknown task 'no-such-task'" in capsys.readouterr().err
+    assert main(["bench", "speedup", "--report-only", "--retarget-out", str(tmp_path / "x"), "--out", str(out)]) == 2
+    assert "--retarget-out only applies with --report-only --target" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
 
 
 def test_bench_run_through_server_matches_local(server, api_keys):

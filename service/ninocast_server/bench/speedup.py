@@ -341,6 +341,8 @@ def run_bench_speedup(args: argparse.Namespace) -> int:
     from ninocast_server.tasks import get_task
 
     torch.set_num_threads(max(1, int(args.threads)))
+    if args.retarget_out and not (args.report_only and args.target is not None):
+        raise CommandError("--retarget-out only applies with --report-only --target (re-scoring stored curves)")
     if args.report_only:
         out = Path(args.out)
         runs = load_runs(out / "runs.jsonl")
