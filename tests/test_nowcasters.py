@@ -146,7 +146,9 @@ def test_wnn_edge_predictions_match_reference(ckpt, case):
     rows = t["edge_attr"].view(E * f, 5)  # per edge and slot, as the reference runs it
     for k in KS:
         pred = model.nowcast(rows, t["edge_type"].repeat_interleave(f), k).view(E, f)
-        assert (pred - t[f"{ckpt}_k{k}_edge_pred"]).abs().max() <= EDGE_TOL[ckpt]
+        ref = t[f"{ckpt}_k{k}_edge_pred"]
+        # A few float32 ulps of the largest value: the MLP's matmul kernels differ between CPUs (AVX2/AVX-512).
+        assert (pred - ref).abs().max() <= EDGE_TOL[ckpt] * max(1.0, ref.abs().max().item())
 
 
 @pytest.mark.parametrize("ckpt", ("nino_no_posw",) + MLP_CKPTS)
