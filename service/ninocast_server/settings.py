@@ -49,6 +49,16 @@ class Settings(BaseSettings):
     queue_size: int = Field(64, gt=0, description="nowcasts waiting per server (503 above)")
     memory_budget_bytes: int = Field(32 * GiB, gt=0, description="estimated bytes of queued nowcasts (503 above)")
     max_history: int = Field(1000, gt=0, description="nowcast timings kept per session")
+    max_tensors_per_spec: int = Field(10_000, gt=0, description="tensors in a session's spec (422 above)")
+    max_name_length: int = Field(512, gt=0, description="characters of a tensor name in a spec (422 above)")
+    min_free_disk_bytes: int = Field(GiB, ge=0, description="/readyz reports not ready below this much free space")
+
+    # --- HTTP connections (the uvicorn protocol in api/http_protocol.py)
+    header_timeout_s: float = Field(10.0, gt=0, description="a request's headers must arrive within this (408)")
+    body_idle_timeout_s: float = Field(30.0, gt=0, description="longest pause inside a request body (408)")
+    keep_alive_timeout_s: float = Field(5.0, gt=0, description="an idle kept-alive connection is closed after this")
+    max_header_bytes: int = Field(64 * 1024, ge=1024, description="bytes of a request's headers (431 above)")
+    max_connections: int = Field(500, gt=0, description="open connections; more are answered 503 and closed")
 
     @field_validator("device")
     @classmethod

@@ -21,7 +21,8 @@ from ..sessions.store import SessionStore
 from ..settings import Settings, SettingsError
 from . import errors
 from .auth import Authenticator
-from .limits import JsonBodyLimit
+from .docs import install_docs
+from .limits import RequestGuard
 from .metrics import Metrics, MetricsMiddleware
 from .routes_sessions import build_router
 from .routes_system import router as system_router
@@ -46,9 +47,12 @@ def create_app(settings: Settings) -> FastAPI:
     try:
         registry = NowcasterRegistry(resolve_devices(settings.device))
         registry.load(settings.models_dir, settings.default_nowcaster)
-        auth = Authenticator(settings.keys_file)
     except (RegistryError, ValueError) as e:
         raise SettingsError(str(e)) from None
+    try:
+        auth = Authenticator(settings.keys_file)
+    except ValueError as e:
+        raise SettingsError(f"NINOCAST_KEYS_FILE: {e}") from None
     queue = ComputeQueue(registry.devices, settings.queue_size, settings.memory_budget_bytes)
     metrics = Metrics()
     stop = threading.Event()
@@ -65,15 +69,18 @@ def create_app(settings: Settings) -> FastAPI:
         stop.set()
         queue.stop()
 
-    app = FastAPI(title="ninocast", version=ninocast.__version__, description=DESCRIPTION, lifespan=lifespan)
+    app = FastAPI(title="ninocast", version=ninocast.__version__, description=DESCRIPTION, lifespan=lifespan,
+                  docs_url=None, redoc_url=None)
     app.state.settings, app.state.store, app.state.registry = settings, store, registry
     app.state.queue, app.state.auth, app.state.metrics = queue, auth, metrics
     app.state.graphs = _graph_cache()
     errors.install(app)
-    app.add_middleware(JsonBodyLimit, limit=settings.max_json_bytes)
+    app.add_middleware(RequestGuard, auth=auth, max_json_bytes=settings.max_json_bytes,
+                       max_body_bytes=settings.max_body_bytes, body_idle_timeout_s=settings.body_idle_timeout_s)
     app.add_middleware(MetricsMiddleware, metrics=metrics)  # outermost: counts refused requests too
     app.include_router(system_router)
     app.include_router(build_router())
+    install_docs(app)
     metrics.gauge("ninocast_queue_depth", "Nowcasts waiting for a worker.", lambda: queue.depth)
     metrics.gauge("ninocast_nowcasts_running", "Nowcasts on a worker now.", lambda: queue.running)
     metrics.gauge("ninocast_sessions_active", "Sessions held.", store.count)

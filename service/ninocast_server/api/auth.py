@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+import re
 import secrets
 import threading
 import time
@@ -21,6 +23,8 @@ from fastapi import Request
 from ..sessions.atomic import atomic_write
 from ..sessions.errors import ServiceError
 
+log = logging.getLogger("ninocast.auth")
+SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 LOCAL_OWNER = "local"  # the single user of an open-mode server
 KEY_PREFIX = "nc_"
 
@@ -50,7 +54,22 @@ def read_keys(path: Path) -> list[KeyEntry]:
         raise ValueError(f"keys file {path} is unreadable: {e}") from None
     if not isinstance(obj, dict) or not isinstance(obj.get("keys"), list):
         raise ValueError(f"keys file {path} must be a JSON object with a 'keys' list")
-    return [KeyEntry(str(k["name"]), str(k["sha256"]), float(k.get("created", 0))) for k in obj["keys"]]
+    return [_entry(k, i, path) for i, k in enumerate(obj["keys"])]
+
+
+def _entry(raw: object, i: int, path: Path) -> KeyEntry:
+    """One checked entry: a file edited by hand must fail here, with its position, not as a 500 later."""
+    where = f"keys file {path}: keys[{i}]"
+    if not isinstance(raw, dict):
+        raise ValueError(f"{where} must be an object {{name, sha256, created?}}, got {type(raw).__name__}")
+    name, digest, created = raw.get("name"), raw.get("sha256"), raw.get("created", 0)
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"{where}: 'name' must be a non-empty string, got {name!r}"[:300])
+    if not isinstance(digest, str) or not SHA256_HEX.fullmatch(digest):
+        raise ValueError(f"{where} ({name!r}): 'sha256' must be 64 lower-case hex digits, got {digest!r}"[:300])
+    if isinstance(created, bool) or not isinstance(created, (int, float)):
+        raise ValueError(f"{where} ({name!r}): 'created' must be a number, got {created!r}"[:300])
+    return KeyEntry(name, digest, float(created))
 
 
 def write_keys(path: Path, entries: list[KeyEntry]) -> None:
@@ -108,9 +127,11 @@ class Authenticator:
                 return
             try:
                 self._by_hash = {e.sha256: e for e in read_keys(self.keys_file)}
-            except ValueError:
+            except ValueError as e:
                 if force:
                     raise
+                log.error("%s; keeping the keys read before", e)
+                self._mtime = mtime  # say it once per change, not on every request
                 return  # keep the last good keys if the file is broken mid-edit
             self._mtime = mtime
 
@@ -133,5 +154,7 @@ class Authenticator:
 
 
 def require_owner(request: Request) -> str:
-    """FastAPI dependency: the owner id of the request's API key."""
-    return request.app.state.auth.owner(request.headers.get("authorization"))
+    """FastAPI dependency: the owner id of the request's API key (already checked by api.limits.RequestGuard,
+    before any body was read)."""
+    owner = request.scope.get("state", {}).get("owner")
+    return owner if owner is not None else request.app.state.auth.owner(request.headers.get("authorization"))

@@ -6,20 +6,23 @@ anything unexpected becomes a logged 500 instead of a dropped connection.
 
 from __future__ import annotations
 
+import errno
 import logging
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from ..sessions.errors import ServiceError
 
 log = logging.getLogger("ninocast.api")
 
 HTTP_CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
-              413: "body_too_large", 415: "unsupported_media_type", 422: "invalid_request", 429: "too_many_requests",
-              503: "server_busy"}
+              408: "request_timeout", 413: "body_too_large", 415: "unsupported_media_type", 422: "invalid_request",
+              429: "too_many_requests", 503: "server_busy"}
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 def error_response(status: int, code: str, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -49,17 +52,37 @@ def install(app: FastAPI) -> None:
         detail = e.detail if isinstance(e.detail, str) else str(e.detail)
         if e.status_code == 404 and detail == "Not Found":
             detail = f"no route {request.method} {request.url.path}"
-        elif e.status_code == 405:
-            detail = f"{request.method} is not allowed on {request.url.path}"
-        elif e.status_code == 413:
-            detail = "the JSON body exceeds this server's limit (NINOCAST_MAX_JSON_BYTES)"
+        headers = dict(e.headers) if e.headers else {}
+        if e.status_code == 405:
+            allowed = allowed_methods(request)
+            detail = f"{request.method} is not allowed on {request.url.path}; allowed: {', '.join(allowed)}"
+            headers["Allow"] = ", ".join(allowed)
+        elif e.status_code == 400 and isinstance(e.__cause__, RecursionError):
+            detail = "the JSON body nests too deeply"
         elif e.status_code == 400 and isinstance(e.__cause__, Exception):
-            detail = f"cannot read the request body: {e.__cause__}"
-        return error_response(e.status_code, HTTP_CODES.get(e.status_code, "http_error"), detail,
-                              dict(e.headers) if e.headers else None)
+            detail = f"cannot read the request body: {e.__cause__}"[:500]
+        return error_response(e.status_code, HTTP_CODES.get(e.status_code, "http_error"), detail, headers or None)
+
+    @app.exception_handler(OSError)
+    async def _os(request: Request, e: OSError) -> JSONResponse:
+        if e.errno in DISK_FULL:
+            log.error("disk full while serving %s %s: %s", request.method, request.url.path, e)
+            return error_response(507, "disk_full", "the server's disk is full: nothing was stored by this request; "
+                                  "retry after space is freed (the operator sees this in /readyz)")
+        return await _crash(request, e)
 
     @app.exception_handler(Exception)
     async def _crash(request: Request, e: Exception) -> JSONResponse:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
         return error_response(500, "internal_error", f"{type(e).__name__} while serving {request.url.path}; "
                               "the server logged the details")
+
+
+def allowed_methods(request: Request) -> list[str]:
+    """Every method some route serves at this path (Starlette names only the first matching route's)."""
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        served = getattr(route, "methods", None)
+        if served and route.matches(request.scope)[0] != Match.NONE:
+            methods |= served
+    return sorted(methods)

@@ -3,47 +3,75 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
-from typing import Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
 
 from .auth import require_owner
+from .schemas import ErrorBody, Health, NotReady, NowcasterList, Ready
 
 router = APIRouter()
+ERR = {"model": ErrorBody, "description": "JSON {error, detail}"}
 
 
-@router.get("/healthz", tags=["ops"])
+@router.get("/healthz", tags=["ops"], operation_id="healthz", response_model=Health)
 async def healthz() -> dict[str, str]:
     """The process answers (liveness)."""
     return {"status": "ok"}
 
 
-@router.get("/readyz", tags=["ops"], responses={503: {"description": "not ready: {error, detail, checks}"}})
+@router.head("/healthz", tags=["ops"], operation_id="healthz_head", responses={200: {"description": "alive"}})
+async def healthz_head() -> Response:
+    """Liveness for probes that send HEAD."""
+    return Response(status_code=200)
+
+
+@router.get("/readyz", tags=["ops"], operation_id="readyz", response_class=JSONResponse,
+            responses={200: {"model": Ready}, 503: {"model": NotReady, "description": "not ready"}})
 async def readyz(request: Request) -> JSONResponse:
-    """Nowcasters loaded, the engine importable, the data dir writable, the workers alive (readiness)."""
+    """Nowcasters loaded, the engine importable, the data dir writable with at least NINOCAST_MIN_FREE_DISK_BYTES
+    free, the workers alive (readiness)."""
     st = request.app.state
+    free = _free_bytes(st.store.root)
     checks = {"nowcasters": bool(st.registry.names), "engine": st.graphs is not None,
-              "data_dir_writable": _writable(st.store.tmp_dir), "workers": st.queue.alive()}
+              "data_dir_writable": _writable(st.store.tmp_dir),
+              "disk_space": free is not None and free >= st.settings.min_free_disk_bytes,
+              "workers": st.queue.alive()}
     if all(checks.values()):
-        return JSONResponse({"status": "ready", "checks": checks})
+        return JSONResponse({"status": "ready", "checks": checks, "free_disk_bytes": free})
     failed = ", ".join(k for k, v in checks.items() if not v)
-    return JSONResponse({"error": "not_ready", "detail": f"failing checks: {failed}", "checks": checks},
+    detail = f"failing checks: {failed}"
+    if not checks["disk_space"]:
+        detail += (f"; {free} bytes free in the data dir, below NINOCAST_MIN_FREE_DISK_BYTES="
+                   f"{st.settings.min_free_disk_bytes} (uploads may fail with 507 disk_full)")
+    return JSONResponse({"error": "not_ready", "detail": detail, "checks": checks, "free_disk_bytes": free},
                         status_code=503)
 
 
-@router.get("/metrics", tags=["ops"], response_class=PlainTextResponse)
+@router.get("/metrics", tags=["ops"], operation_id="metrics", response_class=PlainTextResponse,
+            responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}})
 async def metrics(request: Request) -> PlainTextResponse:
     """Prometheus text format."""
     return PlainTextResponse(request.app.state.metrics.render(), media_type="text/plain; version=0.0.4")
 
 
-@router.get("/v1/nowcasters", tags=["nowcasters"], dependencies=[Depends(require_owner)])
-async def nowcasters(request: Request) -> dict[str, Any]:
+@router.get("/v1/nowcasters", tags=["nowcasters"], dependencies=[Depends(require_owner)],
+            operation_id="list_nowcasters", response_class=JSONResponse,
+            responses={200: {"model": NowcasterList}, 401: ERR, 500: ERR})
+async def nowcasters(request: Request) -> JSONResponse:
     """Name, kind, size (parameters), ctx, horizon and the graph families each nowcaster supports."""
     st = request.app.state
-    return {"default": st.registry.default, "devices": st.registry.devices, "nowcasters": st.registry.describe()}
+    return JSONResponse({"default": st.registry.default, "devices": st.registry.devices,
+                         "nowcasters": st.registry.describe()})
+
+
+def _free_bytes(d) -> int | None:
+    try:
+        return shutil.disk_usage(d).free
+    except OSError:
+        return None
 
 
 def _writable(d) -> bool:

@@ -15,27 +15,135 @@ EXAMPLE_SPEC = {"family": "generic", "params": [["0.weight", [16, 8]], ["0.bias"
                                                  ["2.bias", [4]]]}
 
 
+SPEC_SCHEMA = {"type": "object", "required": ["params"], "properties": {
+    "family": {"type": "string", "enum": ["auto", "generic", "gpt2", "llama"], "default": "auto"},
+    "params": {"type": "array", "minItems": 1, "description": "[[name, shape], ...] in named_parameters() order",
+               "items": {"type": "array", "minItems": 2, "maxItems": 2, "prefixItems": [
+                   {"type": "string", "minLength": 1}, {"type": "array", "items": {"type": "integer", "minimum": 1}}]}},
+    "num_heads": {"type": "integer", "minimum": 1}, "num_key_value_heads": {"type": "integer", "minimum": 1}}}
+
+
 class CreateSession(BaseModel):
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+    # strict: 1000.0, "1000" or true are not integers, 0 is not a boolean
+    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra={"examples": [
         {"spec": EXAMPLE_SPEC, "nowcaster": "linefit", "period": 1000, "max_train_steps": 10000,
          "name": "mlp-lr3e-4"}]})
 
-    spec: dict[str, Any] = Field(description="model spec: {family, params: [[name, shape], ...], num_heads?}")
-    nowcaster: str | None = Field(None, description="a name from GET /v1/nowcasters; default: the server's")
+    spec: dict[str, Any] = Field(description="model spec: {family, params: [[name, shape], ...], num_heads?}",
+                                 json_schema_extra=SPEC_SCHEMA)
+    nowcaster: str | None = Field(None, max_length=200, description="a name from GET /v1/nowcasters; "
+                                  "default: the server's")
     ctx: int | None = Field(None, ge=2, le=64, description="states per nowcast; default: the nowcaster's")
-    period: int = Field(1000, gt=0, description="optimizer steps between nowcasts (k schedule)")
-    max_train_steps: int = Field(10000, gt=0, description="planned length of the run (k schedule)")
+    period: int = Field(1000, gt=0, le=10**9, description="optimizer steps between nowcasts (k schedule)")
+    max_train_steps: int = Field(10000, gt=0, le=10**12, description="planned length of the run (k schedule)")
     name: str | None = Field(None, max_length=200)
     record: bool = Field(False, description="keep every state (a trajectory), not only the newest ctx")
 
 
 class NowcastRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{}, {"k": 10, "dtype": "bfloat16"}]})
+    model_config = ConfigDict(extra="forbid", strict=True,
+                              json_schema_extra={"examples": [{}, {"k": 10, "dtype": "bfloat16"}]})
 
-    k: int | None = Field(None, description="horizon in snapshot intervals (1..40); default: the session's "
-                          "schedule position at its newest step")
+    k: int | None = Field(None, description="horizon in snapshot intervals (1..the nowcaster's horizon, 40 for "
+                          "NiNo); default: the session's schedule position at its newest step")
     dtype: Literal["float32", "bfloat16", "float16", "uploaded"] = Field(
         "float32", description="dtype of the returned tensors; 'uploaded': each tensor's dtype in the newest state")
+
+
+# ----------------------------------------------------------------------------- responses (documentation: the
+# routes return plain dicts, so fields other modules add later pass through unfiltered)
+class ErrorBody(BaseModel):
+    error: str = Field(description="short, stable code, e.g. session_not_found")
+    detail: str = Field(description="what is wrong and where")
+
+
+class NotReady(ErrorBody):
+    checks: dict[str, bool]
+    free_disk_bytes: int | None = None
+
+
+class Ready(BaseModel):
+    status: Literal["ready"]
+    checks: dict[str, bool]
+    free_disk_bytes: int | None = None
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+
+
+class SpecSummary(BaseModel):
+    family: str
+    n_params: int
+    n_tensors: int
+    fingerprint: str
+
+
+class StatesSummary(BaseModel):
+    count: int
+    bytes: int
+    steps: list[int] = Field(description="steps held (the newest ctx in a listing)")
+
+
+class NowcastEntry(BaseModel):
+    at: float
+    k: int
+    steps: list[int]
+    device: str
+    load_s: float
+    compute_s: float
+    total_s: float
+
+
+class SessionSummary(BaseModel):
+    id: str
+    name: str | None
+    nowcaster: str
+    ctx: int
+    period: int
+    max_train_steps: int
+    record: bool
+    created: float
+    last_used: float
+    expires_at: float
+    spec: SpecSummary
+    states: StatesSummary
+    ready: bool = Field(description="ctx states are held: a nowcast can run")
+    next_k: int | None
+    nowcasts_done: int
+
+
+class SessionDetail(SessionSummary):
+    nowcasts: list[NowcastEntry] = Field(description="the newest 50 nowcasts")
+
+
+class SessionList(BaseModel):
+    sessions: list[SessionSummary]
+
+
+class StateAck(BaseModel):
+    session: str
+    step: int
+    bytes: int
+    stored: bool = Field(description="false: the same bytes were stored at this step before")
+    states_held: int
+    ready: bool
+    at: float
+
+
+class NowcasterInfo(BaseModel):
+    name: str
+    kind: str
+    ctx: int
+    horizon: int
+    parameters: int
+    families: list[str]
+
+
+class NowcasterList(BaseModel):
+    default: str
+    devices: list[str]
+    nowcasters: list[NowcasterInfo]
 
 
 def next_k(s: Session) -> int | None:
@@ -49,7 +157,7 @@ def session_view(s: Session, ttl_s: float, full: bool = True) -> dict[str, Any]:
         "max_train_steps": s.max_train_steps, "record": s.record, "created": s.created, "last_used": s.last_used,
         "expires_at": s.last_used + ttl_s,
         "spec": {"family": s.spec.family, "n_params": s.spec.n_params, "n_tensors": len(s.spec.params),
-                 "fingerprint": s.spec.fingerprint()[:16]},
+                 "fingerprint": s.spec_fingerprint[:16]},
         "states": {"count": len(steps), "bytes": sum(s.states.values()),
                    "steps": steps if full else steps[-s.ctx:]},
         "ready": len(steps) >= s.ctx, "next_k": next_k(s), "nowcasts_done": s.n_nowcasts,

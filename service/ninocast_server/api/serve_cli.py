@@ -18,6 +18,7 @@ def run_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from .app import create_app
+    from .http_protocol import protocol_class
 
     flags = {k: getattr(args, k, None) for k in ("host", "port", "data_dir", "models_dir", "keys_file", "device",
                                                   "default_nowcaster")}
@@ -30,7 +31,9 @@ def run_serve(args: argparse.Namespace) -> int:
     except SettingsError as e:
         raise CommandError(str(e)) from None
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                access_log=settings.log_level == "debug", timeout_graceful_shutdown=10)
+                access_log=settings.log_level == "debug", timeout_graceful_shutdown=10,
+                http=protocol_class(settings), timeout_keep_alive=settings.keep_alive_timeout_s,
+                h11_max_incomplete_event_size=settings.max_header_bytes)
     return 0
 
 

@@ -14,3 +14,9 @@ class ServiceError(Exception):
 def not_found(session_id: str) -> ServiceError:
     # The same answer whether the session never existed or belongs to another key: no id probing.
     return ServiceError(404, "session_not_found", f"no session {session_id!r} for this API key")
+
+
+def quota_exceeded(left: int) -> ServiceError:
+    return ServiceError(507, "disk_quota_exceeded",
+                        f"this API key has {max(left, 0)} bytes of disk quota left (NINOCAST_DISK_QUOTA_PER_KEY); "
+                        "delete sessions to free space")

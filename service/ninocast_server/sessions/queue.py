@@ -68,8 +68,17 @@ class ComputeQueue:
     def running(self) -> int:
         return self._running
 
+    def check_fits(self, cost: int, code: str = "nowcast_too_large") -> None:
+        """422 for a job that exceeds the whole memory budget: it would never run, so 503 (retry) is wrong."""
+        if cost > self.memory_budget:
+            raise ServiceError(422, code, f"a nowcast of this session needs about {cost} bytes of memory, more "
+                               f"than this server's whole budget of {self.memory_budget} bytes "
+                               "(NINOCAST_MEMORY_BUDGET_BYTES)")
+
     def submit(self, owner: str, run: Callable[[str], Any], cost: int) -> Future:
-        """Enqueue a job; raise 503 at once when the queue or the memory budget is full."""
+        """Enqueue a job; 422 when it can never fit the memory budget, 503 at once when the queue or the budget
+        is full now."""
+        self.check_fits(cost)
         job = Job(owner, run, cost)
         with self._cond:
             if self._waiting >= self.max_jobs:

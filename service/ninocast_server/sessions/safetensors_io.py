@@ -51,7 +51,13 @@ def bad(detail: str) -> ServiceError:
     return ServiceError(400, "invalid_safetensors", detail)
 
 
-def parse_header(path: Path) -> Header:
+def header_limit(spec: ModelSpec) -> int:
+    """Largest header accepted for a state of ``spec``: room for its tensors and as many buffers again, with
+    long names. json.loads of a header costs ~10x its size in memory, so 100 MB would cost a GB per upload."""
+    return min(MAX_HEADER_BYTES, (1 << 20) + 2048 * 3 * len(spec.params))
+
+
+def parse_header(path: Path, limit: int = MAX_HEADER_BYTES) -> Header:
     """Read and check the header of the file at ``path``; raise ServiceError(400) saying what is wrong."""
     with open(path, "rb") as f:
         size = f.seek(0, 2)
@@ -59,8 +65,8 @@ def parse_header(path: Path) -> Header:
         if size < 8:
             raise bad(f"body is {size} bytes: a safetensors file starts with an 8-byte header length")
         (n,) = struct.unpack("<Q", f.read(8))
-        if n > MAX_HEADER_BYTES:
-            raise bad(f"header length {n} exceeds the {MAX_HEADER_BYTES}-byte limit")
+        if n > limit:
+            raise bad(f"header length {n} exceeds the {limit}-byte limit for this spec")
         if n > size - 8:
             raise bad(f"header length {n} is larger than the {size - 8} bytes that follow it (truncated body?)")
         raw = f.read(n)
@@ -68,6 +74,8 @@ def parse_header(path: Path) -> Header:
         obj = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise bad(f"header is not valid JSON: {e}") from None
+    except RecursionError:  # the JSON nests deeper than the interpreter's limit; a real header nests 3 deep
+        raise bad("header JSON nests too deeply (a safetensors header is at most 3 levels deep)") from None
     if not isinstance(obj, dict):
         raise bad("header must be a JSON object")
     return _check_entries(obj, 8 + n, size)

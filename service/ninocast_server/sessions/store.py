@@ -21,13 +21,14 @@ import shutil
 import threading
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 from ninocast.spec import ModelSpec, SpecError
 
 from .atomic import atomic_write, fsync_dir, publish
-from .errors import ServiceError, not_found
+from .errors import ServiceError, not_found, quota_exceeded
 
 log = logging.getLogger("ninocast.sessions")
 RECORD = "session.json"
@@ -52,6 +53,11 @@ class Session:
     n_nowcasts: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
+    @cached_property
+    def spec_fingerprint(self) -> str:
+        """Hashing a 10,000-tensor spec takes milliseconds: once per session, not once per GET."""
+        return self.spec.fingerprint()
+
     def state_path(self, step: int) -> Path:
         return self.dir / "states" / f"{step}.safetensors"
 
@@ -73,6 +79,7 @@ class SessionStore:
         self.max_sessions_per_key, self.ttl_s, self.max_history = max_sessions_per_key, ttl_s, max_history
         self._sessions: dict[tuple[str, str], Session] = {}
         self._bytes: dict[str, int] = {}
+        self._reserved: dict[str, int] = {}  # bytes of uploads in flight, per owner
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------------ start-up
@@ -170,6 +177,10 @@ class SessionStore:
     def used_bytes(self, owner: str | None = None) -> int:
         return self._bytes.get(owner, 0) if owner is not None else sum(self._bytes.values())
 
+    def reserve(self, owner: str, quota: int) -> "Reservation":
+        """Quota for one upload in flight: parallel uploads cannot together pass ``quota`` (see Reservation)."""
+        return Reservation(self, owner, quota)
+
     # ------------------------------------------------------------------ states
     def commit_state(self, s: Session, step: int, tmp: Path, size: int, garbage: list[Path] | None = None) -> bool:
         """Publish a validated upload as ``step``; True if new, False if the same bytes were already there.
@@ -222,6 +233,8 @@ class SessionStore:
                 atomic_write(s.dir / RECORD, json.dumps(s.record_json()).encode(), durable=False)
             except FileNotFoundError:  # deleted meanwhile
                 pass
+            except OSError as e:  # e.g. a full disk: the history is kept in memory, the nowcast was answered
+                log.warning("cannot rewrite the record of session %s: %s", s.id, e)
 
     def touch(self, s: Session) -> None:
         s.last_used = time.time()
@@ -238,3 +251,38 @@ class SessionStore:
             except ServiceError:
                 pass
         return [sid for _, sid in old]
+
+
+class Reservation:
+    """Bytes an upload may still write, held against its key's quota until the upload ends.
+
+    ``grow(total)`` is called with the declared size and again as the body arrives; it raises 507 when the
+    key's stored bytes plus every upload's reservation would pass the quota. Use as a context manager: the
+    reservation is released once the state is committed (counted as stored) or the upload failed.
+    """
+
+    def __init__(self, store: SessionStore, owner: str, quota: int) -> None:
+        self.store, self.owner, self.quota, self.held = store, owner, quota, 0
+
+    def grow(self, total: int) -> None:
+        if total <= self.held:
+            return
+        st = self.store
+        with st._lock:
+            reserved = st._reserved.get(self.owner, 0)
+            left = self.quota - st._bytes.get(self.owner, 0) - reserved + self.held
+            if total > left:
+                raise quota_exceeded(left)
+            st._reserved[self.owner] = reserved + total - self.held
+            self.held = total
+
+    def release(self) -> None:
+        with self.store._lock:
+            self.store._reserved[self.owner] = self.store._reserved.get(self.owner, 0) - self.held
+            self.held = 0
+
+    def __enter__(self) -> "Reservation":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()

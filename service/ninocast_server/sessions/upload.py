@@ -18,7 +18,7 @@ from typing import Any, Callable
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect, Request
 
-from .errors import ServiceError
+from .errors import ServiceError, quota_exceeded  # noqa: F401 (quota_exceeded: re-exported)
 
 WRITE_BYTES = 1 << 20
 
@@ -28,9 +28,13 @@ def too_large(limit: int) -> ServiceError:
                         "(NINOCAST_MAX_BODY_BYTES)")
 
 
-async def receive_to_file(request: Request, tmp_dir: Path, limit: int, quota_left: int,
+async def receive_to_file(request: Request, tmp_dir: Path, limit: int, reserve: Callable[[int], None],
                           check: Callable[[Path], Any] | None = None) -> tuple[Path, int, Any]:
     """Stream the body into a new fsynced file under ``tmp_dir``; (path, size, check's result).
+
+    ``reserve(n)`` claims disk quota for the first n bytes (the declared size up front, then as the body
+    grows) and raises to refuse; ENOSPC while writing propagates as OSError (errors.py: 507 disk_full) after
+    the temp file is removed.
 
     ``check(path)``, if given, runs on a worker thread while the file is being fsynced (it reads what the page
     cache holds), so validating an upload costs no time after the data is durable. If it raises, the file is
@@ -40,8 +44,7 @@ async def receive_to_file(request: Request, tmp_dir: Path, limit: int, quota_lef
     if declared is not None and declared.isdigit():
         if int(declared) > limit:
             raise too_large(limit)
-        if int(declared) > quota_left:
-            raise quota_exceeded(quota_left)
+        reserve(int(declared))
     fd, name = tempfile.mkstemp(dir=tmp_dir, prefix="upload-", suffix=".safetensors")
     path = Path(name)
     f = os.fdopen(fd, "wb", buffering=0)
@@ -52,8 +55,7 @@ async def receive_to_file(request: Request, tmp_dir: Path, limit: int, quota_lef
             size += len(chunk)
             if size > limit:
                 raise too_large(limit)
-            if size > quota_left:
-                raise quota_exceeded(quota_left)
+            reserve(size)
             pending.append(chunk)
             pending_n += len(chunk)
             if pending_n >= WRITE_BYTES:
@@ -89,12 +91,6 @@ async def _settle(writing: "asyncio.Task | None") -> None:
             await asyncio.shield(writing)
         except BaseException:
             pass
-
-
-def quota_exceeded(left: int) -> ServiceError:
-    return ServiceError(507, "disk_quota_exceeded",
-                        f"this API key has {max(left, 0)} bytes of disk quota left (NINOCAST_DISK_QUOTA_PER_KEY); "
-                        "delete sessions to free space")
 
 
 def _write(f, chunks: list[bytes]) -> None:
