@@ -23,6 +23,7 @@ HTTP_CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "m
               408: "request_timeout", 413: "body_too_large", 415: "unsupported_media_type", 422: "invalid_request",
               429: "too_many_requests", 503: "server_busy"}
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+METHODS = ("DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT")
 
 
 def error_response(status: int, code: str, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -80,9 +81,5 @@ def install(app: FastAPI) -> None:
 
 def allowed_methods(request: Request) -> list[str]:
     """Every method some route serves at this path (Starlette names only the first matching route's)."""
-    methods: set[str] = set()
-    for route in request.app.router.routes:
-        served = getattr(route, "methods", None)
-        if served and route.matches(request.scope)[0] != Match.NONE:
-            methods |= served
-    return sorted(methods)
+    routes = request.app.router.routes
+    return [m for m in METHODS if any(r.matches({**request.scope, "method": m})[0] == Match.FULL for r in routes)]
