@@ -18,7 +18,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from fastapi import Request
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from ..sessions.atomic import atomic_write
 from ..sessions.errors import ServiceError
@@ -153,7 +154,11 @@ class Authenticator:
         return entry.owner
 
 
-def require_owner(request: Request) -> str:
+BEARER = HTTPBearer(auto_error=False, scheme_name="apiKey",
+                    description="Authorization: Bearer KEY (from `ninocast keys add`); not needed in open mode")
+
+
+def require_owner(request: Request, _: HTTPAuthorizationCredentials | None = Depends(BEARER)) -> str:
     """FastAPI dependency: the owner id of the request's API key (already checked by api.limits.RequestGuard,
     before any body was read)."""
     owner = request.scope.get("state", {}).get("owner")
