@@ -43,7 +43,7 @@ class RequestGuard:
             limit, what = self.max_body_bytes, "NINOCAST_MAX_BODY_BYTES"
         else:
             limit, what = self.max_json_bytes, "NINOCAST_MAX_JSON_BYTES"
-        detail = f"the body exceeds this server's limit of {limit} bytes for {scope['method']} {path} ({what})"
+        detail = f"the body exceeds this server's limit of {limit} bytes for {scope['method']} {path[:200]} ({what})"
         declared = headers.get("content-length", "")
         if declared.isdigit() and int(declared) > limit:
             await refuse(send, 413, "body_too_large", detail)
