@@ -41,6 +41,10 @@ SESSION_LINKS = {  # what a client does next with a created session (OpenAPI lin
     "Nowcast": {"operationId": "nowcast", "parameters": {"session_id": "$response.body#/id"}},
     "DeleteSession": {"operationId": "delete_session", "parameters": {"session_id": "$response.body#/id"}},
 }
+STATE_LINKS = {  # after an upload: the next upload, or the nowcast once ctx states are held
+    "PutState": {"operationId": "put_state", "parameters": {"session_id": "$response.body#/session"}},
+    "Nowcast": {"operationId": "nowcast", "parameters": {"session_id": "$response.body#/session"}},
+}
 
 
 def build_router() -> APIRouter:
@@ -93,8 +97,9 @@ def build_router() -> APIRouter:
         return Response(status_code=204)
 
     @r.put("/{session_id}/states/{step}", status_code=201, operation_id="put_state", response_class=JSONResponse,
-           responses={201: {"model": StateAck, "description": "validated and durably on disk"},
-                      200: {"model": StateAck, "description": "the same state was stored before (a safe retry)"},
+           responses={201: {"model": StateAck, "description": "validated and durably on disk", "links": STATE_LINKS},
+                      200: {"model": StateAck, "description": "the same state was stored before (a safe retry)",
+                            "links": STATE_LINKS},
                       404: ERR, 409: ERR, 415: ERR, 507: ERR},
            openapi_extra={"requestBody": {"required": True, "description": "a safetensors file of the parameters",
                                           "content": {"application/octet-stream": {"schema": {"type": "string",
