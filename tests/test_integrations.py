@@ -223,7 +223,7 @@ def _ddp_worker(rank: int, world: int, init_file: str, url: str, out: str) -> No
         model = mlp(0)
         ddp = DDP(model)
         opt = NowcastOptimizer(torch.optim.AdamW(ddp.parameters(), lr=1e-2), ddp, server=url, period=PERIOD,
-                               ctx=CTX, max_train_steps=STEPS, retries=0, timeout=30)
+                               ctx=CTX, max_train_steps=STEPS, retries=0, timeout=30, record=True)
         windows, after = {}, {}
         for s in range(STEPS):
             window = None
