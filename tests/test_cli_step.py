@@ -60,7 +60,8 @@ def test_step_writes_nowcast_with_buffers_and_dtypes(run, capsys):
     (folder / "spec.json").unlink()
     out2 = folder / "sub" / "again.safetensors"
     meta_paths = paths[1:] + [str(out)]
-    assert main(["step", "--nowcaster", "linefit", "--k", "1", *meta_paths, "--out", str(out2)]) == 0
+    assert main(["step", "--nowcaster", "linefit", "--k", "1", "--in-given-order", *meta_paths,
+                 "--out", str(out2)]) == 0
 
 
 @pytest.mark.parametrize("case, message", [

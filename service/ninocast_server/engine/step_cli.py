@@ -32,11 +32,7 @@ def order_states(paths: list[str]) -> tuple[list[str], str]:
     trusted silently: a CommandError when neither tells the order."""
     steps: list[int | None] = []
     for path in paths:
-        try:
-            with safe_open(path, "pt") as f:
-                meta = f.metadata() or {}
-        except (SafetensorError, OSError, ValueError):
-            meta = {}  # read_state reports unreadable files by name later
+        meta = read_metadata(path)
         value = next((meta[k] for k in STEP_METADATA_KEYS if k in meta), None)
         steps.append(int(value) if value is not None and re.fullmatch(r"\d+", value.strip()) else None)
     if all(s is not None for s in steps) and len(set(steps)) == len(steps):
@@ -72,11 +68,19 @@ def find_spec(spec_path: str | None, state_files: list[str]) -> ModelSpec:
 
 
 def read_state(path: str) -> dict[str, torch.Tensor]:
+    return _read(path, lambda f: {k: f.get_tensor(k) for k in f.keys()})
+
+
+def read_metadata(path: str) -> dict[str, str]:
+    return _read(path, lambda f: f.metadata() or {})
+
+
+def _read(path: str, what):
     if not os.path.isfile(path):
         raise CommandError(f"{path}: no such file")
     try:
         with safe_open(path, "pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}
+            return what(f)
     except (SafetensorError, OSError, ValueError) as e:
         raise CommandError(f"{path}: not a readable safetensors file ({e})") from None
 
