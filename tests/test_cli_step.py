@@ -156,7 +156,7 @@ def test_step_orders_files_by_step_not_by_the_shells_text_order(run, capsys, tmp
     glob_order = sorted(named)  # what `step_*.safetensors` expands to: step_1000 first
     assert glob_order[0].endswith("step_1000.safetensors")
     right, shuffled = tmp_path / "right.safetensors", tmp_path / "shuffled.safetensors"
-    assert main(["step", "--nowcaster", "linefit", "--k", "3", "--in-given-order", *named, "--out", str(right)]) == 0
+    assert main(["step", "--nowcaster", "linefit", "--k", "3", *named, "--out", str(right)]) == 0  # oldest first
     assert main(["step", "--nowcaster", "linefit", "--k", "3", *glob_order, "--out", str(shuffled)]) == 0
     assert "numbers in the file names" in capsys.readouterr().out
     a, b = load_file(str(right)), load_file(str(shuffled))

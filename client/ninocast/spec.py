@@ -217,14 +217,19 @@ def split_placeable(params: Sequence[tuple[str, tuple[int, ...]]], family: str,
     complete; ``placed`` is empty when no complete block is left (the caller then falls back to generic)."""
     block_prefix, block_keys, pre, post = GRAPH_TENSORS[family]
     pattern = re.compile(re.escape(prefix + block_prefix) + r"(\d+)\.(.+)$")
-    placed, left_out, blocks = [], [], {}  # blocks: index -> keys present
+    placed: list[tuple[str, tuple[int, ...]]] = []
+    left_out: list[str] = []
+    blocks: dict[int, set[str]] = {}  # block index -> the block tensors present
     for name, shape in params:
         m = pattern.match(name)
         ok = len(shape) > 0 and name.startswith(prefix) and (
             (m is not None and m.group(2) in block_keys) or (m is None and name.endswith(pre + post)))
-        if ok and m is not None:
+        if not ok:
+            left_out.append(name)
+            continue
+        placed.append((name, shape))
+        if m is not None:
             blocks.setdefault(int(m.group(1)), set()).add(m.group(2))
-        (placed.append((name, shape)) if ok else left_out.append(name))  # type: ignore[func-returns-value]
     if not blocks or any(set(block_keys) - keys for keys in blocks.values()):
         return [], left_out
     return placed, left_out
