@@ -244,6 +244,9 @@ def test_finished_runs_delete_their_session_unless_recorded(srv):
         opt.close()  # a second close does nothing
         with pytest.raises(NotFound):
             c.get_session(sid)
+        for s in range(10):  # a closed wrapper steps as the base optimizer alone
+            train_step(model, opt, s)
+        assert opt.step_count == 10 and not opt.nowcasts and not opt.failures and not opt.snapshots
 
 
 # ---------------------------------------------------------------------------- 5. configuration mistakes

@@ -188,7 +188,8 @@ class NowcastOptimizer(torch.optim.Optimizer):
     @property
     def need_grads(self) -> bool:
         """False exactly on the calls that will nowcast: skip the backward pass there."""
-        return not (len(self.snapshots) == self.ctx - 1 and (self.step_count + 1) % self.snapshot_interval == 0)
+        return self._closed or not (len(self.snapshots) == self.ctx - 1 and
+                                    (self.step_count + 1) % self.snapshot_interval == 0)
 
     def current_k(self) -> int:
         return k_at_step(self.step_count, self.max_train_steps, self.period, MAX_HORIZON, self.k_decay)
@@ -205,6 +206,9 @@ class NowcastOptimizer(torch.optim.Optimizer):
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         s = self.step_count
         loss = None
+        if self._closed:  # after close(): the base optimizer alone
+            self.step_count = s + 1
+            return self.optimizer.step(closure)
         if (s + 1) % self.snapshot_interval == 0:
             self._snapshot(s)
         if len(self.snapshots) == self.ctx:
@@ -290,7 +294,8 @@ class NowcastOptimizer(torch.optim.Optimizer):
     def close(self) -> None:
         """End the run's use of the backend. Without ``record=True`` the server session is deleted (queued
         uploads are dropped); with it, queued uploads are sent first (at most ``timeout`` s) and the session is
-        kept for the server's trajectory export. Bounded in time; a second call does nothing."""
+        kept for the server's trajectory export. Bounded in time; a second call does nothing. A closed wrapper
+        steps as the base optimizer alone."""
         if self._closed:
             return
         self._closed = True
@@ -404,8 +409,8 @@ class NowcastOptimizer(torch.optim.Optimizer):
             raise err
         if kind not in self._warned:
             self._warned.add(kind)
-            warnings.warn(f"ninocast: {kind}: {err} -- training continues with the base optimizer "
-                          f"(this warning is shown once per kind; see .failures)", RuntimeWarning, stacklevel=3)
+            warnings.warn(f"ninocast: {kind}: {err} -- training continues (a failed nowcast call is a skipped "
+                          f"step; this warning is shown once per kind; see .failures)", RuntimeWarning, stacklevel=3)
 
 
 def updated_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> set[str]:
