@@ -138,7 +138,7 @@ def test_import_checkpoint_round_trip(tmp_path, capsys):
 def test_help_lists_every_subcommand():
     res = subprocess.run([sys.executable, "-m", "ninocast", "--help"], capture_output=True, text=True)
     assert res.returncode == 0
-    for cmd in ("step", "import-checkpoint", "serve", "keys", "bench"):
+    for cmd in ("step", "spec", "import-checkpoint", "serve", "keys", "bench"):
         assert cmd in res.stdout
     res = subprocess.run([sys.executable, "-m", "ninocast", "step", "--help"], capture_output=True, text=True)
     assert "--nowcaster" in res.stdout and "buffers" in res.stdout

@@ -217,6 +217,29 @@ def test_a_server_that_never_answers_does_not_stall_training():
     assert closing < 10
 
 
+def test_the_default_deadline_follows_the_servers_timings(srv):
+    model = mlp()
+    opt = NowcastOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2), model, server=srv.url, period=10, ctx=5,
+                           max_train_steps=30, retries=0, timeout=20)
+    with opt:
+        assert opt.nowcast_deadline_s() == 60.0  # nothing known yet: the server may have a graph to build
+        for s in range(10):
+            train_step(model, opt, s)
+        estimate = opt.backend.estimate_s
+        assert len(opt.nowcasts) == 1 and 0 < estimate <= opt.nowcasts[0]["seconds"]
+        assert opt.nowcast_deadline_s() == 2 * estimate + 5
+        # after a nowcast the client gave up on, the next upload reads the server's own timing of it
+        opt.backend.estimate_s, opt.backend.refresh_estimate = None, True
+        for s in range(10, 12):
+            train_step(model, opt, s)
+        assert opt.flush()
+        with NowcastClient(srv.url) as c:
+            server_total = c.get_session(opt.backend.session_id)["nowcasts"][-1]["total_s"]
+        assert opt.backend.estimate_s == server_total and not opt.backend.refresh_estimate
+    assert NowcastOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, server=srv.url, period=10,
+                            nowcast_timeout=2.5).nowcast_deadline_s() == 2.5
+
+
 # ---------------------------------------------------------------------------- 4. session lifecycle
 def test_finished_runs_delete_their_session_unless_recorded(srv):
     def run(**kw) -> NowcastOptimizer:
