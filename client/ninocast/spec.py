@@ -285,7 +285,8 @@ def _validate(spec: ModelSpec) -> None:
             raise SpecError(f"{where}: duplicate name (tied tensors must appear once)")
         seen.add(name)
         if len(shape) == 0:
-            raise SpecError(f"{where}: scalar (0-d) parameters are not supported by neural graphs")
+            raise SpecError(f"{where}: scalar (0-d) parameters have no place in a neural graph; leave it out of "
+                            f"the spec (ModelSpec.from_module does, with a warning: it then trains normally)")
         if any(d <= 0 for d in shape):
             raise SpecError(f"{where}: every dimension must be positive, got {list(shape)}")
     for what in ("num_heads", "num_key_value_heads"):
