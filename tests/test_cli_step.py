@@ -60,7 +60,8 @@ def test_step_writes_nowcast_with_buffers_and_dtypes(run, capsys):
     (folder / "spec.json").unlink()
     out2 = folder / "sub" / "again.safetensors"
     meta_paths = paths[1:] + [str(out)]
-    assert main(["step", "--nowcaster", "linefit", "--k", "1", *meta_paths, "--out", str(out2)]) == 0
+    assert main(["step", "--nowcaster", "linefit", "--k", "1", "--in-given-order", *meta_paths,
+                 "--out", str(out2)]) == 0
 
 
 @pytest.mark.parametrize("case, message", [
@@ -137,7 +138,75 @@ def test_import_checkpoint_round_trip(tmp_path, capsys):
 def test_help_lists_every_subcommand():
     res = subprocess.run([sys.executable, "-m", "ninocast", "--help"], capture_output=True, text=True)
     assert res.returncode == 0
-    for cmd in ("step", "import-checkpoint", "serve", "keys", "bench"):
+    for cmd in ("step", "spec", "import-checkpoint", "serve", "keys", "bench"):
         assert cmd in res.stdout
     res = subprocess.run([sys.executable, "-m", "ninocast", "step", "--help"], capture_output=True, text=True)
     assert "--nowcaster" in res.stdout and "buffers" in res.stdout
+
+
+# ---------------------------------------------------------------------------- the order of the state files
+def test_step_orders_files_by_step_not_by_the_shells_text_order(run, capsys, tmp_path):
+    folder, spec, paths = run
+    steps = [200, 400, 600, 800, 1000]
+    named = []
+    for step, path in zip(steps, paths):
+        named.append(str(tmp_path / f"step_{step}.safetensors"))
+        save_file(load_file(path), named[-1])
+    (tmp_path / "spec.json").write_text(json.dumps(spec.to_json()))
+    glob_order = sorted(named)  # what `step_*.safetensors` expands to: step_1000 first
+    assert glob_order[0].endswith("step_1000.safetensors")
+    right, shuffled = tmp_path / "right.safetensors", tmp_path / "shuffled.safetensors"
+    assert main(["step", "--nowcaster", "linefit", "--k", "3", *named, "--out", str(right)]) == 0  # oldest first
+    assert main(["step", "--nowcaster", "linefit", "--k", "3", *glob_order, "--out", str(shuffled)]) == 0
+    assert "numbers in the file names" in capsys.readouterr().out
+    a, b = load_file(str(right)), load_file(str(shuffled))
+    assert all(torch.equal(a[n], b[n]) for n in a)
+
+    # the step in the metadata wins over names that say nothing
+    meta = []
+    for i, (step, path) in enumerate(zip(steps, paths)):
+        meta.append(str(tmp_path / f"ckpt-{'edcba'[i]}.safetensors"))
+        save_file(load_file(path), meta[-1], metadata={"ninocast.step": str(step)})
+    by_meta = tmp_path / "meta.safetensors"
+    assert main(["step", "--nowcaster", "linefit", "--k", "3", *reversed(meta), "--out", str(by_meta)]) == 0
+    c = load_file(str(by_meta))
+    assert all(torch.equal(a[n], c[n]) for n in a)
+
+    # no step anywhere: refused, unless the user vouches for the order
+    plain = []
+    for i, path in enumerate(paths):
+        plain.append(str(tmp_path / f"ckpt-{'edcba'[i]}-plain.safetensors"))
+        save_file(load_file(path), plain[-1])
+    capsys.readouterr()
+    assert main(["step", "--nowcaster", "linefit", "--k", "3", *plain, "--out", str(tmp_path / "x.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert "cannot tell the order" in err and "--in-given-order" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+# ---------------------------------------------------------------------------- ninocast spec
+def test_spec_command_from_a_factory_and_from_a_hugging_face_config(tmp_path, monkeypatch, capsys):
+    (tmp_path / "my_models.py").write_text(
+        "import torch\n"
+        "def make():\n"
+        "    m = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))\n"
+        "    m[0].requires_grad_(False)  # frozen: not nowcast, not in the spec\n"
+        "    return m\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert main(["spec", "my_models:make", "-o", "spec.json"]) == 0
+    assert json.loads((tmp_path / "spec.json").read_text()) == {
+        "family": "generic", "params": [["2.weight", [2, 8]], ["2.bias", [2]]]}
+
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPT2Config(vocab_size=32, n_positions=16, n_embd=16, n_layer=2, n_head=4)
+    cfg.save_pretrained(tmp_path / "gpt")
+    assert main(["spec", str(tmp_path / "gpt" / "config.json"), "-o", "gpt.json"]) == 0
+    got = ModelSpec.load(str(tmp_path / "gpt.json"))
+    assert got == ModelSpec.from_module(transformers.GPT2LMHeadModel(cfg))
+    assert (got.family, got.num_heads) == ("gpt2", 4) and "gpt2 spec" in capsys.readouterr().out
+
+    for bad, message in (("my_models", "MODULE:FACTORY"), ("my_models:nope", "cannot import"),
+                         ("missing.json", "no such file")):
+        assert main(["spec", bad, "-o", "x.json"]) == 2
+        assert message in capsys.readouterr().err

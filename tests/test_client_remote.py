@@ -104,9 +104,9 @@ def srv(tmp_path_factory, api_key):
 def uninterrupted(srv, api_key):
     """The reference: 3 periods through the server, nobody interrupting."""
     model = make_model()
-    opt = wrap(model, server=srv.url, api_key=api_key[1], session_name="uninterrupted")
+    opt = wrap(model, server=srv.url, api_key=api_key[1], session_name="uninterrupted", record=True)
     rec = train(model, opt, 0, STEPS)
-    opt.close()
+    opt.close()  # record=True: the session stays
     return {"model": model, "opt": opt, "rec": rec, "final": params(model)}
 
 
@@ -125,7 +125,7 @@ def test_protocol_through_the_server_matches_offline_cli(uninterrupted, srv, api
     with NowcastClient(srv.url, api_key=api_key[1]) as c:
         view = c.get_session(opt.backend.session_id)
     assert view["nowcasts_done"] == 3 and view["name"] == "uninterrupted"
-    assert view["states"]["steps"] == [43, 47, 51, 55, 59]
+    assert view["states"]["steps"] == list(range(Q - 1, STEPS, Q))  # record=True keeps every state
     assert [n["k"] for n in view["nowcasts"]] == KS
     assert [n["steps"] for n in view["nowcasts"]] == [n["snapshot_steps"] for n in opt.nowcasts]
 
@@ -166,8 +166,8 @@ def test_resume_after_one_and_a_half_periods_matches_uninterrupted(uninterrupted
     buf = io.BytesIO()
     torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
     session = opt.backend.session_id
-    opt.close()
-    del model, opt
+    assert opt.flush()
+    del model, opt  # the run crashed: nobody closed it, its session is still there
 
     saved = torch.load(io.BytesIO(buf.getvalue()), weights_only=True)
     assert saved["opt"]["ninocast"]["step_count"] == 30
@@ -235,7 +235,7 @@ def test_server_killed_mid_run_then_restarted(tmp_path):
     # calls 27, 31, 35, 39 and 43; on a loaded machine call 23's upload can still be in flight at the kill
     assert opt.failures["upload_unavailable"] in (5, 6)
     assert sorted(opt.failures) == ["unavailable", "upload_unavailable"]
-    assert rec["base"] == [s for s in range(STEPS) if s not in (19, 59)]  # 39 fell back to a base step
+    assert rec["base"] == [s for s in range(STEPS) if s not in NOWCAST_CALLS]  # 39 failed: a skipped step
     msgs = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
     assert len([m for m in msgs if "ninocast: unavailable" in m]) == 1
     assert opt.backend.session_id == session["id"]  # the restarted server still had the session
@@ -256,7 +256,7 @@ def test_wrong_api_key_is_counted_not_a_crash(srv):
         rec = train(model, opt, 0, 2 * PERIOD)
     opt.close()
     assert opt.failures == {"auth": 2, "upload_auth": 10}
-    assert rec["base"] == list(range(2 * PERIOD)) and not opt.nowcasts
+    assert rec["base"] == [s for s in range(2 * PERIOD) if s not in (19, 39)] and not opt.nowcasts
 
     model = make_model()
     opt = wrap(model, server=srv.url, api_key="not-a-key", on_error="raise")
@@ -284,7 +284,7 @@ def test_resuming_an_older_checkpoint_into_a_session_that_went_further(uninterru
     checkpoint = io.BytesIO()
     torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, checkpoint)
     train(model, opt, 12, 30)
-    opt.close()
+    assert opt.flush()  # then it crashed (never closed): its session holds states 11..27
     crashed = opt.backend.session_id
 
     for perturb in (0.0, 0.01):  # same trajectory (steps mismatch) / another one (409 step_conflict on upload)
@@ -365,6 +365,8 @@ def test_busy_5xx_and_invalid_answers_fall_back_and_are_counted():
             return httpx.Response(201, json={"id": "s1"})
         if request.method == "PUT":
             return httpx.Response(201, json={"stored": True})
+        if request.method == "DELETE":  # close() deletes the session
+            return httpx.Response(204)
         what = next(answers)
         calls.append(what)
         if what == "busy":
@@ -386,7 +388,7 @@ def test_busy_5xx_and_invalid_answers_fall_back_and_are_counted():
     opt.close()
     assert calls == ["busy", "busy", "error", "error", "garbage", "shape"]
     assert dict(opt.failures) == {"busy": 1, "unavailable": 1, "invalid_response": 2}
-    assert rec["base"] == list(range(4 * PERIOD)) and not opt.nowcasts
+    assert rec["base"] == [s for s in range(4 * PERIOD) if (s + 1) % PERIOD] and not opt.nowcasts  # skipped
     msgs = [str(w.message) for w in caught]
     assert any("the nowcast queue is full" in m for m in msgs)  # the server's detail reaches the user
     assert sum("ninocast: invalid_response" in m for m in msgs) == 1  # once per kind

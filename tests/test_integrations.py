@@ -223,7 +223,7 @@ def _ddp_worker(rank: int, world: int, init_file: str, url: str, out: str) -> No
         model = mlp(0)
         ddp = DDP(model)
         opt = NowcastOptimizer(torch.optim.AdamW(ddp.parameters(), lr=1e-2), ddp, server=url, period=PERIOD,
-                               ctx=CTX, max_train_steps=STEPS, retries=0, timeout=30)
+                               ctx=CTX, max_train_steps=STEPS, retries=0, timeout=30, record=True)
         windows, after = {}, {}
         for s in range(STEPS):
             window = None
@@ -269,3 +269,69 @@ def test_ddp_two_gloo_processes_rank0_talks_and_broadcasts(tmp_path):
     for s, k in zip((19, 39), KS):
         assert_same(r0["after"][s], r1["after"][s])  # broadcast: both ranks hold the same nowcast
         assert_same(r0["after"][s], engine_nowcast(spec, r0["windows"][s], k))  # == a one-process nowcast
+
+
+# ---------------------------------------------------------------------------- the end of training
+@pytest.mark.filterwarnings("ignore:.*LeafSpec")
+def test_train_end_deletes_the_session_unless_recorded(tmp_path):
+    """Hugging Face and Lightning runs against a real server: ``on_train_end`` closes the wrapper, which
+    deletes the run's session (a sweep of many runs must not fill the server); ``record=True`` keeps it."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("accelerate", reason="transformers.Trainer needs accelerate")
+    pl = _lightning()
+    from transformers import Trainer, TrainingArguments
+
+    from ninocast.integrations.hf import NowcastCallback as HFCallback
+    from ninocast.integrations.lightning import NowcastCallback as PLCallback
+    from server_utils import Server
+
+    class Module(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = mlp(0)
+
+        def training_step(self, b, i):
+            x, y = b
+            return nn.functional.mse_loss(self.net(x[0]), y[0])
+
+        def configure_optimizers(self):
+            return torch.optim.AdamW(self.parameters(), lr=1e-2)
+
+    server = Server(tmp_path / "data").start()
+    try:
+        kw = dict(server=server.url, period=PERIOD, ctx=CTX, retries=0, timeout=30)
+        seen = {}
+        for record in (False, True):
+            args = TrainingArguments(output_dir=str(tmp_path / f"hf{record}"), max_steps=PERIOD, report_to="none",
+                                     per_device_train_batch_size=4, logging_strategy="no", save_strategy="no",
+                                     use_cpu=True, disable_tqdm=True)
+            trainer = Trainer(model=tiny_gpt2(0), args=args, train_dataset=Tokens())
+            hf = HFCallback(record=record, **kw).attach(trainer)
+            trainer.train()
+            cb = PLCallback(record=record, max_train_steps=PERIOD, **kw)
+            pl.Trainer(max_steps=PERIOD, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                       enable_progress_bar=False, enable_model_summary=False, callbacks=[cb]).fit(
+                Module(), torch.utils.data.DataLoader([batch(s) for s in range(PERIOD)], batch_size=1))
+            for opt in (hf.optimizer, cb.optimizer):
+                assert len(opt.nowcasts) == 1 and not opt.failures, opt.failures
+            seen[record] = {hf.optimizer.backend.session_id, cb.optimizer.backend.session_id}
+        with NowcastClient(server.url) as c:
+            left = {s["id"] for s in c.list_sessions()}
+    finally:
+        server.stop()
+    assert left == seen[True] and len(left) == 2  # the two recorded runs only
+
+
+def test_readme_lightning_example_matches_the_integrations_extra():
+    """The README's Lightning example imports what ``pip install 'ninocast[integrations]'`` installs."""
+    import tomllib
+
+    root = Path(__file__).resolve().parents[1]
+    extra = tomllib.loads((root / "pyproject.toml").read_text())["project"]["optional-dependencies"]["integrations"]
+    readme = (root / "README.md").read_text()
+    client = readme[readme.index("## Client"):readme.index("## Server")]
+    if any(d.startswith("pytorch-lightning") for d in extra):
+        assert "import pytorch_lightning as pl" in client and "pl.Trainer(" in client
+        assert "lightning.Trainer" not in client.replace("pytorch_lightning", "")
+    else:
+        assert any(d.startswith("lightning") for d in extra) and "lightning.Trainer" in client

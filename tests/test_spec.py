@@ -110,3 +110,45 @@ def test_flat_round_trip_and_checks():
         check_state(dict(sd, **{"0.bias": torch.full((16,), float("nan"))}), spec)
     with pytest.raises(StateError, match="dtype"):
         check_state(dict(sd, **{"0.bias": torch.zeros(16, dtype=torch.int64)}), spec)
+
+
+def test_nested_hugging_face_models_under_any_prefix_and_left_out_parameters():
+    transformers = pytest.importorskip("transformers", reason="transformers not installed")
+    cfg = transformers.LlamaConfig(hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=11)
+
+    class Lit(nn.Module):  # a LightningModule's layout: the HF model under `net`, its own head and a scalar
+        def __init__(self):
+            super().__init__()
+            self.net = transformers.LlamaForCausalLM(cfg)
+            self.scale = nn.Parameter(torch.tensor(1.0))
+            self.probe = nn.Linear(8, 2)
+
+    with pytest.warns(UserWarning, match=r"3 parameter\(s\) left out.*scale, probe.weight, probe.bias") as caught:
+        spec = ModelSpec.from_module(Lit(), include=None)
+    assert len([w for w in caught if "left out" in str(w.message)]) == 1
+    bare = ModelSpec.from_module(transformers.LlamaForCausalLM(cfg))
+    assert (spec.family, spec.num_heads, spec.num_key_value_heads) == ("llama", 4, 2)
+    assert spec.names == [f"net.{n}" for n in bare.names]
+    assert detect_family(spec.names) == "llama"
+    assert ModelSpec.from_json(dict(spec.to_json(), family="auto")).family == "llama"
+
+    # a scalar in a generic model: left out with the warning, not a SpecError
+    model = nn.Sequential(nn.Linear(3, 3))
+    model.register_parameter("t", nn.Parameter(torch.tensor(0.5)))
+    with pytest.warns(UserWarning, match="left out.*: t$"):
+        assert ModelSpec.from_module(model).names == ["0.weight", "0.bias"]
+
+
+def test_prefixed_transformer_specs_build_the_bare_models_graph():
+    transformers = pytest.importorskip("transformers", reason="transformers not installed")
+    from ninocast_server.engine.graphs.build import build_graph, split_blocks
+
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=8, n_layer=2, n_head=2, vocab_size=11,
+                                                                n_positions=4))
+    bare = ModelSpec.from_module(gpt2)
+    wrapped = ModelSpec("gpt2", tuple((f"model.{n}", s) for n, s in bare.params), bare.num_heads)
+    a, b = build_graph(bare, with_lpe=False), build_graph(wrapped, with_lpe=False)
+    for field in ("edge_index", "edge_type", "param_slot", "pos_w"):
+        assert torch.equal(getattr(a, field), getattr(b, field)), field
+    assert [len(p.params) for p in split_blocks(wrapped)] == [len(p.params) for p in split_blocks(bare)] == [14, 14]

@@ -19,15 +19,16 @@ _EXPORTS = {
     "k_schedule": "schedule", "k_at_step": "schedule", "NowcastAPIError": "transport",
     "ServerUnavailable": "transport", "ServerBusy": "transport", "RequestRejected": "transport",
     "AuthError": "transport", "NotFound": "transport", "InvalidResponse": "transport",
+    "DeadlineExceeded": "transport", "ConfigurationError": "optimizer",
 }
 __all__ = [*_EXPORTS, "__version__"]
 
 if TYPE_CHECKING:
-    from .optimizer import NowcastOptimizer
+    from .optimizer import ConfigurationError, NowcastOptimizer
     from .schedule import k_at_step, k_schedule
     from .spec import ModelSpec, SpecError
-    from .transport import (AuthError, InvalidResponse, NotFound, NowcastAPIError, NowcastClient,
-                            RequestRejected, ServerBusy, ServerUnavailable)
+    from .transport import (AuthError, DeadlineExceeded, InvalidResponse, NotFound, NowcastAPIError,
+                            NowcastClient, RequestRejected, ServerBusy, ServerUnavailable)
 
 
 def __getattr__(name: str) -> Any:

@@ -2,36 +2,45 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from typing import Any, Protocol
 
 import torch
 
 from .flat import flatten, unflatten
 from .spec import ModelSpec
-from .transport import InvalidResponse, NotFound, NowcastClient, RequestRejected
+from .transport import (InvalidResponse, NotFound, NowcastAPIError, NowcastClient, RequestRejected,
+                        ServerUnavailable)
 
 Snapshot = dict[str, torch.Tensor]
 
 
 class Backend(Protocol):
-    streams_states: bool  # True: every snapshot is handed to add_state (on the uploader thread)
+    streams_states: bool  # True: every snapshot is handed to add_state (on the worker thread)
 
     def add_state(self, step: int, snapshot: Snapshot) -> None: ...
-    def nowcast(self, window: list[tuple[int, Snapshot]], k: int) -> dict[str, torch.Tensor]: ...
+    def nowcast(self, window: list[tuple[int, Snapshot]], k: int,
+                deadline: float | None = None) -> dict[str, torch.Tensor]: ...
+    def check(self, deadline: float | None = None) -> None: ...
     def state_dict(self) -> dict[str, Any]: ...
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
-    def close(self) -> None: ...
+    def close(self, delete: bool = False, deadline: float | None = None) -> None: ...
 
 
 class RemoteBackend:
     """Streams snapshots to a server session and asks it for nowcasts.
 
-    The session is created on first use, so a server that is down when training starts costs nothing. Before a
-    nowcast, every snapshot of the window that the server has not acknowledged (an upload failed while it was
-    down) is sent again; the server answers which states it used, and that must be exactly the window. If the
-    server lost the session or some of its states (expired, restarted without its data), or holds states this
-    run does not know (another process resumed into the same session), a fresh session gets the whole window,
-    once, before giving up.
+    The session is created on first use (or by ``check``), so a server that is down when training starts costs
+    nothing. Before a nowcast, every snapshot of the window that the server has not acknowledged (an upload
+    failed or was dropped) is sent again; the server answers which states it used, and that must be exactly the
+    window. If the server lost the session or some of its states (expired, restarted without its data), or
+    holds states this run does not know (another process resumed into the same session), a fresh session gets
+    the whole window, once, before giving up.
+
+    ``estimate_s`` is how long a nowcast takes here (the last one's round trip, or the server's own timing of
+    it); after a nowcast the client gave up on, the next upload reads the server's timing of it from the
+    session (GET), so the next deadline fits the model.
     """
 
     streams_states = True  # snapshots go to the server in the background, as they are taken
@@ -47,36 +56,63 @@ class RemoteBackend:
         self.session_id: str | None = None
         self.acked: set[int] = set()  # steps the current session acknowledged
         self.last_info: dict[str, Any] = {}
+        self.estimate_s: float | None = None
+        self.refresh_estimate = False  # set when a nowcast was given up on: read the server's timing later
+        self.closed = False
+        self._lock = threading.Lock()  # session_id / acked: read by checkpoints on the training thread
 
-    def _session(self) -> str:
+    def _session(self, deadline: float | None = None) -> str:
+        if self.closed:
+            raise ServerUnavailable("the optimizer was closed: no new session")
         if self.session_id is None:
-            self.session_id = self.client.create_session(self.spec, **self.session_args)["id"]
-            self.acked = set()
+            sid = self.client.create_session(self.spec, **self.session_args, deadline=deadline)["id"]
+            with self._lock:
+                self.session_id, self.acked = sid, set()
         return self.session_id
 
     def _forget_session(self) -> None:
-        self.session_id, self.acked = None, set()
+        with self._lock:
+            self.session_id, self.acked = None, set()
 
-    def add_state(self, step: int, snapshot: Snapshot) -> None:
+    def check(self, deadline: float | None = None) -> None:
+        """Create the run's session now: the server validates the key, the nowcaster and the spec at once."""
+        self._session(deadline)
+
+    def add_state(self, step: int, snapshot: Snapshot, deadline: float | None = None) -> None:
         try:
-            self.client.put_state(self._session(), step, snapshot)
+            self.client.put_state(self._session(deadline), step, snapshot, deadline=deadline)
         except RequestRejected as e:
             # 404: the session is gone; 409 step_conflict: it holds another run's state at this step
             if not (isinstance(e, NotFound) or e.status == 409):
                 raise
             self._forget_session()
-            self.client.put_state(self._session(), step, snapshot)
-        self.acked.add(step)
+            self.client.put_state(self._session(deadline), step, snapshot, deadline=deadline)
+        with self._lock:
+            self.acked.add(step)
+        if self.refresh_estimate and deadline is None:
+            self._read_server_timing()
 
-    def nowcast(self, window: list[tuple[int, Snapshot]], k: int) -> dict[str, torch.Tensor]:
+    def _read_server_timing(self) -> None:
+        self.refresh_estimate = False
+        try:
+            done = self.client.get_session(self._session()).get("nowcasts") or []
+            seconds = float(done[-1]["total_s"]) if done else None
+        except (NowcastAPIError, KeyError, TypeError, ValueError, AttributeError):
+            return
+        if seconds is not None:
+            self.estimate_s = max(self.estimate_s or 0.0, seconds)
+
+    def nowcast(self, window: list[tuple[int, Snapshot]], k: int,
+                deadline: float | None = None) -> dict[str, torch.Tensor]:
         steps = [step for step, _ in window]
+        t0 = time.monotonic()
         for attempt in range(2):
             for step, snap in window:
                 if step not in self.acked:
-                    self.add_state(step, snap)
-            sid = self._session()
+                    self.add_state(step, snap, deadline=deadline)
+            sid = self._session(deadline)
             try:
-                result, info = self.client.nowcast_with_info(sid, k=k, dtype="uploaded")
+                result, info = self.client.nowcast_with_info(sid, k=k, dtype="uploaded", deadline=deadline)
             except RequestRejected as e:
                 if attempt or not (isinstance(e, NotFound) or e.status == 409):
                     raise
@@ -84,6 +120,8 @@ class RemoteBackend:
                 continue
             self.last_info = info
             if info.get("steps") in (None, steps):
+                server_s = _server_total_s(info.get("server_timing"))
+                self.estimate_s = max(time.monotonic() - t0, server_s or 0.0)
                 return result
             if attempt:
                 break
@@ -92,14 +130,38 @@ class RemoteBackend:
                               f"is {steps}")
 
     def state_dict(self) -> dict[str, Any]:
-        return {"session_id": self.session_id, "acked": sorted(self.acked)}
+        with self._lock:
+            return {"session_id": self.session_id, "acked": sorted(self.acked)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.session_id = state.get("session_id")
-        self.acked = set(int(x) for x in state.get("acked", []))
+        with self._lock:
+            self.session_id = state.get("session_id")
+            self.acked = set(int(x) for x in state.get("acked", []))
 
-    def close(self) -> None:
-        self.client.close()
+    def close(self, delete: bool = False, deadline: float | None = None) -> None:
+        """Close the connection; with ``delete`` first delete the run's session (errors are raised, after the
+        connection is closed: the session then expires by the server's TTL)."""
+        self.closed = True
+        try:
+            if delete and self.session_id is not None:
+                try:
+                    self.client.delete_session(self.session_id, deadline=deadline)
+                except NotFound:
+                    pass  # already gone (expired, deleted)
+        finally:
+            self.client.close()
+
+
+def _server_total_s(header: str | None) -> float | None:
+    """The ``total;dur=MS`` entry of a Server-Timing header, in seconds."""
+    for part in (header or "").split(","):
+        name, _, rest = part.strip().partition(";")
+        if name == "total" and rest.startswith("dur="):
+            try:
+                return float(rest[4:]) / 1e3
+            except ValueError:
+                return None
+    return None
 
 
 class LocalBackend:
@@ -121,7 +183,15 @@ class LocalBackend:
     def add_state(self, step: int, snapshot: Snapshot) -> None:
         pass  # the window itself is the state
 
-    def nowcast(self, window: list[tuple[int, Snapshot]], k: int) -> dict[str, torch.Tensor]:
+    def check(self, deadline: float | None = None) -> None:
+        """The nowcaster was loaded by the constructor; here: does it take this spec's family?"""
+        families = getattr(self.model, "families", None)
+        if families is not None and self.spec.family not in families:
+            raise RequestRejected(f"nowcaster {getattr(self.model, 'name', '?')!r} supports {list(families)}, "
+                                  f"not family {self.spec.family!r}", error="unsupported_family")
+
+    def nowcast(self, window: list[tuple[int, Snapshot]], k: int,
+                deadline: float | None = None) -> dict[str, torch.Tensor]:
         states = torch.empty(self.spec.n_params, len(window), dtype=torch.float32)
         for i, (_, snap) in enumerate(window):
             flatten(snap, self.spec, out=states[:, i])
@@ -134,5 +204,5 @@ class LocalBackend:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         pass
 
-    def close(self) -> None:
+    def close(self, delete: bool = False, deadline: float | None = None) -> None:
         pass

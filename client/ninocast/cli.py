@@ -42,10 +42,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
     s = sub.add_parser("step", help="nowcast a saved run offline from ctx state files",
-                       description="Read ctx safetensors state files (oldest first), nowcast k snapshot "
-                       "intervals ahead, write the predicted parameters. Keys not in the spec (buffers) pass "
-                       "through from the newest file; every tensor keeps its dtype.")
-    s.add_argument("states", nargs="+", metavar="STATE.safetensors", help="state files, oldest first")
+                       description="Read ctx safetensors state files, nowcast k snapshot intervals ahead, write "
+                       "the predicted parameters. The files are ordered by the step in their metadata "
+                       "('ninocast.step') or by the numbers in their names (step_200 before step_1000); an order "
+                       "neither tells is refused. Keys not in the spec (buffers) pass through from the newest "
+                       "file; every tensor keeps its dtype.")
+    s.add_argument("states", nargs="+", metavar="STATE.safetensors", help="state files, in any order")
+    s.add_argument("--in-given-order", action="store_true",
+                   help="take the files oldest first as listed (for names without step numbers)")
     s.add_argument("--nowcaster", required=True,
                    help="'linefit', a nowcaster directory (ninocast format) or an official .pt checkpoint")
     s.add_argument("--spec", help="model spec JSON; default: spec.json beside the state files "
@@ -54,6 +58,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     s.add_argument("--out", required=True, help="output .safetensors file")
     s.set_defaults(func=_lazy("ninocast_server.engine.step_cli", "run_step"))
+
+    s = sub.add_parser("spec", help="write the spec file of a model (for `ninocast step` and the API)",
+                       description="Build the model (on PyTorch's meta device: no memory for weights) and write "
+                       "its spec JSON: its trainable parameters that a neural graph can place, the graph family "
+                       "and head counts (a Hugging Face GPT-2 or Llama is found under any module name).")
+    s.add_argument("model", metavar="MODULE:FACTORY | config.json",
+                   help="a Python factory (package.module:make_model, called without arguments; the current "
+                   "directory is importable) or a Hugging Face config.json (or its directory; needs transformers)")
+    s.add_argument("-o", "--out", required=True, metavar="SPEC.json")
+    s.add_argument("--family", default="auto", choices=["auto", "generic", "gpt2", "llama"])
+    s.set_defaults(func=run_spec)
 
     s = sub.add_parser("import-checkpoint", help="convert an official NiNo .pt checkpoint to ninocast format",
                        description="Load a published .pt checkpoint safely (weights only) and write a "
@@ -249,6 +264,65 @@ def _add_metatrain_parsers(sub: argparse._SubParsersAction) -> None:
     s.add_argument("store", metavar="STORE")
     s.add_argument("--deep", action="store_true", help="also read every shard and check values and steps")
     s.set_defaults(func=_lazy("ninocast_server.metatrain.cli", "run_validate"))
+
+
+def run_spec(args: argparse.Namespace) -> int:
+    """``ninocast spec``: client-only (torch; transformers for a config.json)."""
+    import json
+
+    from .spec import ModelSpec, SpecError
+
+    model = build_model(args.model)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    try:
+        spec = ModelSpec.from_module(model, family=args.family, include=trainable)
+    except SpecError as e:
+        raise CommandError(f"{args.model}: {e}") from None
+    with open(args.out, "w") as f:
+        json.dump(spec.to_json(), f, indent=1)
+    print(f"{spec.family} spec of {len(spec.params)} tensors, {spec.n_params:,} parameters -> {args.out}")
+    return 0
+
+
+def build_model(ref: str):  # -> torch.nn.Module
+    """The model a ``ninocast spec`` argument names, built on the meta device where the factory allows it."""
+    import json
+
+    import torch
+
+    path = ref if not os.path.isdir(ref) else os.path.join(ref, "config.json")
+    if path.endswith(".json"):
+        if not os.path.isfile(path):
+            raise CommandError(f"{path}: no such file")
+        try:
+            from transformers import AutoConfig, AutoModelForCausalLM
+        except ModuleNotFoundError:
+            raise CommandError("a Hugging Face config.json needs transformers: pip install transformers") from None
+        try:
+            with open(path) as f:
+                raw = json.load(f)
+            config = AutoConfig.for_model(**raw)
+            with torch.device("meta"):
+                return AutoModelForCausalLM.from_config(config)
+        except (ValueError, KeyError, TypeError, json.JSONDecodeError) as e:
+            raise CommandError(f"{path}: not a Hugging Face causal-LM config ({type(e).__name__}: {e})") from None
+    module_name, sep, attr = ref.partition(":")
+    if not sep or not module_name or not attr:
+        raise CommandError(f"{ref!r}: expected MODULE:FACTORY (e.g. mypkg.models:make_model) or a config.json")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        factory = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as e:
+        raise CommandError(f"cannot import {ref!r}: {e}") from None
+    try:
+        with torch.device("meta"):
+            model = factory()
+    except Exception:  # noqa: BLE001 - some factories need real tensors: build it on the CPU then
+        model = factory()
+    if not isinstance(model, torch.nn.Module):
+        raise CommandError(f"{ref} returned {type(model).__name__}, not a torch.nn.Module")
+    return model
 
 
 def main(argv: Sequence[str] | None = None) -> int:

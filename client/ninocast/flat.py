@@ -13,7 +13,19 @@ from torch import Tensor
 
 from .spec import ModelSpec
 
-ACCEPTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+# The one definition of the dtypes a parameter state may have, wherever it is read: the client's snapshots, the
+# server's uploads (safetensors names as keys), the CLI's state files. float64 is not among them: the engine
+# computes in float32, so a float64 model's snapshots are sent as float32 (``state_dtype``).
+STATE_DTYPES: dict[str, torch.dtype] = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+ACCEPTED_DTYPES = tuple(STATE_DTYPES.values())
+ACCEPTED_NAMES = "float32, bfloat16 or float16"
+SAFETENSORS_NAMES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}  # the API's dtype names
+
+
+def state_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a tensor of ``dtype`` travels in: itself when accepted, float32 for float64 (what the engine
+    computes in anyway); any other dtype is returned as it is, for ``check_state`` to refuse by name."""
+    return torch.float32 if dtype == torch.float64 else dtype
 
 
 class StateError(ValueError):
@@ -31,7 +43,8 @@ def check_state(tensors: Mapping[str, Tensor], spec: ModelSpec, where: str = "st
         if tuple(t.shape) != p.shape:
             raise StateError(f"{where}: {p.name} has shape {list(t.shape)}, the spec says {list(p.shape)}")
         if t.dtype not in ACCEPTED_DTYPES:
-            raise StateError(f"{where}: {p.name} has dtype {t.dtype}; expected float32, float64, bfloat16 or float16")
+            raise StateError(f"{where}: {p.name} has dtype {t.dtype}; expected {ACCEPTED_NAMES} "
+                             f"(a float64 model's snapshots are sent as float32)")
         if not torch.isfinite(t).all():
             raise StateError(f"{where}: {p.name} contains NaN or Inf")
 

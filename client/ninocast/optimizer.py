@@ -7,9 +7,24 @@ Protocol (NINO_SPEC §5.3), with ``s`` = calls of ``step`` so far and ``q = peri
   3. otherwise the base optimizer steps.
 The base optimizer's own state (Adam moments, its step count) is never touched by a nowcast.
 
-Snapshots are a device-to-host copy on the training thread; a background thread uploads them, so ordinary
-steps never wait for the network. A failed nowcast never stops training: it is counted, warned about once per
-kind, and the call falls back to a normal base-optimizer step (``on_error="raise"`` to fail loudly instead).
+What is nowcast: exactly the tensors the wrapped optimizer updates (``requires_grad`` and in its param groups).
+Frozen tensors, tensors of other optimizers and tensors the graphs cannot place (scalars; see ``ModelSpec``)
+are never snapshotted or written.
+
+Time budget: snapshots are a device-to-host copy on the training thread; one background thread
+(``BackendWorker``) uploads them, so ordinary steps never wait for the network; when it falls behind the oldest
+queued upload is dropped (counted as ``upload_dropped``; the nowcast re-sends it). A nowcast call waits for the
+server at most ``nowcast_timeout`` seconds in all (default: twice the last nowcast's time plus 5 s, 60 s for the
+first), then gives up (``timeout``); until the server answers again, later nowcast calls do not wait at all.
+
+A failed nowcast never stops training and never applies a stale update: it is counted in ``failures``, warned
+about once per kind, and the call is a *skipped step* -- the parameters and the base optimizer's state stay as
+they are (the gradients present may be those of an earlier batch: the loop skipped backward on this call).
+``on_error="raise"`` fails loudly instead. Configuration mistakes are not transient: the constructor checks the
+URL, and ``check()`` / ``check=True`` asks the server once about the key, nowcaster and spec.
+
+Lifecycle: ``close()`` (or leaving a ``with NowcastOptimizer(...) as opt:`` block) deletes the run's server
+session unless ``record=True``; an interrupted run's session expires by the server's TTL.
 
 The wrapper is a ``torch.optim.Optimizer`` (like accelerate's ``AcceleratedOptimizer`` it delegates
 ``param_groups``/``state``/``defaults`` to the wrapped optimizer without calling ``Optimizer.__init__``), so LR
@@ -23,8 +38,6 @@ new parameters are broadcast from rank 0, so all ranks stay identical and take t
 
 from __future__ import annotations
 
-import queue
-import threading
 import time
 import warnings
 from collections import Counter
@@ -34,12 +47,21 @@ import torch
 from torch import nn
 
 from .backends import Backend, LocalBackend, RemoteBackend
-from .flat import StateError, check_state
+from .flat import StateError, check_state, state_dtype
 from .schedule import MAX_HORIZON, k_at_step
 from .spec import ModelSpec
-from .transport import NowcastAPIError
+from .transport import AuthError, DeadlineExceeded, NowcastAPIError, RequestRejected, check_url
+from .worker import BackendWorker
 
 Snapshot = dict[str, torch.Tensor]
+FIRST_NOWCAST_TIMEOUT_S = 60.0  # no estimate yet: the server may build the model's graph first
+NOWCAST_SLACK_S = 5.0  # the default deadline: 2 x the last nowcast's time + this
+CLOSE_WAIT_S = 5.0  # close(): the longest wait for a running request, then for the session's deletion
+
+
+class ConfigurationError(Exception):
+    """This run cannot nowcast as configured (wrong key, unknown nowcaster, a spec the server refuses, a server
+    that cannot be reached): raised by ``check()``, never during training."""
 
 
 class NowcastOptimizer(torch.optim.Optimizer):
@@ -49,6 +71,10 @@ class NowcastOptimizer(torch.optim.Optimizer):
     (the engine in this process: ``'linefit'``, a nowcaster directory or an official ``.pt``; needs
     ``pip install 'ninocast[server]'``). Readable afterwards: ``nowcasts`` (one record per nowcast),
     ``failures`` (a Counter by kind), ``step_count``.
+
+    ``nowcast_timeout``: the longest a nowcast call waits for the server (None: from the server's timings);
+    ``timeout``/``retries``: per HTTP request, for the background uploads. ``check=True`` runs ``check()``.
+    Use as a context manager (or call ``close()``) so the server session is deleted when the run ends.
     """
 
     def __init__(
@@ -68,8 +94,10 @@ class NowcastOptimizer(torch.optim.Optimizer):
         on_error: str = "warn",
         timeout: float = 120.0,
         retries: int = 2,
+        nowcast_timeout: float | None = None,
         session_name: str | None = None,
         record: bool = False,
+        check: bool = False,
         device: str = "cpu",
     ) -> None:
         if on_error not in ("warn", "raise"):
@@ -78,15 +106,26 @@ class NowcastOptimizer(torch.optim.Optimizer):
             raise ValueError(f"period ({period}) must be a positive multiple of ctx ({ctx})")
         if server is None and not local and nowcaster is None:
             raise ValueError("give server=URL to nowcast on a server, or local=True / nowcaster=PATH")
+        if server is not None:
+            server = check_url(server)
+        if nowcast_timeout is not None and not nowcast_timeout > 0:
+            raise ValueError(f"nowcast_timeout must be positive seconds, got {nowcast_timeout}")
         self.optimizer = optimizer
         self.model = _unwrap(model)
-        self.spec = spec or ModelSpec.from_module(self.model)
         self._params = dict(self.model.named_parameters())
+        updated = updated_names(self.model, optimizer)
+        self.spec = spec or ModelSpec.from_module(self.model, include=updated)
         missing = [n for n in self.spec.names if n not in self._params]
         if missing:
             raise ValueError(f"spec names not found in the model: {missing[:5]}")
+        fixed = [n for n in self.spec.names if n not in updated]
+        if fixed:
+            raise ValueError(f"the spec names tensors the optimizer does not update (frozen, or not in its "
+                             f"param groups): {fixed[:5]}; a nowcast would overwrite them")
         self.period, self.ctx, self.max_train_steps, self.k_decay = period, ctx, max_train_steps, k_decay
-        self.on_error = on_error
+        self.on_error, self.timeout, self.nowcast_timeout, self.record = on_error, timeout, nowcast_timeout, record
+        self.server = server
+        self._closed = False
         self.step_count = 0  # calls of step() so far
         self.snapshots: list[tuple[int, Snapshot]] = []  # the current window, oldest first
         self.failures: Counter[str] = Counter()
@@ -101,8 +140,11 @@ class NowcastOptimizer(torch.optim.Optimizer):
                                              record=record, timeout=timeout, retries=retries)
             else:
                 self.backend = LocalBackend(self.spec, nowcaster or "default", device=device)
-        self._uploads: "queue.Queue[tuple[int, Snapshot] | None]" = queue.Queue(maxsize=max(2, ctx))
-        self._uploader: threading.Thread | None = None
+        self._worker: BackendWorker | None = None
+        if self.backend is not None and self.backend.streams_states:
+            self._worker = BackendWorker(max_uploads=max(2, ctx), on_error=self._upload_failed)
+        if check:
+            self.check()
 
     # ------------------------------------------------------------------ torch.optim surface
     @property  # type: ignore[override]
@@ -146,7 +188,8 @@ class NowcastOptimizer(torch.optim.Optimizer):
     @property
     def need_grads(self) -> bool:
         """False exactly on the calls that will nowcast: skip the backward pass there."""
-        return not (len(self.snapshots) == self.ctx - 1 and (self.step_count + 1) % self.snapshot_interval == 0)
+        return self._closed or not (len(self.snapshots) == self.ctx - 1 and
+                                    (self.step_count + 1) % self.snapshot_interval == 0)
 
     def current_k(self) -> int:
         return k_at_step(self.step_count, self.max_train_steps, self.period, MAX_HORIZON, self.k_decay)
@@ -163,6 +206,9 @@ class NowcastOptimizer(torch.optim.Optimizer):
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         s = self.step_count
         loss = None
+        if self._closed:  # after close(): the base optimizer alone
+            self.step_count = s + 1
+            return self.optimizer.step(closure)
         if (s + 1) % self.snapshot_interval == 0:
             self._snapshot(s)
         if len(self.snapshots) == self.ctx:
@@ -170,19 +216,41 @@ class NowcastOptimizer(torch.optim.Optimizer):
             if closure is not None:  # NINO_SPEC §5.3 (2a): the closure runs once, before the nowcast
                 with torch.enable_grad():
                     loss = closure()
-            if not self._nowcast(window, s):  # fallback: training goes on with a normal step
-                result = self.optimizer.step() if closure is not None else self.optimizer.step(closure)
-                loss = loss if closure is not None else result
+            self._nowcast(window, s)  # failed: a skipped step (the gradients may be stale), counted
         else:
             loss = self.optimizer.step(closure)
         self.step_count = s + 1
         return loss
 
+    def check(self) -> None:
+        """Ask the backend once whether this run can nowcast (server: the key, the nowcaster and the spec, by
+        creating the run's session now; local: the nowcaster takes the spec's family). Raises
+        ``ConfigurationError`` saying what is wrong; the warn-and-continue policy is for transient faults."""
+        if self.backend is None:  # not rank 0
+            return
+        where = f"the server at {self.server}" if self.server else "the local engine"
+        deadline = time.monotonic() + self.timeout
+        try:
+            if self._worker is not None:
+                self._worker.call(lambda: self.backend.check(deadline), deadline)  # type: ignore[union-attr]
+            else:
+                self.backend.check(deadline)
+        except AuthError as e:
+            raise ConfigurationError(f"ninocast: {where} refused the API key: {e.detail or e}") from e
+        except RequestRejected as e:
+            raise ConfigurationError(f"ninocast: {where} refused this run's configuration "
+                                     f"({e.error or e.status}): {e.detail or e}") from e
+        except NowcastAPIError as e:
+            raise ConfigurationError(f"ninocast: cannot check the configuration with {where}: {e}") from e
+
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
         """The base optimizer's state under ``"optimizer"`` and the wrapper's (step counter, the current
-        window's snapshots, failures, the server session) under ``"ninocast"``."""
-        self.flush()
+        window's snapshots, failures, the server session) under ``"ninocast"``. Waits at most a few seconds
+        for queued uploads (not at all for a stalled server): what the server did not get, the next nowcast
+        re-sends."""
+        if self._worker is not None and not self._worker.stalled:
+            self._worker.drain(CLOSE_WAIT_S)
         return {
             "optimizer": self.optimizer.state_dict(),
             "ninocast": {
@@ -205,7 +273,9 @@ class NowcastOptimizer(torch.optim.Optimizer):
             if ours[key] != getattr(self, key):
                 raise ValueError(f"saved {key}={ours[key]} differs from this wrapper's {getattr(self, key)}")
         self.optimizer.load_state_dict(state["optimizer"])
-        self.flush()
+        if self._worker is not None:  # uploads of the run before the load must not reach the restored session
+            self._worker.cancel_pending()
+            self._worker.drain(CLOSE_WAIT_S)
         self.step_count = int(ours["step_count"])
         # snapshots live on the CPU whatever a framework's device placement did to the dict
         self.snapshots = [(int(step), {k: v.to("cpu") for k, v in dict(snap).items()})
@@ -214,20 +284,44 @@ class NowcastOptimizer(torch.optim.Optimizer):
         if self.backend:
             self.backend.load_state_dict(dict(ours.get("backend", {})))
 
-    def flush(self) -> None:
-        """Wait until every snapshot taken so far has been handed to the backend."""
-        if self._uploader is not None:
-            self._uploads.join()
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until every snapshot taken so far has been handed to the backend, at most ``timeout`` seconds
+        (default: the per-request ``timeout``); True when nothing is left queued."""
+        if self._worker is None:
+            return True
+        return self._worker.drain(self.timeout if timeout is None else timeout)
 
     def close(self) -> None:
-        """Finish pending uploads and close the connection (the server session is kept)."""
-        self.flush()
-        if self._uploader is not None:
-            self._uploads.put(None)
-            self._uploader.join(timeout=10)
-            self._uploader = None
-        if self.backend:
-            self.backend.close()
+        """End the run's use of the backend. Without ``record=True`` the server session is deleted (queued
+        uploads are dropped); with it, queued uploads are sent first (at most ``timeout`` s) and the session is
+        kept for the server's trajectory export. Bounded in time; a second call does nothing. A closed wrapper
+        steps as the base optimizer alone."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._worker is not None:
+            if self.record:
+                self._worker.drain(self.timeout)
+            self._worker.cancel_pending()
+            self._worker.stop(CLOSE_WAIT_S)
+        if self.backend is not None:
+            try:
+                self.backend.close(delete=not self.record, deadline=time.monotonic() + CLOSE_WAIT_S)
+            except NowcastAPIError as e:  # the session expires by the server's TTL instead
+                self._note_failure(f"close_{e.kind}", e, raise_ok=False)
+
+    def __enter__(self) -> "NowcastOptimizer":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def nowcast_deadline_s(self) -> float:
+        """How long the next nowcast call may wait for the server (``nowcast_timeout``, else from estimates)."""
+        if self.nowcast_timeout is not None:
+            return self.nowcast_timeout
+        estimate = getattr(self.backend, "estimate_s", None)
+        return FIRST_NOWCAST_TIMEOUT_S if estimate is None else 2 * estimate + NOWCAST_SLACK_S
 
     # ------------------------------------------------------------------ internals
     def _snapshot(self, step: int) -> None:
@@ -235,73 +329,79 @@ class NowcastOptimizer(torch.optim.Optimizer):
             self.snapshots.append((step, {}))  # other ranks only count the window
             return
         with torch.no_grad():
-            snap = {n: self._params[n].detach().to("cpu", copy=True) for n in self.spec.names}
+            snap = {n: self._params[n].detach().to("cpu", dtype=state_dtype(self._params[n].dtype), copy=True)
+                    for n in self.spec.names}
         self.snapshots.append((step, snap))
-        if getattr(self.backend, "streams_states", True):
-            self._ensure_uploader()
-            self._uploads.put((step, snap))  # bounded: a stalled uploader holds at most a few snapshots
+        if self._worker is not None and not self._closed:
+            backend = self.backend
+            assert backend is not None
+            if self._worker.upload(lambda: backend.add_state(step, snap)):
+                self._note_failure("upload_dropped", RuntimeError(
+                    "the server is slower than the snapshots: the oldest queued upload was dropped (the nowcast "
+                    "re-sends what is missing)"), raise_ok=False)
 
-    def _ensure_uploader(self) -> None:
-        if self._uploader is None or not self._uploader.is_alive():
-            self._uploader = threading.Thread(target=self._upload_loop, name="ninocast-upload", daemon=True)
-            self._uploader.start()
-
-    def _upload_loop(self) -> None:
-        while True:
-            item = self._uploads.get()
-            try:
-                if item is None:
-                    return
-                assert self.backend is not None
-                try:
-                    self.backend.add_state(*item)
-                except NowcastAPIError as e:  # the nowcast re-sends what is missing; note it and go on
-                    self._note_failure(f"upload_{e.kind}", e, raise_ok=False)
-                except Exception as e:  # noqa: BLE001 - the uploader must never die silently
-                    self._note_failure("upload_error", e, raise_ok=False)
-            finally:
-                self._uploads.task_done()
+    def _upload_failed(self, err: BaseException) -> None:
+        """The worker's report of a failed upload: the nowcast re-sends what is missing; note it and go on."""
+        kind = getattr(err, "kind", "error")
+        self._note_failure(f"upload_{kind}", err, raise_ok=False)  # type: ignore[arg-type]
 
     def _nowcast(self, window: list[tuple[int, Snapshot]], step: int) -> bool:
-        """Returns True when the parameters were replaced by a nowcast. Every rank returns the same answer."""
-        # 1 = apply the nowcast, 0 = fall back to a base step, -1 = rank 0 raises (on_error="raise")
-        flag = torch.ones(1, device=self._params[self.spec.names[0]].device)  # NCCL wants device tensors
-        result: dict[str, torch.Tensor] | None = None
-        error: BaseException | None = None
-        k = self.current_k()
-        if self._rank0:
-            self.flush()
-            t0 = time.perf_counter()
-            try:
-                assert self.backend is not None
-                result = self.backend.nowcast(window, k)
-                check_state(result, self.spec, where="nowcast answer")
-            except Exception as e:  # noqa: BLE001 - whatever goes wrong, training goes on (policy)
-                kind = getattr(e, "kind", "invalid_response" if isinstance(e, StateError) else "error")
-                result = None
-                if self.on_error == "raise":  # counted, then raised on every rank once all ranks know
-                    self.failures[kind] += 1
-                    error = e
-                    flag.fill_(-1)
-                else:
-                    self._note_failure(kind, e, raise_ok=False)
-                    flag.zero_()
-            else:
-                self.nowcasts.append({"step": step, "k": k, "seconds": time.perf_counter() - t0,
-                                      "snapshot_steps": [s for s, _ in window]})
-        flag = _broadcast_flag(flag)
-        code = int(flag.item())
+        """Fetch on rank 0, agree on every rank, apply. True when the parameters were replaced; False: a skipped
+        step. Every rank returns the same answer."""
+        prediction, error = self._fetch_nowcast(window, step) if self._rank0 else (None, None)
+        # 1 = apply the nowcast, 0 = skip the step, -1 = rank 0 raises (on_error="raise")
+        code = 1 if prediction is not None else (-1 if error is not None else 0)
+        flag = torch.full((1,), float(code), device=self._params[self.spec.names[0]].device)  # NCCL: device
+        code = int(_broadcast_flag(flag).item())
         if code < 0:
             raise error if error is not None else RuntimeError("ninocast: the nowcast failed on rank 0")
         if code == 0:
             return False
+        self._apply_nowcast(prediction)
+        return True
+
+    def _fetch_nowcast(self, window: list[tuple[int, Snapshot]],
+                       step: int) -> tuple[dict[str, torch.Tensor] | None, BaseException | None]:
+        """Rank 0: the checked prediction, or (None, the error to raise when on_error="raise"); failures are
+        counted here."""
+        k = self.current_k()
+        t0 = time.perf_counter()
+        try:
+            result = self._request_nowcast(window, k)
+            check_state(result, self.spec, where="nowcast answer")
+        except Exception as e:  # noqa: BLE001 - whatever goes wrong, training goes on (policy)
+            kind = getattr(e, "kind", "invalid_response" if isinstance(e, StateError) else "error")
+            if isinstance(e, DeadlineExceeded) and isinstance(self.backend, RemoteBackend):
+                self.backend.refresh_estimate = True
+            if self.on_error == "raise":  # counted, then raised on every rank once all ranks know
+                self.failures[kind] += 1
+                return None, e
+            self._note_failure(kind, e, raise_ok=False)
+            return None, None
+        self.nowcasts.append({"step": step, "k": k, "seconds": time.perf_counter() - t0,
+                              "snapshot_steps": [s for s, _ in window]})
+        return result, None
+
+    def _request_nowcast(self, window: list[tuple[int, Snapshot]], k: int) -> dict[str, torch.Tensor]:
+        """The backend's prediction; through the worker (after the queued uploads) within the deadline."""
+        backend = self.backend
+        assert backend is not None
+        if self._worker is None:
+            return backend.nowcast(window, k)
+        if self._worker.stalled:
+            raise DeadlineExceeded("the server has not answered since a request timed out; the step was skipped "
+                                   "without waiting")
+        deadline = time.monotonic() + self.nowcast_deadline_s()
+        return self._worker.call(lambda: backend.nowcast(window, k, deadline=deadline), deadline)
+
+    def _apply_nowcast(self, prediction: dict[str, torch.Tensor] | None) -> None:
+        """Write the prediction (rank 0) into the parameters and broadcast them to the other ranks."""
         with torch.no_grad():
             for name in self.spec.names:
                 p = self._params[name]
-                if result is not None:
-                    p.copy_(result[name].to(device=p.device, dtype=p.dtype))
+                if prediction is not None:
+                    p.copy_(prediction[name].to(device=p.device, dtype=p.dtype))
                 _broadcast_param(p)
-        return True
 
     def _note_failure(self, kind: str, err: Exception, raise_ok: bool) -> None:
         self.failures[kind] += 1
@@ -309,8 +409,18 @@ class NowcastOptimizer(torch.optim.Optimizer):
             raise err
         if kind not in self._warned:
             self._warned.add(kind)
-            warnings.warn(f"ninocast: {kind}: {err} -- training continues with the base optimizer "
-                          f"(this warning is shown once per kind; see .failures)", RuntimeWarning, stacklevel=3)
+            warnings.warn(f"ninocast: {kind}: {err} -- training continues (a failed nowcast call is a skipped "
+                          f"step; this warning is shown once per kind; see .failures)", RuntimeWarning, stacklevel=3)
+
+
+def updated_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> set[str]:
+    """Names of the model's tensors that ``optimizer`` updates: ``requires_grad`` and in its param groups."""
+    owned = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    names = {n for n, p in model.named_parameters() if p.requires_grad and id(p) in owned}
+    if not names:
+        raise ValueError("the optimizer updates none of the model's parameters (all frozen, or the optimizer "
+                         "was built for another model): nothing to nowcast")
+    return names
 
 
 # ---------------------------------------------------------------------- distributed helpers

@@ -13,12 +13,26 @@ import hashlib
 import json
 import math
 import re
+import warnings
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Collection, Iterable, Mapping, Sequence
 
 FAMILIES = ("generic", "gpt2", "llama")
 GPT2_BLOCK_PREFIX = "transformer.h."
 LLAMA_BLOCK_PREFIX = "model.layers."
+# What the transformer graphs place (NINO_SPEC §2.6.2 / §2.6.3), shared with the engine's layouts: the tensors of
+# one block (after '<prefix><i>.'), and name endings placed before / after the blocks. A Hugging Face model may
+# sit under any outer name prefix (``self.model`` of a LightningModule): the graphs strip it.
+GPT2_BLOCK = ("ln_1.weight", "ln_1.bias", "attn.c_attn.weight", "attn.c_attn.bias", "attn.c_proj.weight",
+              "attn.c_proj.bias", "ln_2.weight", "ln_2.bias", "mlp.c_fc.weight", "mlp.c_fc.bias",
+              "mlp.c_proj.weight", "mlp.c_proj.bias")
+LLAMA_BLOCK = ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
+               "self_attn.o_proj.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight",
+               "input_layernorm.weight", "post_attention_layernorm.weight")
+GRAPH_TENSORS = {  # family -> (block prefix, block tensors, endings before the blocks, endings after them)
+    "gpt2": (GPT2_BLOCK_PREFIX, GPT2_BLOCK, ("wte.weight", "wpe.weight"), ("ln_f.weight", "ln_f.bias")),
+    "llama": (LLAMA_BLOCK_PREFIX, LLAMA_BLOCK, ("embed_tokens.weight",), ("norm.weight", "lm_head.weight")),
+}
 
 
 class SpecError(ValueError):
@@ -128,32 +142,105 @@ class ModelSpec:
         family: str = "auto",
         num_heads: int | None = None,
         num_key_value_heads: int | None = None,
+        include: Collection[str] | None = None,
     ) -> "ModelSpec":
-        """Describe an ``nn.Module``; Hugging Face GPT-2 and Llama configs fill in family and head counts."""
-        params = [(n, tuple(p.shape)) for n, p in module.named_parameters()]
-        config = getattr(module, "config", None)
-        model_type = getattr(config, "model_type", None)
-        if family == "auto" and model_type in ("gpt2", "llama"):
-            family = model_type
+        """Describe an ``nn.Module``: its parameters (only the names in ``include`` when given, e.g. those an
+        optimizer updates) that a neural graph can place.
+
+        A Hugging Face GPT-2 or Llama anywhere in the module tree (the model itself, or ``self.model`` of a
+        LightningModule or another wrapper) sets the family and the head counts; tensors outside it and scalar
+        (0-d) tensors have no place in the graph and are left out, with one warning naming them (they then
+        train normally and are kept as they are on nowcast calls). A trainable subset the transformer graph
+        cannot take whole (a block half frozen) is described as ``generic``.
+        """
+        params = [(n, tuple(p.shape)) for n, p in module.named_parameters() if include is None or n in include]
+        prefix, config = find_hf_model(module)
+        if family == "auto" and config is not None and config.model_type in GRAPH_TENSORS:
+            family = config.model_type
         if family == "auto":
             family = detect_family([n for n, _ in params])
-        if family == "gpt2" and num_heads is None and config is not None:
-            num_heads = getattr(config, "n_head", None)
-        if family == "llama" and config is not None:
-            if num_heads is None:
-                num_heads = getattr(config, "num_attention_heads", None)
-            if num_key_value_heads is None:
-                num_key_value_heads = getattr(config, "num_key_value_heads", None)
-        return cls(family=family, params=tuple(params), num_heads=num_heads,
+            prefix = outer_prefix([n for n, _ in params], family)
+        placed, left_out = params, []
+        if family in GRAPH_TENSORS and prefix is None:
+            prefix = outer_prefix([n for n, _ in params], family)
+        if family in GRAPH_TENSORS:
+            placed, left_out = split_placeable(params, family, prefix or "")
+            if not placed:  # e.g. only adapters train: the transformer graph has nothing to take
+                family = "generic"
+        if family == "generic":
+            placed = [(n, s) for n, s in params if len(s)]
+            left_out = [n for n, s in params if not len(s)]
+        if left_out:
+            warnings.warn(f"ninocast: {len(left_out)} parameter(s) left out of the {family} spec (no place in its "
+                          f"neural graph; they train normally and are not nowcast): {', '.join(left_out[:10])}"
+                          + (f" and {len(left_out) - 10} more" if len(left_out) > 10 else ""),
+                          UserWarning, stacklevel=2)
+        if config is not None and family == getattr(config, "model_type", None):
+            if family == "gpt2" and num_heads is None:
+                num_heads = getattr(config, "n_head", None)
+            if family == "llama":
+                if num_heads is None:
+                    num_heads = getattr(config, "num_attention_heads", None)
+                if num_key_value_heads is None:
+                    num_key_value_heads = getattr(config, "num_key_value_heads", None)
+        return cls(family=family, params=tuple(placed), num_heads=num_heads,
                    num_key_value_heads=num_key_value_heads)
 
 
+def find_hf_model(module: Any) -> tuple[str | None, Any]:
+    """``(outer name prefix, config)`` of the first Hugging Face GPT-2 / Llama in the module tree, searched under
+    any name (``""`` for the module itself, ``"model."`` for ``self.model``); ``(None, None)`` when none."""
+    named = module.named_modules() if hasattr(module, "named_modules") else [("", module)]
+    for name, sub in named:
+        config = getattr(sub, "config", None)
+        if getattr(config, "model_type", None) in GRAPH_TENSORS:
+            return (f"{name}." if name else ""), config
+    return None, None
+
+
+def outer_prefix(names: Sequence[str], family: str) -> str | None:
+    """The text before the block prefix in the first block tensor's name (``"model."`` for
+    ``model.transformer.h.0...``); None for generic specs or when no name has blocks."""
+    if family not in GRAPH_TENSORS:
+        return None
+    pattern = re.compile(r"^(.*?)" + re.escape(GRAPH_TENSORS[family][0]) + r"\d+\.")
+    for n in names:
+        m = pattern.match(n)
+        if m and (not m.group(1) or m.group(1).endswith(".")):
+            return m.group(1)
+    return None
+
+
+def split_placeable(params: Sequence[tuple[str, tuple[int, ...]]], family: str,
+                    prefix: str) -> tuple[list[tuple[str, tuple[int, ...]]], list[str]]:
+    """``(placed, left_out names)``: the tensors under ``prefix`` that the family's graph places, every block
+    complete; ``placed`` is empty when no complete block is left (the caller then falls back to generic)."""
+    block_prefix, block_keys, pre, post = GRAPH_TENSORS[family]
+    pattern = re.compile(re.escape(prefix + block_prefix) + r"(\d+)\.(.+)$")
+    placed: list[tuple[str, tuple[int, ...]]] = []
+    left_out: list[str] = []
+    blocks: dict[int, set[str]] = {}  # block index -> the block tensors present
+    for name, shape in params:
+        m = pattern.match(name)
+        ok = len(shape) > 0 and name.startswith(prefix) and (
+            (m is not None and m.group(2) in block_keys) or (m is None and name.endswith(pre + post)))
+        if not ok:
+            left_out.append(name)
+            continue
+        placed.append((name, shape))
+        if m is not None:
+            blocks.setdefault(int(m.group(1)), set()).add(m.group(2))
+    if not blocks or any(set(block_keys) - keys for keys in blocks.values()):
+        return [], left_out
+    return placed, left_out
+
+
 def detect_family(names: Sequence[str]) -> str:
-    """Pick the graph family from parameter names (what ``family: auto`` means)."""
-    if any(n.startswith(GPT2_BLOCK_PREFIX) and ".attn.c_attn." in n for n in names):
-        return "gpt2"
-    if any(n.startswith(LLAMA_BLOCK_PREFIX) and ".self_attn.q_proj." in n for n in names):
-        return "llama"
+    """Pick the graph family from parameter names (what ``family: auto`` means), under any outer prefix."""
+    for family, marker in (("gpt2", r"\d+\.attn\.c_attn\."), ("llama", r"\d+\.self_attn\.q_proj\.")):
+        pattern = re.compile(r"(?:^|\.)" + re.escape(GRAPH_TENSORS[family][0]) + marker)
+        if any(pattern.search(n) for n in names):
+            return family
     return "generic"
 
 
@@ -198,7 +285,8 @@ def _validate(spec: ModelSpec) -> None:
             raise SpecError(f"{where}: duplicate name (tied tensors must appear once)")
         seen.add(name)
         if len(shape) == 0:
-            raise SpecError(f"{where}: scalar (0-d) parameters are not supported by neural graphs")
+            raise SpecError(f"{where}: scalar (0-d) parameters have no place in a neural graph; leave it out of "
+                            f"the spec (ModelSpec.from_module does, with a warning: it then trains normally)")
         if any(d <= 0 for d in shape):
             raise SpecError(f"{where}: every dimension must be positive, got {list(shape)}")
     for what in ("num_heads", "num_key_value_heads"):

@@ -15,9 +15,27 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from .flat import SAFETENSORS_NAMES, STATE_DTYPES
 from .spec import ModelSpec
 
-DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+DTYPE_NAMES = {STATE_DTYPES[st]: name for name, st in SAFETENSORS_NAMES.items()}
+
+
+def check_url(url: str) -> str:
+    """``url`` without a trailing slash, or a ValueError saying what is wrong: a mistyped server address is a
+    configuration error to report at once, not a transient fault to retry during training."""
+    if not isinstance(url, str) or not url.strip():
+        raise ValueError(f"server must be a URL like http://HOST:PORT, got {url!r}")
+    try:
+        parsed = httpx.URL(url.strip())
+    except (httpx.InvalidURL, TypeError, ValueError) as e:
+        raise ValueError(f"server {url!r} is not a valid URL ({e}); expected http://HOST:PORT") from None
+    if parsed.scheme not in ("http", "https"):
+        raise ValueError(f"server {url!r} has no http:// or https:// scheme; expected http://HOST:PORT, e.g. "
+                         f"'http://{url.strip()}'")
+    if not parsed.host:
+        raise ValueError(f"server {url!r} names no host; expected http://HOST:PORT")
+    return url.strip().rstrip("/")
 
 
 class NowcastAPIError(Exception):
@@ -65,6 +83,12 @@ class NotFound(RequestRejected):
     kind = "not_found"
 
 
+class DeadlineExceeded(NowcastAPIError):
+    """The caller's time budget ran out before an answer came (NowcastOptimizer's nowcast deadline)."""
+
+    kind = "timeout"
+
+
 class InvalidResponse(NowcastAPIError):
     """The server answered 2xx with a body that is not what the API promises."""
 
@@ -108,7 +132,8 @@ class NowcastClient:
                  max_retry_wait: float = 30.0) -> None:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.retries, self.backoff, self.max_retry_wait = retries, backoff, max_retry_wait
-        self._http = httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=timeout, transport=transport)
+        self.timeout = timeout
+        self._http = httpx.Client(base_url=check_url(url), headers=headers, timeout=timeout, transport=transport)
 
     def close(self) -> None:
         self._http.close()
@@ -120,10 +145,18 @@ class NowcastClient:
         self.close()
 
     # ------------------------------------------------------------------ plumbing
-    def _request(self, method: str, path: str, **kw: Any) -> httpx.Response:
-        """Send with retries on no-answer, 5xx and 503; 4xx answers are final."""
+    def _request(self, method: str, path: str, deadline: float | None = None, **kw: Any) -> httpx.Response:
+        """Send with retries on no-answer, 5xx and 503; 4xx answers are final. ``deadline`` (a
+        ``time.monotonic()`` value) bounds the whole call, retries and waits included: each attempt's timeout is
+        cut to the time left, and no retry starts after it."""
         last: NowcastAPIError | None = None
         for attempt in range(self.retries + 1):
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    last = last or ServerUnavailable(f"{method} {path}: no time left before the deadline")
+                    break
+                kw["timeout"] = min(self.timeout, left) if self.timeout is not None else left
             try:
                 resp = self._http.request(method, path, **kw)
                 _raise_for(resp)
@@ -133,14 +166,17 @@ class NowcastClient:
             except (ServerUnavailable, ServerBusy) as e:
                 last = e
             if attempt < self.retries:
-                wait = getattr(last, "retry_after", None) or self.backoff * 2**attempt
-                time.sleep(min(wait, self.max_retry_wait))
+                wait = min(getattr(last, "retry_after", None) or self.backoff * 2**attempt, self.max_retry_wait)
+                if deadline is not None and time.monotonic() + wait >= deadline:
+                    break
+                time.sleep(wait)
         assert last is not None
         raise last
 
-    def _json(self, method: str, path: str, key: str | None = None, **kw: Any) -> Any:
+    def _json(self, method: str, path: str, key: str | None = None, deadline: float | None = None,
+              **kw: Any) -> Any:
         """The JSON answer (or its ``key``); anything else is an InvalidResponse."""
-        resp = self._request(method, path, **kw)
+        resp = self._request(method, path, deadline=deadline, **kw)
         try:
             body = resp.json()
             return body[key] if key is not None else body
@@ -162,42 +198,44 @@ class NowcastClient:
 
     def create_session(self, spec: ModelSpec, nowcaster: str | None = None, ctx: int | None = None,
                        period: int | None = None, max_train_steps: int | None = None, name: str | None = None,
-                       record: bool = False) -> dict:
+                       record: bool = False, deadline: float | None = None) -> dict:
         body: dict[str, Any] = {"spec": spec.to_json(), "record": record}
         for key, val in (("nowcaster", nowcaster), ("ctx", ctx), ("period", period),
                          ("max_train_steps", max_train_steps), ("name", name)):
             if val is not None:
                 body[key] = val
-        return self._json("POST", "/v1/sessions", json=body)
+        return self._json("POST", "/v1/sessions", json=body, deadline=deadline)
 
-    def get_session(self, session_id: str) -> dict:
-        """Settings, the steps held, the nowcasts done (GET /v1/sessions/{id})."""
-        return self._json("GET", f"/v1/sessions/{session_id}")
+    def get_session(self, session_id: str, deadline: float | None = None) -> dict:
+        """Settings, the steps held, the nowcasts done and their timings (GET /v1/sessions/{id})."""
+        return self._json("GET", f"/v1/sessions/{session_id}", deadline=deadline)
 
     def list_sessions(self) -> list[dict]:
         """This key's sessions (the ``sessions`` list of GET /v1/sessions)."""
         return self._json("GET", "/v1/sessions", key="sessions")
 
-    def delete_session(self, session_id: str) -> None:
-        self._request("DELETE", f"/v1/sessions/{session_id}")
+    def delete_session(self, session_id: str, deadline: float | None = None) -> None:
+        self._request("DELETE", f"/v1/sessions/{session_id}", deadline=deadline)
 
-    def put_state(self, session_id: str, step: int, tensors: Mapping[str, torch.Tensor] | bytes) -> dict:
+    def put_state(self, session_id: str, step: int, tensors: Mapping[str, torch.Tensor] | bytes,
+                  deadline: float | None = None) -> dict:
         """Upload one snapshot (named tensors, or ready safetensors bytes). Idempotent by step."""
         body = tensors if isinstance(tensors, bytes) else encode_state(tensors)
         return self._json("PUT", f"/v1/sessions/{session_id}/states/{step}", content=Chunked(body),
-                          headers={"Content-Type": "application/octet-stream", "Content-Length": str(len(body))})
+                          headers={"Content-Type": "application/octet-stream", "Content-Length": str(len(body))},
+                          deadline=deadline)
 
     def nowcast(self, session_id: str, k: int | None = None, dtype: str | None = None) -> dict[str, torch.Tensor]:
         """Nowcasted parameters by name, from the session's newest ctx states. ``dtype``: float32 (the
         server's default), bfloat16, float16, or 'uploaded' (each tensor as in the newest state)."""
         return self.nowcast_with_info(session_id, k=k, dtype=dtype)[0]
 
-    def nowcast_with_info(self, session_id: str, k: int | None = None,
-                          dtype: str | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    def nowcast_with_info(self, session_id: str, k: int | None = None, dtype: str | None = None,
+                          deadline: float | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """``(tensors, info)``; info: ``k``, ``steps`` (the states used, oldest first), ``nowcaster``,
         ``device`` and ``server_timing`` as the server's headers tell (None where absent)."""
         body = {key: v for key, v in (("k", k), ("dtype", dtype)) if v is not None}
-        resp = self._request("POST", f"/v1/sessions/{session_id}/nowcast", json=body)
+        resp = self._request("POST", f"/v1/sessions/{session_id}/nowcast", json=body, deadline=deadline)
         try:
             tensors = st_load(resp.content)
         except Exception as e:

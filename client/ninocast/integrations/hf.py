@@ -16,7 +16,8 @@ wrapper's state) and ``resume_from_checkpoint`` then work unchanged. Alternative
 pass ``Trainer(..., optimizers=(NowcastOptimizer(...), None), callbacks=[NowcastCallback()])``.
 
 The Trainer always runs the backward pass, so a nowcast step's gradients are computed and ignored (the wrapper's
-``need_grads`` cannot skip them here). ``max_train_steps`` defaults to the Trainer's ``max_steps``.
+``need_grads`` cannot skip them here). ``max_train_steps`` defaults to the Trainer's ``max_steps``. When training
+ends (``on_train_end``) the wrapper is closed: its server session is deleted unless ``record=True``.
 """
 
 from __future__ import annotations
@@ -78,5 +79,6 @@ class NowcastCallback(TrainerCallback):
             found.set_max_train_steps(state.max_steps)
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """The run is over: close the wrapper, which deletes its server session unless ``record=True``."""
         if self.optimizer is not None:
-            self.optimizer.flush()
+            self.optimizer.close()

@@ -1,9 +1,10 @@
 """PyTorch Lightning integration.
 
 ```python
+import pytorch_lightning as pl
 from ninocast.integrations.lightning import NowcastCallback
 
-trainer = L.Trainer(max_steps=10_000, callbacks=[NowcastCallback(server="http://gpu-box:8000", period=1000)])
+trainer = pl.Trainer(max_steps=10_000, callbacks=[NowcastCallback(server="http://gpu-box:8000", period=1000)])
 trainer.fit(module, loader)
 ```
 
@@ -12,7 +13,10 @@ module's single optimizer is wrapped in a ``NowcastOptimizer``; LR schedulers ke
 and checkpoints carry the wrapper's state, so ``ckpt_path=`` resumes the window. A ``configure_optimizers``
 that already returns a ``NowcastOptimizer`` is used as it is. Lightning calls ``step(closure)``: on a nowcast
 step the closure (forward and backward) runs once and its gradients are ignored. ``max_train_steps`` defaults
-to the Trainer's ``estimated_stepping_batches``. Works with ``pytorch_lightning`` or ``lightning``.
+to the Trainer's ``estimated_stepping_batches``. When training ends (``on_train_end``) the wrapper is closed: its
+server session is deleted unless ``record=True``. Works with ``pytorch_lightning`` (what the ``integrations``
+extra installs: ``import pytorch_lightning as pl; pl.Trainer``) or the ``lightning`` package
+(``lightning.pytorch.Trainer``); the callback subclasses whichever is importable, ``lightning`` first.
 """
 
 from __future__ import annotations
@@ -55,6 +59,7 @@ class NowcastCallback(pl.Callback):
                 math.isfinite(steps) and steps > 0:
             found.set_max_train_steps(int(steps))
 
-    def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        """The run is over: close the wrapper, which deletes its server session unless ``record=True``."""
         if self.optimizer is not None:
-            self.optimizer.flush()
+            self.optimizer.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import time
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ninocast.cli import CommandError
-from ninocast.flat import StateError, check_state, flatten, unflatten
+from ninocast.flat import StateError, check_state, flatten, state_dtype, unflatten
 from ninocast.spec import ModelSpec, SpecError
 
 from .nowcasters.base import NowcastError
@@ -21,6 +22,29 @@ from .runner import nowcast
 
 SPEC_FILENAME = "spec.json"
 SPEC_METADATA_KEY = "ninocast.spec"
+STEP_METADATA_KEYS = ("ninocast.step", "step")  # where a state file may say at which step it was taken
+
+
+def order_states(paths: list[str]) -> tuple[list[str], str]:
+    """The state files oldest first, and what the order came from: the step in every file's metadata, else the
+    numbers in every file name (``step_200`` before ``step_1000``; all the numbers of a name, left to right).
+    A shell glob sorts names as text (``step_1000`` before ``step_200``), so the command-line order is never
+    trusted silently: a CommandError when neither tells the order."""
+    steps: list[int | None] = []
+    for path in paths:
+        meta = read_metadata(path)
+        value = next((meta[k] for k in STEP_METADATA_KEYS if k in meta), None)
+        steps.append(int(value) if value is not None and re.fullmatch(r"\d+", value.strip()) else None)
+    if all(s is not None for s in steps) and len(set(steps)) == len(steps):
+        return [p for _, p in sorted(zip(steps, paths))], "the step in each file's metadata"
+    keys = [tuple(int(x) for x in re.findall(r"\d+", Path(p).name.removesuffix(".safetensors"))) for p in paths]
+    if all(keys) and len(set(keys)) == len(keys):
+        return [p for _, p in sorted(zip(keys, paths))], "the numbers in the file names"
+    unnamed = [p for p, k in zip(paths, keys) if not k]
+    why = f"{unnamed[0]} has no number in its name" if unnamed else "two files have the same numbers in their names"
+    raise CommandError(f"cannot tell the order of the state files ({why}, and not every file has a "
+                       f"'ninocast.step' metadata entry): name them by step (step_200.safetensors ...), or pass "
+                       f"--in-given-order to take them oldest first as listed")
 
 
 def find_spec(spec_path: str | None, state_files: list[str]) -> ModelSpec:
@@ -44,11 +68,19 @@ def find_spec(spec_path: str | None, state_files: list[str]) -> ModelSpec:
 
 
 def read_state(path: str) -> dict[str, torch.Tensor]:
+    return _read(path, lambda f: {k: f.get_tensor(k) for k in f.keys()})
+
+
+def read_metadata(path: str) -> dict[str, str]:
+    return _read(path, lambda f: f.metadata() or {})
+
+
+def _read(path: str, what):
     if not os.path.isfile(path):
         raise CommandError(f"{path}: no such file")
     try:
         with safe_open(path, "pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}
+            return what(f)
     except (SafetensorError, OSError, ValueError) as e:
         raise CommandError(f"{path}: not a readable safetensors file ({e})") from None
 
@@ -68,13 +100,19 @@ def run_step(args: argparse.Namespace) -> int:
     model = load_nowcaster_or_fail(args.nowcaster, args.device)
     if len(args.states) != model.ctx:
         raise CommandError(f"nowcaster {model.name!r} needs exactly {model.ctx} state files, got {len(args.states)}")
-    spec = find_spec(args.spec, args.states)
+    paths = list(args.states)
+    if not getattr(args, "in_given_order", False):
+        paths, source = order_states(paths)
+        if paths != list(args.states):
+            print(f"ordered the state files by {source}: {', '.join(Path(p).name for p in paths)}")
+    spec = find_spec(args.spec, paths)
     states = torch.empty(spec.n_params, model.ctx, dtype=torch.float32)
     newest: dict[str, torch.Tensor] = {}
-    for i, path in enumerate(args.states):
+    for i, path in enumerate(paths):
         tensors = read_state(path)
         try:
-            check_state(tensors, spec, where=path)
+            check_state({n: t.to(state_dtype(t.dtype)) if n in spec.names else t for n, t in tensors.items()},
+                        spec, where=path)
         except StateError as e:
             raise CommandError(str(e)) from None
         flatten(tensors, spec, out=states[:, i])

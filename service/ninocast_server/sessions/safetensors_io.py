@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ninocast.flat import ACCEPTED_NAMES, SAFETENSORS_NAMES, STATE_DTYPES
 from ninocast.spec import ModelSpec
 
 from .errors import ServiceError
@@ -26,8 +27,8 @@ from .errors import ServiceError
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1, "I16": 2, "U16": 2, "F16": 2,
             "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8, "C64": 8}
-FLOAT_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
-DTYPE_NAMES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
+FLOAT_DTYPES = STATE_DTYPES  # one definition with the client (ninocast.flat)
+DTYPE_NAMES = SAFETENSORS_NAMES
 CHECK_BYTES = 4 << 20  # bytes of tensor data read and checked at a time
 LOAD_BLOCK = 1 << 16  # parameters per block when reading states for a nowcast (256 kB per state)
 
@@ -126,7 +127,8 @@ def check_against_spec(header: Header, spec: ModelSpec) -> None:
                                f"tensor {p.name!r} has shape {list(e.shape)}, the spec says {list(p.shape)}")
         if e.dtype not in FLOAT_DTYPES:
             raise ServiceError(422, "unsupported_dtype",
-                               f"tensor {p.name!r} has dtype {e.dtype}; expected F32, BF16 or F16")
+                               f"tensor {p.name!r} has dtype {e.dtype}; expected {', '.join(FLOAT_DTYPES)} "
+                               f"({ACCEPTED_NAMES})")
 
 
 # Finite iff the exponent bits are not all set: the check for the 16-bit floats, which numpy cannot reduce fast.

@@ -46,7 +46,7 @@ def split_blocks(spec: ModelSpec) -> list[ModelSpec]:
     prefix = BLOCK_PREFIXES.get(spec.family)
     if prefix is None:
         return [spec]
-    pattern = re.compile(re.escape(prefix) + r"(\d+)\.")
+    pattern = re.compile(r"(?:.*\.)?" + re.escape(prefix) + r"(\d+)\.")  # under any outer prefix
     pieces: list[list[tuple[str, tuple[int, ...]]]] = [[]]
     blocks_seen: list[int] = []
     for name, shape in spec.params:

@@ -13,7 +13,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from ninocast.spec import GPT2_BLOCK_PREFIX, LLAMA_BLOCK_PREFIX, ModelSpec, SpecError
+from ninocast.spec import (GPT2_BLOCK, GPT2_BLOCK_PREFIX, LLAMA_BLOCK, LLAMA_BLOCK_PREFIX, ModelSpec, SpecError,
+                           outer_prefix)
 
 from .generic import (T_BIAS, T_CONV, T_FC, T_HEAD, T_KEY, T_NORM, T_POS, T_QUERY, T_RES, T_SELF_LOOP, T_TOKEN,
                       T_VALUE, EdgeBlock, GraphLayout, ParamMap, order_by_module)
@@ -33,12 +34,6 @@ class _Names:
 GPT2_NAMES = _Names("wte.weight", "wpe.weight", "c_attn.q.weight", "c_attn.k.weight", "c_attn.v.weight")
 LLAMA_NAMES = _Names("embed_tokens.weight", None, "q_proj.weight", "k_proj.weight", "v_proj.weight")
 
-GPT2_BLOCK = ("ln_1.weight", "ln_1.bias", "attn.c_attn.weight", "attn.c_attn.bias", "attn.c_proj.weight",
-              "attn.c_proj.bias", "ln_2.weight", "ln_2.bias", "mlp.c_fc.weight", "mlp.c_fc.bias",
-              "mlp.c_proj.weight", "mlp.c_proj.bias")
-LLAMA_BLOCK = ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
-               "self_attn.o_proj.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight",
-               "input_layernorm.weight", "post_attention_layernorm.weight")
 
 
 def transformer_type(name: str, ndim: int, names: _Names) -> int:
@@ -70,6 +65,20 @@ def transformer_type(name: str, ndim: int, names: _Names) -> int:
 
 
 # --------------------------------------------------------------------------------------------- parsing
+def strip_outer_prefix(spec: ModelSpec) -> ModelSpec:
+    """The spec with the Hugging Face model's outer name prefix removed (``model.`` when a LightningModule holds
+    it as ``self.model``): the graph, the edge types and the flat layout are those of the bare model."""
+    prefix = outer_prefix(spec.names, spec.family)
+    if not prefix:
+        return spec
+    outside = [n for n in spec.names if not n.startswith(prefix)]
+    if outside:
+        raise SpecError(f"{outside[0]}: outside the {spec.family} model's prefix {prefix!r} (leave such tensors "
+                        f"out of the spec)")
+    return ModelSpec(spec.family, tuple((n[len(prefix):], s) for n, s in spec.params), spec.num_heads,
+                     spec.num_key_value_heads)
+
+
 @dataclass
 class _Parsed:
     """A spec cut into tensors before the blocks, the blocks (in order) and tensors after them."""
@@ -150,6 +159,7 @@ def _heads(name: str, heads: tuple[int, int], dst: tuple[int, int], count: int) 
 # --------------------------------------------------------------------------------------------- GPT-2
 def gpt2_layout(spec: ModelSpec) -> GraphLayout:
     """§2.6.2: HF GPT2LMHeadModel (tied lm_head absent); Conv1D weights are stored (in, out)."""
+    spec = strip_outer_prefix(spec)
     parsed = _parse(spec, GPT2_BLOCK_PREFIX, GPT2_BLOCK, {"wte.weight": "wte", "wpe.weight": "wpe"},
                     {"ln_f.weight": "ln_f.weight", "ln_f.bias": "ln_f.bias"})
     H = spec.num_heads
@@ -240,6 +250,7 @@ def gpt2_layout(spec: ModelSpec) -> GraphLayout:
 # --------------------------------------------------------------------------------------------- Llama
 def llama_layout(spec: ModelSpec) -> GraphLayout:
     """§2.6.3 with the quirks of §2.6.4: HF LlamaForCausalLM without biases, weights stored (out, in)."""
+    spec = strip_outer_prefix(spec)
     parsed = _parse(spec, LLAMA_BLOCK_PREFIX, LLAMA_BLOCK, {"embed_tokens.weight": "embed"},
                     {"norm.weight": "norm", "lm_head.weight": "lm_head"})
     H, KV = spec.num_heads, spec.kv_heads
