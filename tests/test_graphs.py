@@ -533,4 +533,4 @@ def test_block_lpe_of_a_45m_parameter_gpt2_needs_no_edge_arrays():
     lam = np.einsum("ij,ij->j", pos, lap_pos)
     assert np.abs(lap_pos - pos * lam).max() < 1e-5  # eigenvectors (float32 rounding)
     np.testing.assert_allclose(pos.T @ pos, np.eye(8), atol=1e-5)
-    assert 0 < lam[0] and (np.diff(lam) > 0).all() and lam[-1] < 0.5
+    assert 0 < lam[0] and (np.diff(lam) > 0).all()
