@@ -75,8 +75,9 @@ def test_streamed_nowcast_equals_the_array_nowcast(name):
     g, s = build_graph(spec), build_streamed(spec)
     full = NiNo(model).predict_scaled(scaled, 7, g)
     for chunk in (5, 64, 8192):  # chunks that split blocks, and one per block
-        torch.testing.assert_close(model.nowcast_streamed(s, scaled, 7, chunk_size=chunk), full,
-                                   rtol=1e-5, atol=1e-5)
+        for keep in (True, False):  # edge states kept between passes, or recomputed from the states
+            torch.testing.assert_close(model.nowcast_streamed(s, scaled, 7, chunk_size=chunk, keep_edge_states=keep),
+                                       full, rtol=1e-5, atol=1e-5)
     assert torch.equal(NiNo(model).predict_scaled(scaled, 7, s), model.nowcast_streamed(s, scaled, 7))
 
 

@@ -41,6 +41,7 @@ if TYPE_CHECKING:
 
 DEFAULT_CHUNK = 2**12  # edges per chunk: scratch stays in cache; 2^12 measured as fast as 2^14..2^20 on CPU, less memory
 STREAM_CHUNK = 2**13  # streamed graphs: per-chunk index arithmetic is amortised over more edges
+GPU_CHUNK = 2**18  # streamed graphs on a GPU: enough rows per kernel to hide launch and index-arithmetic costs
 EDGE_STATE_BUDGET = 2**30  # bytes of (E, hid) edge states kept between passes when keep_edge_states is None
 
 
@@ -74,6 +75,14 @@ def init_weights(module: nn.Module) -> None:
             nn.init.normal_(m.weight, 0.0, 0.02)
         if isinstance(m, nn.Linear) and m.bias is not None:
             nn.init.zeros_(m.bias)
+
+
+def edge_state_budget(device: torch.device) -> int:
+    """Bytes of (E, hid) edge states worth keeping between passes: EDGE_STATE_BUDGET on the CPU (RAM is
+    shared with the states), half the free memory on a GPU (recomputing costs ~20 % more matmul work)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0] // 2
+    return EDGE_STATE_BUDGET
 
 
 def in_degree(dst: Tensor, num_nodes: int) -> Tensor:
@@ -313,14 +322,15 @@ class NiNoModel(nn.Module):
             self._nowcast_into(out, edge_attr, edge_index, edge_type, pos, pos_w, k, chunk_size, keep_edge_states)
         return out
 
-    def nowcast_streamed(self, graph: "StreamedGraph", scaled: Tensor, k: int,
-                         chunk_size: int = STREAM_CHUNK) -> Tensor:
+    def nowcast_streamed(self, graph: "StreamedGraph", scaled: Tensor, k: int, chunk_size: int = STREAM_CHUNK,
+                         keep_edge_states: bool | None = None) -> Tensor:
         """(P, ctx) scaled states + a streamed graph -> (P,) scaled predictions at horizon k (float32).
 
         The same computation as ``nowcast`` on the materialised graph, but edges, types and features are made
         per chunk from the graph's blocks and predictions go straight to their parameters: apart from the
-        states and the (P,) result, memory is O(nodes + chunk). Edge states are always recomputed (for a graph
-        this size, keeping them would take E * hid * 4 bytes)."""
+        states and the (P,) result, memory is O(nodes + chunk). Edge states (E * hid * 4 bytes) are recomputed
+        per pass unless ``keep_edge_states``; None keeps them when they fit in ``edge_state_budget`` (on a large
+        GPU, GPT-2 small's 64 GB do)."""
         self._check_k(k)
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be positive, got {chunk_size}")
@@ -339,7 +349,9 @@ class NiNoModel(nn.Module):
                                     torch.empty(max(1, min(chunk_size, graph.num_edges)), width, device=dev),
                                     torch.empty(max(1, min(chunk_size, graph.num_edges)), graph.feat_size,
                                                 device=dev))
-            self._run(source, graph.feat_size, k, chunk_size, keep_edge_states=False)
+            if keep_edge_states is None:
+                keep_edge_states = graph.num_edges * self.hid * 4 <= edge_state_budget(dev)
+            self._run(source, graph.feat_size, k, chunk_size, keep_edge_states)
         return out
 
     def _nowcast_into(self, out: Tensor, edge_attr: Tensor, edge_index: Tensor, edge_type: Tensor, pos: Tensor,
@@ -509,7 +521,9 @@ class NiNo(ModuleNowcaster):
         if graph.pos is None:
             raise NowcastError(f"{self.name}: NiNo needs the graph's Laplacian positional encoding (pos)")
         if not isinstance(graph, NeuralGraph):  # a StreamedGraph: no edge-sized arrays anywhere
-            return self.model.nowcast_streamed(graph, scaled, k, chunk_size=max(self.chunk_size, STREAM_CHUNK))
+            floor = STREAM_CHUNK if self.device.type == "cpu" else GPU_CHUNK
+            return self.model.nowcast_streamed(graph, scaled, k, chunk_size=max(self.chunk_size, floor),
+                                               keep_edge_states=self.keep_edge_states)
         attr = graph.edge_features(scaled.to(self.device, torch.float32))
         pred = self.model.nowcast(attr, graph.edge_index, graph.edge_type, graph.pos, graph.pos_w, k,
                                   chunk_size=self.chunk_size, keep_edge_states=self.keep_edge_states)
