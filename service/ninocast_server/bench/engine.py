@@ -178,6 +178,7 @@ def run_bench_engine(args: argparse.Namespace) -> int:
         rows.append(row)
         print(f"{name}: cold {row['cold_s']:.2f} s, warm {row['warm_s']} s, peak RSS {row['peak_rss_gb']:.2f} GB",
               file=sys.stderr)
+        print(json.dumps(row), file=sys.stderr)
     print(format_table(rows))
     return 0
 
