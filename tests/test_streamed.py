@@ -103,3 +103,37 @@ def test_consumed_states_are_scaled_in_place_and_kept_otherwise():
     consumed = nowcast(nc, spec, states, 3, graph_cache=GraphCache(), consume_states=True)
     assert torch.equal(consumed, kept)
     assert torch.equal(states, scale_states(before, spec)[0])  # the scratch copy was never made
+
+
+def test_tensor_stats_match_scale_states():
+    from ninocast_server.engine.nowcasters.scaling import tensor_stats
+
+    spec = SPECS["gpt2"]
+    states = torch.randn(spec.n_params, 5) * 3 + 1
+    _, mu, sigma = scale_states(states, spec)
+    mu2, sigma2 = tensor_stats(states, spec, rows=7)  # pieces that split tensors
+    torch.testing.assert_close(mu2, mu, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(sigma2, sigma, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_streamed_nowcast_reads_raw_states_of_any_precision(dtype):
+    """Per-chunk scaling of raw (16-bit) states gives the float32 array nowcast of the same values, and the
+    caller's states are left as they are."""
+    spec = SPECS["llama-gqa"]
+    nc = NiNo(random_nino())
+    states = torch.randn(spec.n_params, 5).to(dtype)
+    before = states.clone()
+    want = nowcast(nc, spec, states.float(), 3, graph_cache=GraphCache())
+    got = nowcast(nc, spec, states, 3, graph_cache=GraphCache(stream_min_edges=0), consume_states=True)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert torch.equal(states, before)
+
+
+def test_runner_uses_the_callers_cache_even_when_empty():
+    """An empty GraphCache is falsy (it has __len__): ``graph_cache or default`` silently used the module's
+    default cache, so a server's own cache (and its size limit) never filled."""
+    cache = GraphCache(stream_min_edges=0)
+    spec = SPECS["conv"]
+    nowcast(NiNo(random_nino()), spec, torch.randn(spec.n_params, 5), 2, graph_cache=cache)
+    assert len(cache) == 1 and cache.misses == 1

@@ -30,7 +30,8 @@ def check_request(model: Nowcaster, spec: ModelSpec, states: Tensor, k: int) -> 
 @torch.inference_mode()
 def nowcast(model: Nowcaster, spec: ModelSpec, states: Tensor, k: int,
             graph_cache: GraphCache | None = None, *, consume_states: bool = False) -> Tensor:
-    """(P, ctx) states, oldest first -> (P,) float32 predicted parameters on the CPU.
+    """(P, ctx) states, oldest first -> (P,) float32 predicted parameters on the CPU. 16-bit states stay 16-bit
+    for nowcasters that read them (half the memory of a float32 copy: what makes a 1B model fit in 20 GB).
 
     ``consume_states``: the caller no longer needs ``states``, so the nowcaster may overwrite them (scaling in
     place saves a (P, ctx) copy). A float32 copy on another device or dtype is always used as scratch."""
@@ -39,9 +40,11 @@ def nowcast(model: Nowcaster, spec: ModelSpec, states: Tensor, k: int,
         raise NowcastError("states contain NaN or Inf")
     graph = None
     if model.needs_graph:
-        graph = (graph_cache or default_graph_cache).get(spec, with_lpe=model.needs_lpe)
+        cache = graph_cache if graph_cache is not None else default_graph_cache  # an empty cache is falsy
+        graph = cache.get(spec, with_lpe=model.needs_lpe)
         if graph.pos_w.device != model.device:
             graph = graph.to(model.device)
-    x = states.to(model.device, torch.float32)
+    keep = model.reads_16bit and states.dtype in (torch.bfloat16, torch.float16)
+    x = states.to(model.device, states.dtype if keep else torch.float32)
     out = model.predict(x, k, spec, graph, overwrite_states=consume_states or x is not states)
     return out.to("cpu", torch.float32)

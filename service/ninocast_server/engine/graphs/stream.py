@@ -10,14 +10,16 @@ arithmetic on the block's ranges. The edge numbering, types and features are exa
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import torch
 from torch import Tensor
 
 from ninocast.spec import ModelSpec
 
+from ..nowcasters.scaling import EPS
 from .base import SELF_LOOP_VALUE, VIRTUAL_VALUE, NeuralGraph
 from .generic import T_SELF_LOOP, EdgeBlock, GraphLayout, ParamMap
 
@@ -29,6 +31,7 @@ class _Block:
     e0: int  # first edge id
     block: EdgeBlock
     constant: float  # slot-0 value of virtual edges (param None)
+    tensor: int = -1  # index in spec.layout of the tensor the block's parameters belong to (-1: virtual)
 
 
 @dataclass(frozen=True)
@@ -47,12 +50,16 @@ class EdgeChunk:
 class StreamedGraph:
     """The graph of ``layout`` without edge-sized arrays; see the module docstring."""
 
-    def __init__(self, layout: GraphLayout, n_params: int, pos: Tensor | None = None) -> None:
-        self.layout = layout
+    def __init__(self, layout: GraphLayout, n_params: int, pos: Tensor | None = None,
+                 tensor_starts: Sequence[int] = ()) -> None:
+        """``tensor_starts``: the flat offset of each spec tensor, ascending (needed by ``features`` with
+        per-tensor scaling)."""
+        self.layout, self.tensor_starts = layout, tuple(tensor_starts)
         self.num_nodes, self.feat_size, self.n_params = layout.num_nodes, layout.feat_size, int(n_params)
         parts, e0 = [], 0
         for b in layout.blocks:
-            parts.append(_Block(e0, b, VIRTUAL_VALUE))
+            t = bisect.bisect_right(self.tensor_starts, b.param.start) - 1 if b.param is not None else -1
+            parts.append(_Block(e0, b, VIRTUAL_VALUE, t))
             e0 += b.num_edges
         n = self.num_nodes
         parts.append(_Block(e0, EdgeBlock("self_loops", T_SELF_LOOP, (0, n), (0, n), "diag"), SELF_LOOP_VALUE))
@@ -98,17 +105,27 @@ class StreamedGraph:
         local = torch.arange(c.l0, c.l0 + c.size, device=self.device)
         return _local_to_flat(p, local)
 
-    def features(self, states: Tensor, c: EdgeChunk, out: Tensor) -> Tensor:
-        """(n, F_g * S) slot-major features of the chunk, written into ``out`` (same as ``edge_features``)."""
+    def features(self, states: Tensor, c: EdgeChunk, out: Tensor,
+                 scale: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        """(n, F_g * S) slot-major float32 features of the chunk, written into ``out`` (as ``edge_features``).
+
+        ``scale`` = per-tensor (mu, sigma): ``states`` are raw (any float dtype) and are standardised here,
+        chunk by chunk, exactly as ``scale_states`` does: (x - mu) / (sigma + EPS) in float32."""
         S = states.shape[1]
         out = out[: c.size]
         out.zero_()
         idx = self.param_index(c)
         if idx is None:
             out[:, :S] = c.part.constant
-        else:
-            slots = idx.shape[1]
-            out.view(c.size, self.feat_size, S)[:, :slots].copy_(states[idx.reshape(-1)].view(c.size, slots, S))
+            return out
+        slots = idx.shape[1]
+        dst = out.view(c.size, self.feat_size, S)[:, :slots]
+        dst.copy_(states[idx.reshape(-1)].view(c.size, slots, S))
+        if scale is not None:
+            if c.part.tensor < 0:
+                raise ValueError("per-tensor scaling needs the graph's tensor_starts")
+            mu, sigma = scale
+            dst.sub_(mu[c.part.tensor]).div_(sigma[c.part.tensor] + EPS)
         return out
 
     def scatter(self, pred: Tensor, c: EdgeChunk, out: Tensor) -> None:
@@ -146,7 +163,8 @@ class StreamedGraph:
         return out
 
     def to(self, device: torch.device | str) -> "StreamedGraph":
-        g = StreamedGraph(self.layout, self.n_params, None if self.pos is None else self.pos.to(device))
+        g = StreamedGraph(self.layout, self.n_params, None if self.pos is None else self.pos.to(device),
+                          self.tensor_starts)
         g.pos_w, g.device = self.pos_w.to(device), torch.device(device)
         return g
 
@@ -177,7 +195,7 @@ def build_streamed(spec: ModelSpec, *, with_lpe: bool = True) -> StreamedGraph:
 
     layout = LAYOUTS[spec.family](spec)
     pos = laplacian_pe_blocks(layout.blocks, layout.num_nodes) if with_lpe else None
-    return StreamedGraph(layout, spec.n_params, pos)
+    return StreamedGraph(layout, spec.n_params, pos, [p.start for p in spec.layout])
 
 
 def layout_edges(spec: ModelSpec) -> int:

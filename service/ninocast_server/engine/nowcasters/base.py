@@ -45,6 +45,7 @@ class Nowcaster(ABC):
     horizon: int = 40  # the largest k it can predict
     needs_graph: bool = False  # predict() wants the spec's NeuralGraph
     needs_lpe: bool = False  # ... with its Laplacian positional encoding
+    reads_16bit: bool = False  # predict() takes bf16 / fp16 states as they are (else the runner makes float32)
     families: tuple[str, ...] = FAMILIES
     device: torch.device = torch.device("cpu")
 

@@ -33,7 +33,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import ModuleNowcaster, NowcastError
+from ninocast.spec import ModelSpec
+
+from .base import ModuleNowcaster, NowcastError, all_finite
+from .scaling import tensor_stats, unscale_vector
 
 if TYPE_CHECKING:
     from ..graphs.base import NeuralGraph
@@ -323,8 +326,10 @@ class NiNoModel(nn.Module):
         return out
 
     def nowcast_streamed(self, graph: "StreamedGraph", scaled: Tensor, k: int, chunk_size: int = STREAM_CHUNK,
-                         keep_edge_states: bool | None = None) -> Tensor:
+                         keep_edge_states: bool | None = None, scale: tuple[Tensor, Tensor] | None = None) -> Tensor:
         """(P, ctx) scaled states + a streamed graph -> (P,) scaled predictions at horizon k (float32).
+        With ``scale`` = per-tensor (mu, sigma), ``scaled`` holds raw states of any float dtype instead, and
+        each chunk is standardised as it is read (no scaled copy, bf16 states stay bf16).
 
         The same computation as ``nowcast`` on the materialised graph, but edges, types and features are made
         per chunk from the graph's blocks and predictions go straight to their parameters: apart from the
@@ -345,10 +350,10 @@ class NiNoModel(nn.Module):
         out = torch.empty(graph.n_params, device=dev)
         width = graph.feat_size * self.ctx
         with torch.inference_mode():
+            rows = max(1, min(chunk_size, graph.num_edges))
             source = _StreamedEdges(graph.to(dev) if graph.device != dev else graph, scaled.to(dev), out,
-                                    torch.empty(max(1, min(chunk_size, graph.num_edges)), width, device=dev),
-                                    torch.empty(max(1, min(chunk_size, graph.num_edges)), graph.feat_size,
-                                                device=dev))
+                                    torch.empty(rows, width, device=dev), torch.empty(rows, graph.feat_size, device=dev),
+                                    None if scale is None else (scale[0].to(dev), scale[1].to(dev)))
             if keep_edge_states is None:
                 keep_edge_states = graph.num_edges * self.hid * 4 <= edge_state_budget(dev)
             self._run(source, graph.feat_size, k, chunk_size, keep_edge_states)
@@ -460,8 +465,9 @@ class _StreamedEdges:
     """Edges made per chunk from a StreamedGraph's blocks; predictions are scattered into the (P,) ``out``."""
 
     def __init__(self, graph: "StreamedGraph", states: Tensor, out: Tensor, feat_buf: Tensor,
-                 head_buf: Tensor) -> None:
+                 head_buf: Tensor, scale: tuple[Tensor, Tensor] | None) -> None:
         self.graph, self.states, self.out, self.feat_buf, self.head_buf = graph, states, out, feat_buf, head_buf
+        self.scale = scale
         self.pos, self.pos_w = graph.pos.to(torch.float32), graph.pos_w
         self.num_edges = graph.num_edges
         self._feats: tuple[object, Tensor] | None = None  # the last chunk's features (embed and residual share)
@@ -480,7 +486,7 @@ class _StreamedEdges:
 
     def features(self, c) -> Tensor:
         if self._feats is None or self._feats[0] is not c:
-            self._feats = (c, self.graph.features(self.states, c, self.feat_buf))
+            self._feats = (c, self.graph.features(self.states, c, self.feat_buf, self.scale))
         return self._feats[1]
 
     def in_degree(self) -> Tensor:
@@ -501,6 +507,7 @@ class NiNo(ModuleNowcaster):
     """NiNo as a service nowcaster: scaled (P, ctx) states + the spec's neural graph -> (P,) scaled prediction."""
 
     kind = "nino"
+    reads_16bit = True  # bf16 / fp16 states are read as they are on streamed graphs
     needs_graph = True
     needs_lpe = True
 
@@ -508,6 +515,33 @@ class NiNo(ModuleNowcaster):
                  keep_edge_states: bool | None = None) -> None:
         super().__init__(model, name, chunk_size)
         self.keep_edge_states = keep_edge_states
+
+    def predict(self, states: Tensor, k: int, spec: ModelSpec, graph: "NeuralGraph | StreamedGraph | None", *,
+                overwrite_states: bool = False) -> Tensor:
+        """On a streamed graph the states are read raw and standardised chunk by chunk (see ``nowcast_streamed``):
+        neither a scaled copy nor a float32 copy of 16-bit states is made. Otherwise as every scaled nowcaster."""
+        from ..graphs.base import NeuralGraph
+
+        if graph is None or isinstance(graph, NeuralGraph):
+            if states.dtype != torch.float32:
+                states, overwrite_states = states.float(), True
+            return super().predict(states, k, spec, graph, overwrite_states=overwrite_states)
+        self._check_streamable(graph)
+        mu, sigma = tensor_stats(states, spec)
+        floor = STREAM_CHUNK if self.device.type == "cpu" else GPU_CHUNK
+        pred = self.model.nowcast_streamed(graph, states, k, chunk_size=max(self.chunk_size, floor),
+                                           keep_edge_states=self.keep_edge_states, scale=(mu, sigma))
+        if not all_finite(pred):
+            raise FloatingPointError(f"{self.name}: the prediction contains NaN or Inf")
+        return unscale_vector(pred, spec, mu, sigma)
+
+    def _check_streamable(self, graph: "StreamedGraph") -> None:
+        if graph.feat_size > self.model.max_feat_size:
+            raise NowcastError(f"{self.name}: the graph has {graph.feat_size} values per edge (largest kernel "
+                               f"area) but the model reads at most {self.model.max_feat_size}; "
+                               "models with kernels larger than 3x3 are not supported")
+        if graph.pos is None:
+            raise NowcastError(f"{self.name}: NiNo needs the graph's Laplacian positional encoding (pos)")
 
     def predict_scaled(self, scaled: Tensor, k: int, graph: "NeuralGraph | StreamedGraph | None") -> Tensor:
         from ..graphs.base import NeuralGraph
