@@ -137,3 +137,19 @@ def test_runner_uses_the_callers_cache_even_when_empty():
     spec = SPECS["conv"]
     nowcast(NiNo(random_nino()), spec, torch.randn(spec.n_params, 5), 2, graph_cache=cache)
     assert len(cache) == 1 and cache.misses == 1
+
+
+@pytest.mark.parametrize("dtypes,held", [("BF16", torch.bfloat16), ("F16", torch.float16), ("F32", torch.float32)])
+def test_server_loads_16bit_states_without_widening(tmp_path, dtypes, held):
+    from ninocast_server.sessions.safetensors_io import encode, load_states
+
+    spec = SPECS["conv"]
+    paths = []
+    for i in range(3):
+        head, data = encode(torch.randn(spec.n_params), spec, dtypes)
+        paths.append(tmp_path / f"s{i}.safetensors")
+        paths[-1].write_bytes(head + bytes(data))
+    wide = load_states(paths, spec)
+    kept = load_states(paths, spec, keep_16bit=True)
+    assert wide.dtype == torch.float32 and kept.dtype == held
+    assert torch.equal(kept.float(), wide)  # 16-bit -> float32 is exact

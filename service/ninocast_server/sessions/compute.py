@@ -57,8 +57,9 @@ def run_nowcast(job: NowcastJob, registry: NowcasterRegistry, graphs: "GraphCach
     from ..engine.nowcasters.base import NowcastError
 
     t0 = time.perf_counter()
+    reads_16bit = registry.for_session(job.nowcaster, job.ctx, device).reads_16bit
     try:
-        states = load_states(job.paths, job.spec)
+        states = load_states(job.paths, job.spec, keep_16bit=reads_16bit)
     except FileNotFoundError:
         raise ServiceError(409, "states_changed", "a newer upload replaced the states while the nowcast waited; "
                            "retry the nowcast") from None
