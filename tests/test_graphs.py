@@ -491,6 +491,8 @@ def test_block_adjacency_is_the_deduplicated_edge_list(spec):
     x = np.random.default_rng(1).standard_normal((n, 3))
     np.testing.assert_allclose(adj.matmat(x), explicit.tocsr() @ x, atol=1e-10)
     np.testing.assert_allclose(adj.matmat(np.eye(n)), explicit.toarray(), atol=0)
+    np.testing.assert_array_equal(adj.dense(), explicit.toarray())
+    np.testing.assert_array_equal(adj.degrees(), explicit.toarray().sum(axis=1))
 
 
 def test_block_lpe_equals_edge_lpe():

@@ -85,13 +85,14 @@ def llama_bench_spec(layers: int, d: int, heads: int, kv: int, inner: int, vocab
     return ModelSpec("llama", tuple(params), num_heads=heads, num_key_value_heads=kv)
 
 
-def synthetic_states(n_params: int, ctx: int, seed: int = 0, rows: int = 2**22):
+def synthetic_states(n_params: int, ctx: int, seed: int = 0, rows: int = 2**22, dtype=None):
     """A drifting trajectory: a random start plus steps with a persistent direction and noise. Made
-    ``rows`` parameters at a time, so the only full-size allocation is the (P, ctx) result."""
+    ``rows`` parameters at a time, so the only full-size allocation is the (P, ctx) result (of ``dtype``,
+    default float32)."""
     import torch
 
     g = torch.Generator().manual_seed(seed)
-    states = torch.empty(n_params, ctx)
+    states = torch.empty(n_params, ctx, dtype=dtype or torch.float32)
     for r0 in range(0, n_params, rows):
         n = min(rows, n_params - r0)
         w = torch.randn(n, generator=g) * 0.05
@@ -102,7 +103,8 @@ def synthetic_states(n_params: int, ctx: int, seed: int = 0, rows: int = 2**22):
     return states
 
 
-def run_one(model_name: str, nowcaster_ref: str, k: int, device: str, repeat: int) -> dict:
+def run_one(model_name: str, nowcaster_ref: str, k: int, device: str, repeat: int,
+            states_dtype: str = "float32") -> dict:
     """Measured inside the child process. The states are handed over (``consume_states``), as the server does
     with states it has just read: the engine scales them in place instead of copying them."""
     import resource
@@ -116,9 +118,10 @@ def run_one(model_name: str, nowcaster_ref: str, k: int, device: str, repeat: in
     rss_after_import = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     spec = bench_spec(model_name)
     model = load_nowcaster(nowcaster_ref, device=device)
-    states = synthetic_states(spec.n_params, model.ctx)
+    dtype = getattr(torch, states_dtype)
+    states = synthetic_states(spec.n_params, model.ctx, dtype=dtype)
     head = min(spec.n_params, 2**20)
-    newest = states[:head, -1].clone()  # for the update norm: the states themselves are consumed
+    newest = states[:head, -1].float()  # for the update norm: the states themselves are consumed
     rss_states = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     cache = GraphCache()
     t0 = time.perf_counter()
@@ -128,7 +131,7 @@ def run_one(model_name: str, nowcaster_ref: str, k: int, device: str, repeat: in
     graph = cache.get(spec, with_lpe=model.needs_lpe) if model.needs_graph else None
     warm = []
     for _ in range(repeat):
-        states = synthetic_states(spec.n_params, model.ctx)
+        states = synthetic_states(spec.n_params, model.ctx, dtype=dtype)
         t0 = time.perf_counter()
         nowcast(model, spec, states, k, graph_cache=cache, consume_states=True)
         warm.append(time.perf_counter() - t0)
@@ -137,7 +140,7 @@ def run_one(model_name: str, nowcaster_ref: str, k: int, device: str, repeat: in
     edges = graph.num_edges if graph is not None else spec.n_params
     return {
         "model": model_name, "params": spec.n_params, "edges": edges, "nowcaster": model.name, "k": k,
-        "device": device, "threads": torch.get_num_threads(),
+        "device": device, "threads": torch.get_num_threads(), "states_dtype": states_dtype,
         "graph": type(graph).__name__ if graph is not None else None, "cold_s": round(cold, 3),
         "warm_s": round(min(warm), 3) if warm else None,
         "peak_rss_gb": round(peak, 3), "rss_after_import_gb": round(rss_after_import, 3),
@@ -170,7 +173,7 @@ def run_bench_engine(args: argparse.Namespace) -> int:
     for name in [m.strip() for m in args.models.split(",") if m.strip()]:
         bench_spec(name)  # fail early on a bad name
         cmd = [sys.executable, "-m", "ninocast_server.bench.engine", name, ref, str(args.k), args.device,
-               str(args.repeat)]
+               str(args.repeat), args.states_dtype]
         res = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
         if res.returncode != 0:
             raise CommandError(f"benchmark of {name} failed:\n{res.stderr[-2000:]}")
@@ -184,5 +187,5 @@ def run_bench_engine(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    name, ref, k, device, repeat = sys.argv[1:6]
-    print(json.dumps(run_one(name, ref, int(k), device, int(repeat))))
+    name, ref, k, device, repeat, states_dtype = sys.argv[1:7]
+    print(json.dumps(run_one(name, ref, int(k), device, int(repeat), states_dtype)))

@@ -26,8 +26,6 @@ class BlockAdjacency:
     """Unit-weight undirected adjacency (self-loops and duplicates dropped) of a list of edge blocks."""
 
     def __init__(self, blocks: Sequence[EdgeBlock], num_nodes: int) -> None:
-        from scipy.sparse import csr_array
-
         n = self.n = int(num_nodes)
         rects, pairs = [], []
         for b in blocks:
@@ -50,33 +48,61 @@ class BlockAdjacency:
         key = np.unique(lo * n + hi)  # O(N) one-to-one pairs: dedup among themselves
         lo, hi = key // n, key % n
         inside = covered(lo, hi)
-        lo, hi = lo[~inside], hi[~inside]
-        self.num_pairs = int(np.sum((a1 - a0) * (b1 - b0))) + lo.size
+        self.lo, self.hi = lo[~inside], hi[~inside]
+        self.num_pairs = int(np.sum((a1 - a0) * (b1 - b0))) + self.lo.size
+        self._ops: tuple | None = None
+
+    def dense(self) -> np.ndarray:
+        """The (n, n) 0/1 matrix (small graphs; no scipy import, which costs more than a small nowcast)."""
+        adj = np.zeros((self.n, self.n))
+        for a0, a1, b0, b1 in zip(self.a0, self.a1, self.b0, self.b1):
+            adj[a0:a1, b0:b1] = 1.0
+            adj[b0:b1, a0:a1] = 1.0
+        adj[self.lo, self.hi] = 1.0
+        adj[self.hi, self.lo] = 1.0
+        return adj
+
+    def _operators(self) -> tuple:
+        """Sparse range-sum / range-spread maps with O(#rectangles) entries, and the one-to-one pairs."""
+        if self._ops is not None:
+            return self._ops
+        from scipy.sparse import csr_array
+
+        n, a0, a1, b0, b1, lo, hi = self.n, self.a0, self.a1, self.b0, self.b1, self.lo, self.hi
         r = a0.size
         ones = np.ones(r)
         rows = np.arange(r)
         # range sums: S_I x = C[a1] - C[a0] with C = [0, cumsum(x)]
-        self._sum_a = csr_array((np.concatenate([ones, -ones]), (np.concatenate([rows, rows]),
+        sum_a = csr_array((np.concatenate([ones, -ones]), (np.concatenate([rows, rows]),
                                  np.concatenate([a1, a0]))), shape=(r, n + 1))
-        self._sum_b = csr_array((np.concatenate([ones, -ones]), (np.concatenate([rows, rows]),
+        sum_b = csr_array((np.concatenate([ones, -ones]), (np.concatenate([rows, rows]),
                                  np.concatenate([b1, b0]))), shape=(r, n + 1))
         # range spreads: y += cumsum(delta at start - delta at end)
-        self._spread_a = self._sum_a.T.tocsr() * -1.0
-        self._spread_b = self._sum_b.T.tocsr() * -1.0
-        self._pairs = csr_array((np.ones(2 * lo.size), (np.concatenate([lo, hi]), np.concatenate([hi, lo]))),
-                                shape=(n, n))
+        pairs = csr_array((np.ones(2 * lo.size), (np.concatenate([lo, hi]), np.concatenate([hi, lo]))),
+                          shape=(n, n))
+        self._ops = (sum_a, sum_b, sum_a.T.tocsr() * -1.0, sum_b.T.tocsr() * -1.0, pairs)
+        return self._ops
 
     def matmat(self, x: np.ndarray) -> np.ndarray:
         """A @ x for x of shape (n,) or (n, m)."""
+        sum_a, sum_b, spread_a, spread_b, pairs = self._operators()
         c = np.zeros((self.n + 1,) + x.shape[1:])
         np.cumsum(x, axis=0, out=c[1:])
-        d = self._spread_a @ (self._sum_b @ c) + self._spread_b @ (self._sum_a @ c)
+        d = spread_a @ (sum_b @ c) + spread_b @ (sum_a @ c)
         y = np.cumsum(d[: self.n], axis=0)
-        y += self._pairs @ x
+        y += pairs @ x
         return y
 
     def degrees(self) -> np.ndarray:
-        return self.matmat(np.ones(self.n))
+        """Exact integer-valued degrees, from the rectangles' sizes and the pairs (no scipy)."""
+        diff = np.zeros(self.n + 1)
+        np.add.at(diff, self.a0, self.b1 - self.b0)
+        np.add.at(diff, self.a1, -(self.b1 - self.b0))
+        np.add.at(diff, self.b0, self.a1 - self.a0)
+        np.add.at(diff, self.b1, -(self.a1 - self.a0))
+        deg = np.cumsum(diff[: self.n])
+        deg += np.bincount(self.lo, minlength=self.n) + np.bincount(self.hi, minlength=self.n)
+        return deg
 
 
 def _disjoint_union(rects: list[tuple[int, int, int, int]]):

@@ -84,7 +84,7 @@ def laplacian_pe_blocks(blocks: Sequence[EdgeBlock], num_nodes: int, k: int = LP
     dinv = _inverse_sqrt_degrees(adj.degrees())
 
     def dense() -> np.ndarray:
-        return np.eye(n) - dinv[:, None] * adj.matmat(np.eye(n)) * dinv[None, :]
+        return np.eye(n) - dinv[:, None] * adj.dense() * dinv[None, :]
 
     def normalised_adjacency():
         def apply(x: np.ndarray) -> np.ndarray:
