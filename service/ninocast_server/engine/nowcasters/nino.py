@@ -526,26 +526,14 @@ class NiNo(ModuleNowcaster):
             if states.dtype != torch.float32:
                 states, overwrite_states = states.float(), True
             return super().predict(states, k, spec, graph, overwrite_states=overwrite_states)
-        self._check_streamable(graph)
+        self._check_graph(graph)
         mu, sigma = tensor_stats(states, spec)
-        floor = STREAM_CHUNK if self.device.type == "cpu" else GPU_CHUNK
-        pred = self.model.nowcast_streamed(graph, states, k, chunk_size=max(self.chunk_size, floor),
-                                           keep_edge_states=self.keep_edge_states, scale=(mu, sigma))
+        pred = self._streamed(graph, states, k, (mu, sigma))
         if not all_finite(pred):
             raise FloatingPointError(f"{self.name}: the prediction contains NaN or Inf")
         return unscale_vector(pred, spec, mu, sigma)
 
-    def _check_streamable(self, graph: "StreamedGraph") -> None:
-        if graph.feat_size > self.model.max_feat_size:
-            raise NowcastError(f"{self.name}: the graph has {graph.feat_size} values per edge (largest kernel "
-                               f"area) but the model reads at most {self.model.max_feat_size}; "
-                               "models with kernels larger than 3x3 are not supported")
-        if graph.pos is None:
-            raise NowcastError(f"{self.name}: NiNo needs the graph's Laplacian positional encoding (pos)")
-
-    def predict_scaled(self, scaled: Tensor, k: int, graph: "NeuralGraph | StreamedGraph | None") -> Tensor:
-        from ..graphs.base import NeuralGraph
-
+    def _check_graph(self, graph: "NeuralGraph | StreamedGraph | None") -> None:
         if graph is None:
             raise NowcastError(f"{self.name}: NiNo needs the model's neural graph")
         if graph.feat_size > self.model.max_feat_size:
@@ -554,10 +542,19 @@ class NiNo(ModuleNowcaster):
                                "models with kernels larger than 3x3 are not supported")
         if graph.pos is None:
             raise NowcastError(f"{self.name}: NiNo needs the graph's Laplacian positional encoding (pos)")
+
+    def _streamed(self, graph: "StreamedGraph", states: Tensor, k: int,
+                  scale: tuple[Tensor, Tensor] | None) -> Tensor:
+        floor = STREAM_CHUNK if self.device.type == "cpu" else GPU_CHUNK
+        return self.model.nowcast_streamed(graph, states, k, chunk_size=max(self.chunk_size, floor),
+                                           keep_edge_states=self.keep_edge_states, scale=scale)
+
+    def predict_scaled(self, scaled: Tensor, k: int, graph: "NeuralGraph | StreamedGraph | None") -> Tensor:
+        from ..graphs.base import NeuralGraph
+
+        self._check_graph(graph)
         if not isinstance(graph, NeuralGraph):  # a StreamedGraph: no edge-sized arrays anywhere
-            floor = STREAM_CHUNK if self.device.type == "cpu" else GPU_CHUNK
-            return self.model.nowcast_streamed(graph, scaled, k, chunk_size=max(self.chunk_size, floor),
-                                               keep_edge_states=self.keep_edge_states)
+            return self._streamed(graph, scaled, k, None)
         attr = graph.edge_features(scaled.to(self.device, torch.float32))
         pred = self.model.nowcast(attr, graph.edge_index, graph.edge_type, graph.pos, graph.pos_w, k,
                                   chunk_size=self.chunk_size, keep_edge_states=self.keep_edge_states)
