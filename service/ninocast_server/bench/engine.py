@@ -124,9 +124,11 @@ def run_one(model_name: str, nowcaster_ref: str, k: int, device: str, repeat: in
     newest = states[:head, -1].float()  # for the update norm: the states themselves are consumed
     rss_states = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     cache = GraphCache()
+    cpu0 = _cpu_seconds()
     t0 = time.perf_counter()
     pred = nowcast(model, spec, states, k, graph_cache=cache, consume_states=True)
     cold = time.perf_counter() - t0
+    cold_cpu = _cpu_seconds() - cpu0
     del states
     graph = cache.get(spec, with_lpe=model.needs_lpe) if model.needs_graph else None
     warm = []
@@ -142,6 +144,7 @@ def run_one(model_name: str, nowcaster_ref: str, k: int, device: str, repeat: in
         "model": model_name, "params": spec.n_params, "edges": edges, "nowcaster": model.name, "k": k,
         "device": device, "threads": torch.get_num_threads(), "states_dtype": states_dtype,
         "graph": type(graph).__name__ if graph is not None else None, "cold_s": round(cold, 3),
+        "cold_cpu_s": round(cold_cpu, 1),
         "warm_s": round(min(warm), 3) if warm else None,
         "peak_rss_gb": round(peak, 3), "rss_after_import_gb": round(rss_after_import, 3),
         "rss_with_states_gb": round(rss_states, 3),
@@ -149,6 +152,15 @@ def run_one(model_name: str, nowcaster_ref: str, k: int, device: str, repeat: in
         "us_per_edge": round(cold * 1e6 / edges, 3),
         "update_norm_first_1m": float((pred[:head] - newest).norm()),
     }
+
+
+def _cpu_seconds() -> float:
+    """User + system CPU time of this process: on a shared machine, cold_cpu_s / threads approximates the
+    wall time on idle cores."""
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
 
 
 def format_table(rows: list[dict]) -> str:
