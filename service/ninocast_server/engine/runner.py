@@ -46,5 +46,6 @@ def nowcast(model: Nowcaster, spec: ModelSpec, states: Tensor, k: int,
             graph = graph.to(model.device)
     keep = model.reads_16bit and states.dtype in (torch.bfloat16, torch.float16)
     x = states.to(model.device, states.dtype if keep else torch.float32)
-    out = model.predict(x, k, spec, graph, overwrite_states=consume_states or x is not states)
+    scratch = {"overwrite_states": consume_states or x is not states} if model.scratch_states else {}
+    out = model.predict(x, k, spec, graph, **scratch)
     return out.to("cpu", torch.float32)

@@ -46,6 +46,7 @@ class Nowcaster(ABC):
     needs_graph: bool = False  # predict() wants the spec's NeuralGraph
     needs_lpe: bool = False  # ... with its Laplacian positional encoding
     reads_16bit: bool = False  # predict() takes bf16 / fp16 states as they are (else the runner makes float32)
+    scratch_states: bool = False  # predict() takes overwrite_states= (older subclasses do not: never passed)
     families: tuple[str, ...] = FAMILIES
     device: torch.device = torch.device("cpu")
 
@@ -69,6 +70,8 @@ class Nowcaster(ABC):
 
 class ScaledNowcaster(Nowcaster):
     """A learned nowcaster that works in per-tensor standardised units (NINO_SPEC §4)."""
+
+    scratch_states = True
 
     def predict(self, states: Tensor, k: int, spec: ModelSpec, graph: "NeuralGraph | None", *,
                 overwrite_states: bool = False) -> Tensor:
