@@ -110,7 +110,10 @@ def build_parser() -> argparse.ArgumentParser:
     bs = s.add_subparsers(dest="bench_command", metavar="WHAT")
     b = bs.add_parser("engine", help="nowcast wall time and peak memory of the engine on three models")
     b.add_argument("--nowcaster", default=None, help="default: the official nino_no_posw.pt from ../shared")
-    b.add_argument("--models", default="c10-32,mlp-1m,gpt2-3m", help="comma-separated subset")
+    b.add_argument("--models", default="c10-32,mlp-1m,gpt2-3m",
+                   help="comma-separated; also gpt2-45m, gpt2-124m, llama-30m, llama-1b (docs/benchmarks.md)")
+    b.add_argument("--states-dtype", default="float32", choices=("float32", "bfloat16"),
+                   help="precision the states are held in (bfloat16: as a bf16 upload is; llama-1b needs it)")
     b.add_argument("--k", type=int, default=10)
     b.add_argument("--device", default="cpu")
     b.add_argument("--repeat", type=int, default=1, help="timed nowcasts per model after the first")

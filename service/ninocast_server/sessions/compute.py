@@ -41,7 +41,13 @@ class NowcastResult:
 
 
 def estimate_bytes(spec: ModelSpec, ctx: int) -> int:
-    """Rough peak memory of one nowcast: the states, their scaled copy, edge features and the output."""
+    """Rough peak memory of one nowcast. Small graphs: the states, their scaled copy, edge features and the
+    output. Large ones (streamed graphs, issue #16): the states (scaled in place), the output and its encoding;
+    the graph and the GNN's buffers are node- and chunk-sized."""
+    from ..engine.graphs.stream import STREAM_MIN_EDGES
+
+    if spec.n_params >= STREAM_MIN_EDGES:
+        return spec.n_params * 4 * (ctx + 2)
     return spec.n_params * 4 * (3 * ctx + 4)
 
 
@@ -51,8 +57,9 @@ def run_nowcast(job: NowcastJob, registry: NowcasterRegistry, graphs: "GraphCach
     from ..engine.nowcasters.base import NowcastError
 
     t0 = time.perf_counter()
+    reads_16bit = registry.for_session(job.nowcaster, job.ctx, device).reads_16bit
     try:
-        states = load_states(job.paths, job.spec)
+        states = load_states(job.paths, job.spec, keep_16bit=reads_16bit)
     except FileNotFoundError:
         raise ServiceError(409, "states_changed", "a newer upload replaced the states while the nowcast waited; "
                            "retry the nowcast") from None
@@ -60,14 +67,14 @@ def run_nowcast(job: NowcastJob, registry: NowcasterRegistry, graphs: "GraphCach
     try:
         try:
             flat = runner.nowcast(registry.for_session(job.nowcaster, job.ctx, device), job.spec, states, job.k,
-                                  graph_cache=graphs)
+                                  graph_cache=graphs, consume_states=True)  # a GPU run scales its own copy
         except torch.cuda.OutOfMemoryError:
             log.warning("CUDA out of memory on %s for %d parameters; nowcasting on the CPU", device,
                         job.spec.n_params)
             torch.cuda.empty_cache()
             device = "cpu"
             flat = runner.nowcast(registry.for_session(job.nowcaster, job.ctx, "cpu"), job.spec, states, job.k,
-                                  graph_cache=graphs)
+                                  graph_cache=graphs, consume_states=True)
     except NowcastError as e:
         raise ServiceError(422, "nowcast_rejected", str(e)) from None
     except FloatingPointError as e:

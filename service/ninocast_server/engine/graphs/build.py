@@ -13,7 +13,8 @@ from ninocast.spec import GPT2_BLOCK_PREFIX, LLAMA_BLOCK_PREFIX, ModelSpec, Spec
 
 from .base import NeuralGraph
 from .generic import T_SELF_LOOP, EdgeBlock, GraphLayout, generic_layout
-from .lpe import laplacian_pe
+from .blocklap import NotBlockStructured
+from .lpe import laplacian_pe, laplacian_pe_blocks
 from .transformer import gpt2_layout, llama_layout
 
 LAYOUTS: dict[str, Callable[[ModelSpec], GraphLayout]] = {
@@ -35,8 +36,16 @@ def build_graph(spec: ModelSpec, *, with_lpe: bool = True, pos: torch.Tensor | N
             raise ValueError(f"pos must have shape ({graph.num_nodes}, lpe), got {tuple(pos.shape)}")
         graph.pos = pos
     elif with_lpe:
-        graph.pos = laplacian_pe(graph.edge_index, graph.num_nodes)
+        graph.pos = layout_pe(layout, graph)
     return graph
+
+
+def layout_pe(layout: GraphLayout, graph: NeuralGraph) -> torch.Tensor:
+    """The LPE from the layout's blocks (node-sized work); from the edge list if a block is not bipartite."""
+    try:
+        return laplacian_pe_blocks(layout.blocks, layout.num_nodes)
+    except NotBlockStructured:
+        return laplacian_pe(graph.edge_index, graph.num_nodes)
 
 
 def split_blocks(spec: ModelSpec) -> list[ModelSpec]:

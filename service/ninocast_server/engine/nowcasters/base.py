@@ -16,6 +16,18 @@ if TYPE_CHECKING:
     from ..graphs.base import NeuralGraph
 
 
+def all_finite(t: Tensor) -> bool:
+    """No NaN or Inf in ``t``, in one read-only pass: min and max propagate NaN and are infinite iff an entry is.
+
+    ``torch.isfinite(t).all()`` writes a bool tensor and reduces it: 0.65 s of a 0.67 s linefit nowcast of 25M
+    parameters; aminmax reads the states once and allocates nothing.
+    """
+    if t.numel() == 0:
+        return True
+    lo, hi = torch.aminmax(t)
+    return bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))
+
+
 class NowcastError(ValueError):
     """A nowcast request that cannot be served as asked (bad k, wrong shapes, unsupported graph)."""
 
@@ -33,12 +45,16 @@ class Nowcaster(ABC):
     horizon: int = 40  # the largest k it can predict
     needs_graph: bool = False  # predict() wants the spec's NeuralGraph
     needs_lpe: bool = False  # ... with its Laplacian positional encoding
+    reads_16bit: bool = False  # predict() takes bf16 / fp16 states as they are (else the runner makes float32)
+    scratch_states: bool = False  # predict() takes overwrite_states= (older subclasses do not: never passed)
     families: tuple[str, ...] = FAMILIES
     device: torch.device = torch.device("cpu")
 
     @abstractmethod
-    def predict(self, states: Tensor, k: int, spec: ModelSpec, graph: "NeuralGraph | None") -> Tensor:
-        """(P, ctx) float32 states on ``self.device`` -> (P,) float32 prediction."""
+    def predict(self, states: Tensor, k: int, spec: ModelSpec, graph: "NeuralGraph | None", *,
+                overwrite_states: bool = False) -> Tensor:
+        """(P, ctx) float32 states on ``self.device`` -> (P,) float32 prediction. With ``overwrite_states``
+        the nowcaster may use ``states`` as scratch (no second (P, ctx) copy); otherwise it leaves them as they are."""
 
     def to(self, device: torch.device | str) -> "Nowcaster":
         self.device = torch.device(device)
@@ -55,11 +71,14 @@ class Nowcaster(ABC):
 class ScaledNowcaster(Nowcaster):
     """A learned nowcaster that works in per-tensor standardised units (NINO_SPEC §4)."""
 
-    def predict(self, states: Tensor, k: int, spec: ModelSpec, graph: "NeuralGraph | None") -> Tensor:
-        scaled, mu, sigma = scale_states(states, spec)
+    scratch_states = True
+
+    def predict(self, states: Tensor, k: int, spec: ModelSpec, graph: "NeuralGraph | None", *,
+                overwrite_states: bool = False) -> Tensor:
+        scaled, mu, sigma = scale_states(states, spec, in_place=overwrite_states)
         pred = self.predict_scaled(scaled, k, graph)
         del scaled
-        if not torch.isfinite(pred).all():
+        if not all_finite(pred):
             raise FloatingPointError(f"{self.name}: the prediction contains NaN or Inf")
         return unscale_vector(pred, spec, mu, sigma)
 

@@ -27,6 +27,6 @@ class Linefit(Nowcaster):
             raise ValueError("linefit needs at least 2 states to fit a line")
         self.name, self.ctx, self.horizon = name, ctx, horizon
 
-    def predict(self, states: Tensor, k: int, spec: ModelSpec, graph=None) -> Tensor:
+    def predict(self, states: Tensor, k: int, spec: ModelSpec, graph=None, *, overwrite_states: bool = False) -> Tensor:
         w = line_weights(states.shape[1], k).to(states.device, states.dtype)
         return states @ w

@@ -33,12 +33,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import ModuleNowcaster, NowcastError
+from ninocast.spec import ModelSpec
+
+from .base import ModuleNowcaster, NowcastError, all_finite
+from .scaling import tensor_stats, unscale_vector
 
 if TYPE_CHECKING:
     from ..graphs.base import NeuralGraph
+    from ..graphs.stream import StreamedGraph
 
 DEFAULT_CHUNK = 2**12  # edges per chunk: scratch stays in cache; 2^12 measured as fast as 2^14..2^20 on CPU, less memory
+STREAM_CHUNK = 2**13  # streamed graphs: per-chunk index arithmetic is amortised over more edges
+GPU_CHUNK = 2**18  # streamed graphs on a GPU: enough rows per kernel to hide launch and index-arithmetic costs
 EDGE_STATE_BUDGET = 2**30  # bytes of (E, hid) edge states kept between passes when keep_edge_states is None
 
 
@@ -72,6 +78,14 @@ def init_weights(module: nn.Module) -> None:
             nn.init.normal_(m.weight, 0.0, 0.02)
         if isinstance(m, nn.Linear) and m.bias is not None:
             nn.init.zeros_(m.bias)
+
+
+def edge_state_budget(device: torch.device) -> int:
+    """Bytes of (E, hid) edge states worth keeping between passes: EDGE_STATE_BUDGET on the CPU (RAM is
+    shared with the states), half the free memory on a GPU (recomputing costs ~20 % more matmul work)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0] // 2
+    return EDGE_STATE_BUDGET
 
 
 def in_degree(dst: Tensor, num_nodes: int) -> Tensor:
@@ -311,62 +325,181 @@ class NiNoModel(nn.Module):
             self._nowcast_into(out, edge_attr, edge_index, edge_type, pos, pos_w, k, chunk_size, keep_edge_states)
         return out
 
+    def nowcast_streamed(self, graph: "StreamedGraph", scaled: Tensor, k: int, chunk_size: int = STREAM_CHUNK,
+                         keep_edge_states: bool | None = None, scale: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        """(P, ctx) scaled states + a streamed graph -> (P,) scaled predictions at horizon k (float32).
+        With ``scale`` = per-tensor (mu, sigma), ``scaled`` holds raw states of any float dtype instead, and
+        each chunk is standardised as it is read (no scaled copy, bf16 states stay bf16).
+
+        The same computation as ``nowcast`` on the materialised graph, but edges, types and features are made
+        per chunk from the graph's blocks and predictions go straight to their parameters: apart from the
+        states and the (P,) result, memory is O(nodes + chunk). Edge states (E * hid * 4 bytes) are recomputed
+        per pass unless ``keep_edge_states``; None keeps them when they fit in ``edge_state_budget`` (on a large
+        GPU, GPT-2 small's 64 GB do)."""
+        self._check_k(k)
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+        if graph.feat_size > self.max_feat_size:
+            raise NowcastError(f"this NiNo model reads at most {self.max_feat_size} values per edge, the graph "
+                               f"has {graph.feat_size}")
+        if scaled.dim() != 2 or scaled.shape != (graph.n_params, self.ctx):
+            raise NowcastError(f"states must be ({graph.n_params}, {self.ctx}), got {tuple(scaled.shape)}")
+        if graph.pos is None or graph.pos.dim() != 2 or graph.pos.shape != (graph.num_nodes, self.lpe):
+            raise NowcastError(f"pos must be ({graph.num_nodes}, {self.lpe})")
+        dev = self.layer_embed.weight.device
+        out = torch.empty(graph.n_params, device=dev)
+        width = graph.feat_size * self.ctx
+        with torch.inference_mode():
+            rows = max(1, min(chunk_size, graph.num_edges))
+            source = _StreamedEdges(graph.to(dev) if graph.device != dev else graph, scaled.to(dev), out,
+                                    torch.empty(rows, width, device=dev), torch.empty(rows, graph.feat_size, device=dev),
+                                    None if scale is None else (scale[0].to(dev), scale[1].to(dev)))
+            if keep_edge_states is None:
+                keep_edge_states = graph.num_edges * self.hid * 4 <= edge_state_budget(dev)
+            self._run(source, graph.feat_size, k, chunk_size, keep_edge_states)
+        return out
+
     def _nowcast_into(self, out: Tensor, edge_attr: Tensor, edge_index: Tensor, edge_type: Tensor, pos: Tensor,
                       pos_w: Tensor | None, k: int, chunk_size: int, keep_edge_states: bool) -> None:
-        f_g = out.shape[1]
         dev = out.device
-        attr = edge_attr.to(dev, torch.float32).contiguous()
-        src, dst = edge_index[0].to(dev), edge_index[1].to(dev)
-        types = edge_type.to(dev)
-        pos = pos.to(dev, torch.float32)
-        pos_w = None if pos_w is None else pos_w.to(dev)
-        E, N, hid = attr.shape[0], pos.shape[0], self.hid
+        source = _ArrayEdges(edge_attr.to(dev, torch.float32).contiguous(), edge_index[0].to(dev),
+                             edge_index[1].to(dev), edge_type.to(dev), pos.to(dev, torch.float32),
+                             None if pos_w is None else pos_w.to(dev), out)
+        self._run(source, out.shape[1], k, chunk_size, keep_edge_states)
+
+    def _run(self, source: "_ArrayEdges | _StreamedEdges", f_g: int, k: int, chunk_size: int,
+             keep_edge_states: bool) -> None:
+        """The inference forward over any edge source (full arrays or streamed blocks)."""
+        dev = source.pos.device
+        E, N, hid = source.num_edges, source.pos.shape[0], self.hid
         n_passes = self.layers - 1  # message-passing rounds that reach the head
 
         scratch = _Scratch.make(max(1, min(chunk_size, E)), hid, dev)
         store = torch.empty(E, hid, device=dev) if keep_edge_states and n_passes >= 2 else None
         tables: list[tuple[Tensor, Tensor]] = []  # per edge update: (lin_s(v), lin_t(v) + bias) per node
 
-        def edge_states(sl: slice, depth: int, buf: _Scratch) -> Tensor:
-            """h^depth for the edges in ``sl``: the store holds h^(depth-1) from the previous pass, or recompute."""
+        def edge_states(c, src: Tensor, dst: Tensor, depth: int, buf: _Scratch) -> Tensor:
+            """h^depth for the chunk's edges: the store holds h^(depth-1) from the previous pass, or recompute."""
+            sl = source.slice(c)
             if store is not None and depth >= 2:
                 h, done = store[sl], depth - 1
             else:
-                h = self.embed_edges(attr[sl], types[sl], out=store[sl] if store is not None else buf.h)
+                h = self.embed_edges(source.features(c), source.types(c),
+                                     out=store[sl] if store is not None else buf.h)
                 done = 0
             for j in range(done, depth):
                 s, t = tables[j]
-                st = _gather_sum(s, src[sl], t, dst[sl], buf.a, buf.b)
+                st = _gather_sum(s, src, t, dst, buf.a, buf.b)
                 self.gnn.edge_update[j].forward_(h, st)
             return h
 
-        v = self.embed_nodes(pos, pos_w)
-        deg = in_degree(dst, N)
+        v = self.embed_nodes(source.pos, source.pos_w)
+        deg = source.in_degree()
         for layer in range(n_passes):
             conv: NiNoConv = self.gnn.convs[layer]
             pre_dst, pre_src = conv.node_terms(v)
             sums = torch.zeros(N, hid, device=dev)
-            for sl in chunks(E, chunk_size):
-                buf = scratch.rows(sl.stop - sl.start)
-                h = edge_states(sl, layer, buf)
-                pre_e = _gather_sum(pre_dst, dst[sl], pre_src, src[sl], buf.a, buf.b)
-                conv.aggregate(conv.message_(h, pre_e, buf.enc), dst[sl], sums)
+            for c in source.chunks(chunk_size):
+                src, dst = source.endpoints(c)
+                buf = scratch.rows(src.shape[0])
+                h = edge_states(c, src, dst, layer, buf)
+                pre_e = _gather_sum(pre_dst, dst, pre_src, src, buf.a, buf.b)
+                conv.aggregate(conv.message_(h, pre_e, buf.enc), dst, sums)
             v = F.silu(conv.update(v, sums.div_(deg)))
             tables.append(self.gnn.edge_update[layer].node_terms(v))
 
         head_in, head_out = self.edge_out.fc[0], self.edge_out.fc[2]
         rows = torch.arange(f_g, device=dev) * self.seq_len + (k - 1)  # slot f at horizon k
         w_k, b_k = head_out.weight[rows], head_out.bias[rows]
-        newest = attr.view(E, f_g, self.ctx)[:, :, -1]
-        for sl in chunks(E, chunk_size):
-            buf = scratch.rows(sl.stop - sl.start)
-            h = edge_states(sl, n_passes, buf)
+        for c in source.chunks(chunk_size):
+            src, dst = source.endpoints(c)
+            buf = scratch.rows(src.shape[0])
+            h = edge_states(c, src, dst, n_passes, buf)
             z = F.silu(torch.addmm(head_in.bias, h, head_in.weight.t(), out=buf.a), inplace=True)
-            o = torch.addmm(b_k, z, w_k.t(), out=out[sl])
+            o = torch.addmm(b_k, z, w_k.t(), out=source.head_out(c))
             if self.upd_scale != 1.0:
                 o.mul_(self.upd_scale)
             if self.residual:
-                o.add_(newest[sl])
+                o.add_(source.newest(c, f_g, self.ctx))
+            source.emit(c, o)
+
+
+class _ArrayEdges:
+    """Edges given as full (E, ...) arrays; chunks are slices, predictions land in ``out`` (E, F_g)."""
+
+    def __init__(self, attr: Tensor, src: Tensor, dst: Tensor, types: Tensor, pos: Tensor, pos_w: Tensor | None,
+                 out: Tensor) -> None:
+        self.attr, self.src, self.dst, self._types, self.pos, self.pos_w, self.out = \
+            attr, src, dst, types, pos, pos_w, out
+        self.num_edges = attr.shape[0]
+
+    def chunks(self, size: int) -> Iterator[slice]:
+        return chunks(self.num_edges, size)
+
+    def slice(self, sl: slice) -> slice:
+        return sl
+
+    def endpoints(self, sl: slice) -> tuple[Tensor, Tensor]:
+        return self.src[sl], self.dst[sl]
+
+    def types(self, sl: slice) -> Tensor:
+        return self._types[sl]
+
+    def features(self, sl: slice) -> Tensor:
+        return self.attr[sl]
+
+    def in_degree(self) -> Tensor:
+        return in_degree(self.dst, self.pos.shape[0])
+
+    def newest(self, sl: slice, f_g: int, ctx: int) -> Tensor:
+        return self.attr[sl].view(-1, f_g, ctx)[:, :, -1]
+
+    def head_out(self, sl: slice) -> Tensor:
+        return self.out[sl]
+
+    def emit(self, sl: slice, o: Tensor) -> None:
+        pass  # written in place by head_out
+
+
+class _StreamedEdges:
+    """Edges made per chunk from a StreamedGraph's blocks; predictions are scattered into the (P,) ``out``."""
+
+    def __init__(self, graph: "StreamedGraph", states: Tensor, out: Tensor, feat_buf: Tensor,
+                 head_buf: Tensor, scale: tuple[Tensor, Tensor] | None) -> None:
+        self.graph, self.states, self.out, self.feat_buf, self.head_buf = graph, states, out, feat_buf, head_buf
+        self.scale = scale
+        self.pos, self.pos_w = graph.pos.to(torch.float32), graph.pos_w
+        self.num_edges = graph.num_edges
+        self._feats: tuple[object, Tensor] | None = None  # the last chunk's features (embed and residual share)
+
+    def chunks(self, size: int):
+        return self.graph.chunks(size)
+
+    def slice(self, c) -> slice:
+        return c.sl
+
+    def endpoints(self, c) -> tuple[Tensor, Tensor]:
+        return self.graph.endpoints(c)
+
+    def types(self, c) -> Tensor:
+        return self.graph.edge_type(c)
+
+    def features(self, c) -> Tensor:
+        if self._feats is None or self._feats[0] is not c:
+            self._feats = (c, self.graph.features(self.states, c, self.feat_buf, self.scale))
+        return self._feats[1]
+
+    def in_degree(self) -> Tensor:
+        return self.graph.in_degree().to(self.pos.device)
+
+    def newest(self, c, f_g: int, ctx: int) -> Tensor:
+        return self.features(c).view(-1, f_g, ctx)[:, :, -1]
+
+    def head_out(self, c) -> Tensor:
+        return self.head_buf[: c.size]
+
+    def emit(self, c, o: Tensor) -> None:
+        self.graph.scatter(o, c, self.out)
 
 
 # ----------------------------------------------------------------------------- the nowcaster
@@ -374,6 +507,7 @@ class NiNo(ModuleNowcaster):
     """NiNo as a service nowcaster: scaled (P, ctx) states + the spec's neural graph -> (P,) scaled prediction."""
 
     kind = "nino"
+    reads_16bit = True  # bf16 / fp16 states are read as they are on streamed graphs
     needs_graph = True
     needs_lpe = True
 
@@ -382,7 +516,24 @@ class NiNo(ModuleNowcaster):
         super().__init__(model, name, chunk_size)
         self.keep_edge_states = keep_edge_states
 
-    def predict_scaled(self, scaled: Tensor, k: int, graph: "NeuralGraph | None") -> Tensor:
+    def predict(self, states: Tensor, k: int, spec: ModelSpec, graph: "NeuralGraph | StreamedGraph | None", *,
+                overwrite_states: bool = False) -> Tensor:
+        """On a streamed graph the states are read raw and standardised chunk by chunk (see ``nowcast_streamed``):
+        neither a scaled copy nor a float32 copy of 16-bit states is made. Otherwise as every scaled nowcaster."""
+        from ..graphs.base import NeuralGraph
+
+        if graph is None or isinstance(graph, NeuralGraph):
+            if states.dtype != torch.float32:
+                states, overwrite_states = states.float(), True
+            return super().predict(states, k, spec, graph, overwrite_states=overwrite_states)
+        self._check_graph(graph)
+        mu, sigma = tensor_stats(states, spec)
+        pred = self._streamed(graph, states, k, (mu, sigma))
+        if not all_finite(pred):
+            raise FloatingPointError(f"{self.name}: the prediction contains NaN or Inf")
+        return unscale_vector(pred, spec, mu, sigma)
+
+    def _check_graph(self, graph: "NeuralGraph | StreamedGraph | None") -> None:
         if graph is None:
             raise NowcastError(f"{self.name}: NiNo needs the model's neural graph")
         if graph.feat_size > self.model.max_feat_size:
@@ -391,6 +542,19 @@ class NiNo(ModuleNowcaster):
                                "models with kernels larger than 3x3 are not supported")
         if graph.pos is None:
             raise NowcastError(f"{self.name}: NiNo needs the graph's Laplacian positional encoding (pos)")
+
+    def _streamed(self, graph: "StreamedGraph", states: Tensor, k: int,
+                  scale: tuple[Tensor, Tensor] | None) -> Tensor:
+        floor = STREAM_CHUNK if self.device.type == "cpu" else GPU_CHUNK
+        return self.model.nowcast_streamed(graph, states, k, chunk_size=max(self.chunk_size, floor),
+                                           keep_edge_states=self.keep_edge_states, scale=scale)
+
+    def predict_scaled(self, scaled: Tensor, k: int, graph: "NeuralGraph | StreamedGraph | None") -> Tensor:
+        from ..graphs.base import NeuralGraph
+
+        self._check_graph(graph)
+        if not isinstance(graph, NeuralGraph):  # a StreamedGraph: no edge-sized arrays anywhere
+            return self._streamed(graph, scaled, k, None)
         attr = graph.edge_features(scaled.to(self.device, torch.float32))
         pred = self.model.nowcast(attr, graph.edge_index, graph.edge_type, graph.pos, graph.pos_w, k,
                                   chunk_size=self.chunk_size, keep_edge_states=self.keep_edge_states)
