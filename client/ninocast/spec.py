@@ -4,7 +4,10 @@ A spec is the ordered list of a model's parameters (``named_parameters()`` order
 graph family and the attention head counts the transformer graphs need. Its JSON form is::
 
     {"family": "auto"|"generic"|"gpt2"|"llama", "num_heads": 4, "num_key_value_heads": 2,
-     "params": [["name", [d0, d1, ...]], ...]}
+     "params": [["name", [d0, d1, ...]], ...], "topology": {...}}
+
+``topology`` (optional, family generic only) is the model's traced neural-graph topology (``ninocast.topology``,
+written by ``from_module``); a generic spec without one stands for a plain chain of layers and is checked to be one.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ import math
 import re
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Sequence
+
+from .topology import Topology, TopologyError, check_topology, chain_topology, is_plain_chain
 
 FAMILIES = ("generic", "gpt2", "llama")
 GPT2_BLOCK_PREFIX = "transformer.h."
@@ -45,6 +50,7 @@ class ModelSpec:
     params: tuple[tuple[str, tuple[int, ...]], ...]
     num_heads: int | None = None
     num_key_value_heads: int | None = None
+    topology: Topology | None = None
     _layout: tuple[ParamInfo, ...] = field(default=(), init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -87,6 +93,8 @@ class ModelSpec:
             out["num_heads"] = self.num_heads
         if self.num_key_value_heads is not None:
             out["num_key_value_heads"] = self.num_key_value_heads
+        if self.topology is not None:
+            out["topology"] = self.topology.to_json()
         return out
 
     @classmethod
@@ -99,7 +107,7 @@ class ModelSpec:
                 raise SpecError(f"spec is not valid JSON: {e}") from None
         if not isinstance(obj, Mapping):
             raise SpecError("spec must be a JSON object with 'family' and 'params'")
-        unknown = set(obj) - {"family", "params", "num_heads", "num_key_value_heads"}
+        unknown = set(obj) - {"family", "params", "num_heads", "num_key_value_heads", "topology"}
         if unknown:
             raise SpecError(f"spec has unknown keys: {sorted(unknown)}")
         params = _parse_params(obj.get("params"))
@@ -113,6 +121,7 @@ class ModelSpec:
             params=tuple(params),
             num_heads=_opt_int(obj.get("num_heads"), "num_heads"),
             num_key_value_heads=_opt_int(obj.get("num_key_value_heads"), "num_key_value_heads"),
+            topology=_parse_topology(obj.get("topology")),
         )
 
     @classmethod
@@ -128,13 +137,22 @@ class ModelSpec:
         family: str = "auto",
         num_heads: int | None = None,
         num_key_value_heads: int | None = None,
+        example_input: Any = None,
+        leave_out: Sequence[str] = (),
     ) -> "ModelSpec":
-        """Describe an ``nn.Module``; Hugging Face GPT-2 and Llama configs fill in family and head counts."""
+        """Describe an ``nn.Module``; Hugging Face GPT-2 and Llama configs fill in family and head counts.
+
+        Any other model's graph is traced from one forward pass on ``example_input`` (guessed when None,
+        ``ninocast.tracing``); a model whose graph cannot be derived faithfully raises SpecError naming the
+        layer. ``leave_out`` (parameter names or module prefixes) keeps tensors out of the spec: they then pass
+        through nowcasts unchanged."""
         params = [(n, tuple(p.shape)) for n, p in module.named_parameters()]
         config = getattr(module, "config", None)
         model_type = getattr(config, "model_type", None)
         if family == "auto" and model_type in ("gpt2", "llama"):
             family = model_type
+        elif family == "auto" and model_type is not None:
+            family = "generic"  # other Hugging Face models (BERT, ViT, Qwen2...) are traced
         if family == "auto":
             family = detect_family([n for n, _ in params])
         if family == "gpt2" and num_heads is None and config is not None:
@@ -144,8 +162,22 @@ class ModelSpec:
                 num_heads = getattr(config, "num_attention_heads", None)
             if num_key_value_heads is None:
                 num_key_value_heads = getattr(config, "num_key_value_heads", None)
+        topology = None
+        if family == "generic":
+            from .tracing import TraceRefused, trace_topology  # torch is needed only here
+
+            try:
+                topology = trace_topology(module, example_input, leave_out)
+            except TraceRefused as e:
+                raise SpecError(f"{type(module).__name__}: {e}") from None
+            kept = {n for n, _ in params} - {n for n, _ in topology.left_out}
+            params = [(n, s) for n, s in params if n in kept]
+            if is_plain_chain(topology, params):
+                topology = None  # exactly what a generic spec means without one: the JSON stays as before
+        elif leave_out:
+            raise SpecError(f"leave_out needs the generic (traced) family, not {family!r}")
         return cls(family=family, params=tuple(params), num_heads=num_heads,
-                   num_key_value_heads=num_key_value_heads)
+                   num_key_value_heads=num_key_value_heads, topology=topology)
 
 
 def detect_family(names: Sequence[str]) -> str:
@@ -164,6 +196,15 @@ def _opt_int(v: Any, what: str) -> int | None:
     if isinstance(v, bool) or not isinstance(v, int):
         raise SpecError(f"spec.{what} must be an integer, got {v!r}")
     return v
+
+
+def _parse_topology(raw: Any) -> Topology | None:
+    if raw is None:
+        return None
+    try:
+        return Topology.from_json(raw)
+    except TopologyError as e:
+        raise SpecError(str(e)) from None
 
 
 def _parse_params(raw: Any) -> list[tuple[str, tuple[int, ...]]]:
@@ -205,6 +246,15 @@ def _validate(spec: ModelSpec) -> None:
         v = getattr(spec, what)
         if v is not None and v <= 0:
             raise SpecError(f"spec.{what} must be positive, got {v}")
+    if spec.topology is not None and spec.family != "generic":
+        raise SpecError(f"spec.topology is for family generic (traced graphs), not {spec.family!r}")
+    try:
+        if spec.topology is not None:
+            check_topology(spec.topology, spec.params)
+        elif spec.family == "generic":
+            chain_topology(spec.params)  # what a generic spec without a topology means: refuse what it is not
+    except TopologyError as e:
+        raise SpecError(str(e)) from None
     if spec.family == "gpt2":
         _validate_gpt2(spec)
     elif spec.family == "llama":
