@@ -173,7 +173,19 @@ class CrossAttention(nn.Module):
         return self.attn(self.a(x), k, k)[0]
 
 
+class Overwrites(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(3, 4), nn.Linear(3, 4), nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.a(x)
+        y[:, 0] = self.b(x)[:, 0]
+        return self.c(y)
+
+
 @pytest.mark.parametrize("model, x, words", [
+    (Overwrites(), torch.randn(2, 3), "c reads a value the graph cannot describe: __setitem__"),
     (Flattens(), torch.randn(2, 1, 8, 8), "fc reads a value the graph cannot describe: flatten mixes"),
     (Shared(), torch.randn(2, 5), "parameter fc.weight is used twice (fc and fc)"),
     (Tied(head_first=True), torch.arange(4)[None], "emb.weight is used twice"),
@@ -204,6 +216,11 @@ def test_unused_parameters_are_refused():
     spec = ModelSpec.from_module(model, leave_out=["extra"])
     assert spec.names == ["used.weight", "used.bias"] and spec.topology is not None
     assert [n for n, _ in spec.topology.left_out] == ["extra.weight", "extra.bias"]
+
+
+def test_leave_out_must_match_something():
+    with pytest.raises(SpecError, match="leave_out 'nope' matches no parameter"):
+        ModelSpec.from_module(Unused(), leave_out=["nope"])
 
 
 def test_tied_output_layer_is_placed_once_as_the_embedding():
@@ -261,6 +278,8 @@ TAMPERED = [
     (lambda t: t["groups"][1].__setitem__(1, 9), "do not connect group"),
     (lambda t: t["links"].append([None, "res", 1, 0]), "do not fit the groups"),
     (lambda t: t.update(extra=1), "unknown keys"),
+    (lambda t: t["groups"].append(["huge", 10 ** 12]), "neurons for"),
+    (lambda t: t["links"].extend([[None, "head", 1, 3]] * 80), "virtual edges for"),
 ]
 
 
@@ -287,3 +306,36 @@ def test_server_refuses_untraceable_specs_at_session_creation(server, api_keys):
         r = c.post("/v1/sessions", json={"spec": good, "nowcaster": "ninocast-nino"})
         assert r.status_code == 201, r.text
         c.delete(f"/v1/sessions/{r.json()['id']}")
+
+
+# ----------------------------------------------------------------------------------------------- use
+@pytest.mark.parametrize("name", ["resnet", "transformer-encoder"])
+def test_nino_nowcasts_through_a_traced_graph(name):
+    """The bundled graph nowcaster runs on traced graphs (kernels <= 3x3, LPE, attention edge types)."""
+    from ninocast_server.engine import nowcast
+    from ninocast_server.engine.nowcasters.checkpoint import BUNDLED_DIR, load_nowcaster
+
+    _, model, example = _build(name)
+    spec = ModelSpec.from_module(model, example_input=example)
+    nino = load_nowcaster(str(BUNDLED_DIR / "ninocast-nino"))
+    w = torch.cat([p.detach().flatten() for p in model.parameters()])
+    states = torch.stack([w * (1 + 0.01 * i) for i in range(nino.ctx)], 1)
+    out = nowcast(nino, spec, states, 5)
+    assert out.shape == (spec.n_params,) and torch.isfinite(out).all() and not torch.equal(out, w)
+
+
+def test_graph_command_summary_and_refusal(tmp_path, capsys):
+    from ninocast.cli import main
+
+    assert main(["graph", "graph_zoo:ResNet", "--input", "2,3,8,8", "--spec-out", str(tmp_path / "s.json")]) == 0
+    text = capsys.readouterr().out
+    assert "traced topology v1" in text and "res from conv1" in text and "left out: nothing" in text
+    spec = ModelSpec.load(str(tmp_path / "s.json"))
+    g = build_graph(spec, with_lpe=False)
+    assert f"{g.num_nodes} nodes, {g.num_edges:,} edges" in text
+    assert main(["graph", str(tmp_path / "s.json"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["nodes"] == g.num_nodes
+    assert main(["graph", "graph_zoo:LSTMClassifier", "--input", "2,4,3"]) == 2
+    assert "rnn (LSTM) is a recurrent layer" in capsys.readouterr().err
+    assert main(["graph", "graph_zoo:LSTMClassifier", "--input", "2,4,3", "--leave-out", "rnn"]) == 0
+    assert "rnn.weight_hh_l0: leave_out 'rnn'" in capsys.readouterr().out

@@ -169,6 +169,21 @@ def check_topology(topo: Topology, params: Sequence[tuple[str, tuple[int, ...]]]
     for name, _ in topo.left_out:
         if name in shapes:
             raise TopologyError(f"{name}: listed as left out but the spec has it")
+    _check_size(topo, params, sizes)
+
+
+def _check_size(topo: Topology, params: Sequence[tuple[str, tuple[int, ...]]], sizes: list[int]) -> None:
+    """A graph is about as large as its model; a topology that asks for far more nodes or virtual edges than its
+    tensors could need is refused before anything is allocated."""
+    n_params = sum(math.prod(s) for _, s in params)
+    nodes = sum(sizes)
+    if nodes > 4 * n_params + 1024:
+        raise TopologyError(f"spec.topology has {nodes} neurons for {n_params} parameters; a model's graph has fewer")
+    virtual = sum((lk.rows or sizes[lk.src]) if lk.role == "res" else sizes[lk.dst]
+                  for lk in topo.links if lk.role in VIRTUAL_ROLES)
+    if virtual > 8 * nodes:
+        raise TopologyError(f"spec.topology has {virtual} virtual edges for {nodes} neurons; a model's graph has "
+                            "fewer")
 
 
 def _check_virtual(lk: Link, sizes: list[int], where: str) -> None:

@@ -219,6 +219,8 @@ class _Trace(TorchFunctionMode):
     # --------------------------------------------------------------- layers
     def features(self, layer: str, t: Tensor, axis: int, size: int) -> int:
         """The group a layer reads along ``axis`` of its input ``t`` (a model input becomes a new group)."""
+        if not isinstance(t, Tensor):
+            raise TraceRefused(f"{layer} was called without a tensor input")
         v = self.get(t)
         axis %= max(t.dim(), 1)
         if v is None or isinstance(v, Raw):
@@ -434,6 +436,11 @@ class _Trace(TorchFunctionMode):
     def op(self, func: Callable, args: tuple, kwargs: dict, out: Any) -> None:
         name = getattr(func, "__name__", str(func))
         if name in IGNORED:
+            return
+        if name == "__setitem__" and args and self.get(args[0]) is not None:  # x[...] = y writes into x
+            value = self.get(args[2]) if len(args) > 2 else None
+            if value is not None:
+                self.set(args[0], Mixed(f"{name} writes another value into the outputs of a layer"))
             return
         ins = [(t, self.get(t)) for t in _tensors((args, kwargs))]
         tracked = [(t, v) for t, v in ins if v is not None]
@@ -795,5 +802,9 @@ def trace_topology(module: nn.Module, example: Any = None, leave_out: Sequence[s
             h.remove()
         for m, training in modes.items():
             m.train(training)
-    kept = [n for n, _ in module.named_parameters() if not tracer.left_out(n)]
+    names = [n for n, _ in module.named_parameters()]
+    for p in leave_out:
+        if not any(n == p or n.startswith(p + ".") for n in names):
+            raise TraceRefused(f"leave_out {p!r} matches no parameter name or module of {type(module).__name__}")
+    kept = [n for n in names if not tracer.left_out(n)]
     return tracer.topology(kept)
