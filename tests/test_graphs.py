@@ -209,7 +209,7 @@ def test_generic_higher_dim_weights_use_slots():
     §2.2 would type it as a bias, so such a spec is refused; with one (what from_module traces) it is a conv."""
     params = (("a.weight", (4, 3, 5)), ("a.bias", (4,)), ("b.weight", (2, 4, 2, 3)), ("c.weight", (3, 2)))
     with pytest.raises(SpecError, match="a.weight: a 3-D weight"):
-        ModelSpec("generic", params)
+        build_graph(ModelSpec("generic", params), with_lpe=False)
     topo = Topology((("in", 3), ("a", 4), ("b", 2), ("c", 3)),
                     (Link("a.weight", "conv", 0, 1), Link("a.bias", "bias", -1, 1), Link("b.weight", "conv", 1, 2),
                      Link("c.weight", "fc", 2, 3)))

@@ -14,7 +14,7 @@ from graph_zoo import HF_CASES, ZOO, ResNet, check_dataflow
 from ninocast.spec import ModelSpec, SpecError
 from ninocast.topology import Link, Topology, chain_topology, is_plain_chain
 from ninocast.tracing import example_input, trace_topology
-from ninocast_server.engine.graphs import build_graph
+from ninocast_server.engine.graphs import build_graph, check_spec_for
 from ninocast_server.engine.graphs.generic import T_CONV, T_HEAD, T_KEY, T_QUERY, T_RES, T_TOKEN, T_VALUE
 from server_utils import assert_error
 
@@ -248,14 +248,31 @@ GENERIC_BAD = [
     ([["a.weight", [4, 3]], ["a.bias", [3]]], "a.bias: 3 entries, but a.weight has 4 outputs"),
     ([["a.bias", [3]], ["a.weight", [4, 3]]], "a.bias: a 1-D tensor before any weight"),
     ([["a.weight", [4, 3, 5]]], "a 3-D weight"),
-    ([["stem.weight", [8, 3, 7, 7]]], "7x7 kernel has 49 values per edge"),
 ]
 
 
 @pytest.mark.parametrize("params, message", GENERIC_BAD)
 def test_generic_specs_without_topology_must_be_chains(params, message):
-    with pytest.raises(SpecError, match=message.replace("[", r"\[")):
-        ModelSpec.from_json({"family": "generic", "params": params})
+    """Such a spec is fine for nowcasters that read no graph (linefit), never built into a wrong graph."""
+    spec = ModelSpec.from_json({"family": "generic", "params": params})
+    for check in (lambda: build_graph(spec, with_lpe=False), lambda: check_spec_for(spec, _NeedsGraph())):
+        with pytest.raises(SpecError, match=message):
+            check()
+    check_spec_for(spec, object())  # a nowcaster without a graph
+
+
+class _NeedsGraph:
+    needs_graph = True
+
+
+def test_kernels_the_nowcaster_cannot_read_are_refused_before_any_nowcast():
+    spec = ModelSpec.from_json({"family": "generic", "params": [["stem.weight", [8, 3, 7, 7]], ["fc.weight", [2, 8]]]})
+    build_graph(spec, with_lpe=False)  # the graph itself exists (WNN+ reads it)
+    from ninocast_server.engine.nowcasters.checkpoint import BUNDLED_DIR, load_nowcaster
+
+    with pytest.raises(SpecError, match="stem.weight: a 7x7 kernel has 49 values per edge; this nowcaster reads "
+                                        "at most 9"):
+        check_spec_for(spec, load_nowcaster(str(BUNDLED_DIR / "ninocast-nino")))
 
 
 def _resnet_spec() -> dict:
@@ -299,8 +316,15 @@ def test_topology_only_with_the_generic_family():
 def test_server_refuses_untraceable_specs_at_session_creation(server, api_keys):
     good = _resnet_spec()
     legacy = {"family": "generic", "params": good["params"]}  # the ResNet without its topology: not a chain
+    stem7 = {"family": "generic", "params": [["stem.weight", [8, 3, 7, 7]], ["fc.weight", [2, 8]]]}
+    nino = {"nowcaster": "ninocast-nino"}
     with server.client(api_keys["alice"]) as c:
-        assert_error(c.post("/v1/sessions", json={"spec": legacy}), 422, "invalid_spec", "layer1.1.downsample.0.weight: 8 inputs")
+        assert_error(c.post("/v1/sessions", json={"spec": legacy, **nino}), 422, "invalid_spec",
+                     "layer1.1.downsample.0.weight: 8 inputs")
+        assert_error(c.post("/v1/sessions", json={"spec": stem7, **nino}), 422, "invalid_spec", "7x7 kernel")
+        r = c.post("/v1/sessions", json={"spec": legacy, "nowcaster": "linefit"})  # reads no graph
+        assert r.status_code == 201, r.text
+        c.delete(f"/v1/sessions/{r.json()['id']}")
         assert_error(c.post("/v1/sessions", json={"spec": _tamper(good, TAMPERED[3][0])}), 422, "invalid_spec",
                      "no topology link")
         r = c.post("/v1/sessions", json={"spec": good, "nowcaster": "ninocast-nino"})
@@ -339,3 +363,11 @@ def test_graph_command_summary_and_refusal(tmp_path, capsys):
     assert "rnn (LSTM) is a recurrent layer" in capsys.readouterr().err
     assert main(["graph", "graph_zoo:LSTMClassifier", "--input", "2,4,3", "--leave-out", "rnn"]) == 0
     assert "rnn.weight_hh_l0: leave_out 'rnn'" in capsys.readouterr().out
+
+
+def test_auto_family_with_a_topology_is_generic():
+    """Qwen2 names look like Llama's; a spec that carries its traced topology is generic whatever the names."""
+    _, model, _ = _build("qwen2-gqa")
+    obj = ModelSpec.from_module(model).to_json()
+    obj["family"] = "auto"
+    assert ModelSpec.from_json(obj).family == "generic"

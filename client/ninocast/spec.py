@@ -7,7 +7,8 @@ graph family and the attention head counts the transformer graphs need. Its JSON
      "params": [["name", [d0, d1, ...]], ...], "topology": {...}}
 
 ``topology`` (optional, family generic only) is the model's traced neural-graph topology (``ninocast.topology``,
-written by ``from_module``); a generic spec without one stands for a plain chain of layers and is checked to be one.
+written by ``from_module``); a generic spec without one stands for a plain chain of layers (checked where a graph
+is built: ``ninocast_server.engine.graphs.check_graph_spec``).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Sequence
 
-from .topology import Topology, TopologyError, check_topology, chain_topology, is_plain_chain
+from .topology import Topology, TopologyError, check_topology, is_plain_chain
 
 FAMILIES = ("generic", "gpt2", "llama")
 GPT2_BLOCK_PREFIX = "transformer.h."
@@ -114,14 +115,15 @@ class ModelSpec:
         family = obj.get("family", "auto")
         if not isinstance(family, str):
             raise SpecError("spec.family must be a string")
+        topology = _parse_topology(obj.get("topology"))
         if family == "auto":
-            family = detect_family([n for n, _ in params])
+            family = "generic" if topology is not None else detect_family([n for n, _ in params])
         return cls(
             family=family,
             params=tuple(params),
             num_heads=_opt_int(obj.get("num_heads"), "num_heads"),
             num_key_value_heads=_opt_int(obj.get("num_key_value_heads"), "num_key_value_heads"),
-            topology=_parse_topology(obj.get("topology")),
+            topology=topology,
         )
 
     @classmethod
@@ -248,13 +250,11 @@ def _validate(spec: ModelSpec) -> None:
             raise SpecError(f"spec.{what} must be positive, got {v}")
     if spec.topology is not None and spec.family != "generic":
         raise SpecError(f"spec.topology is for family generic (traced graphs), not {spec.family!r}")
-    try:
-        if spec.topology is not None:
+    if spec.topology is not None:
+        try:
             check_topology(spec.topology, spec.params)
-        elif spec.family == "generic":
-            chain_topology(spec.params)  # what a generic spec without a topology means: refuse what it is not
-    except TopologyError as e:
-        raise SpecError(str(e)) from None
+        except TopologyError as e:
+            raise SpecError(str(e)) from None
     if spec.family == "gpt2":
         _validate_gpt2(spec)
     elif spec.family == "llama":

@@ -230,7 +230,7 @@ def chain_topology(params: Sequence[tuple[str, tuple[int, ...]]]) -> Topology:
     """The topology a generic spec without one stands for: layers chained in parameter order, each 1-D tensor on
     the outputs of the weight before it, 4-D weights convolutions. Raises TopologyError (naming the tensor) when
     the shapes cannot be such a chain, or when a tensor would get a type that misdescribes it (NINO_SPEC §2.2
-    types a 3-D or 5-D weight as a bias)."""
+    types a 3-D or 5-D weight as a bias). Kernel sizes are the nowcaster's business (``check_graph_spec``)."""
     groups: list[tuple[str, int]] = []
     links: list[Link] = []
     prev: str | None = None
@@ -251,10 +251,6 @@ def chain_topology(params: Sequence[tuple[str, tuple[int, ...]]]) -> Topology:
             raise TopologyError(f"{name}: a {len(shape)}-D weight in a generic spec without a topology would get the "
                                 "bias edge type (NINO_SPEC §2.2); build the spec with ModelSpec.from_module, which "
                                 "traces the model and types it as a convolution")
-        if len(shape) == 4 and shape[2] * shape[3] > MAX_KERNEL_AREA:
-            raise TopologyError(f"{name}: a {shape[2]}x{shape[3]} kernel has {shape[2] * shape[3]} values per "
-                                f"edge; NiNo models read at most {MAX_KERNEL_AREA} (3x3); leave this tensor out of "
-                                "the spec (it then passes through unchanged)")
         if prev is None:
             groups.append(("input", shape[1]))
         elif shape[1] != groups[-1][1]:

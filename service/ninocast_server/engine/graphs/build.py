@@ -12,6 +12,7 @@ import torch
 from ninocast.spec import GPT2_BLOCK_PREFIX, LLAMA_BLOCK_PREFIX, ModelSpec, SpecError
 
 from .base import NeuralGraph
+from .checks import check_graph_spec
 from .generic import T_SELF_LOOP, EdgeBlock, GraphLayout, generic_layout
 from .lpe import laplacian_pe
 from .traced import traced_layout
@@ -28,6 +29,7 @@ BLOCK_PREFIXES = {"gpt2": GPT2_BLOCK_PREFIX, "llama": LLAMA_BLOCK_PREFIX}
 def build_graph(spec: ModelSpec, *, with_lpe: bool = True, pos: torch.Tensor | None = None) -> NeuralGraph:
     """The neural graph of ``spec``. ``pos`` (N, lpe), when given, is used verbatim (exact tests, cached LPE);
     otherwise the LPE is computed when ``with_lpe`` and left None when not."""
+    check_graph_spec(spec)
     layout = traced_layout(spec) if spec.topology is not None else LAYOUTS[spec.family](spec)
     graph = assemble(layout, spec.n_params)
     if pos is not None:
