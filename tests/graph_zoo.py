@@ -159,6 +159,7 @@ class Case:
     example: Callable[[], Any] | None  # None: from_module guesses
     expect: str  # "traced" | "chain" (no topology, generic graph) | "family" (hand-written) | "refused"
     refusal: str = ""  # words the refusal must contain
+    family: str = "auto"  # "generic": trace even GPT-2 / Llama
 
 
 def _image(c: int = 3, s: int = 8) -> Callable[[], torch.Tensor]:
@@ -186,8 +187,11 @@ ZOO: dict[str, Case] = {
     "qwen2-gqa": Case(lambda: _hf("qwen2"), None, "traced"),
     "gpt2": Case(lambda: _hf("gpt2"), None, "family"),
     "llama": Case(lambda: _hf("llama"), None, "family"),
+    "llama-traced": Case(lambda: _hf("llama"), None, "traced", family="generic"),
+    "gpt2-traced": Case(lambda: _hf("gpt2"), None, "refused", "used by addmm outside a recognised layer",
+                        family="generic"),
 }
-HF_CASES = {"bert", "vit", "qwen2-gqa", "gpt2", "llama"}
+HF_CASES = {"bert", "vit", "qwen2-gqa", "gpt2", "llama", "llama-traced", "gpt2-traced"}
 
 
 # ----------------------------------------------------------------------------------------------- the oracle

@@ -43,10 +43,10 @@ def test_zoo_graph_is_verified_or_refused(name):
     case, model, example = _build(name)
     if case.expect == "refused":
         with pytest.raises(SpecError, match=case.refusal) as err:
-            ModelSpec.from_module(model, example_input=example)
+            ModelSpec.from_module(model, example_input=example, family=case.family)
         assert "leave_out=" in str(err.value)
         return
-    spec = ModelSpec.from_module(model, example_input=example)
+    spec = ModelSpec.from_module(model, example_input=example, family=case.family)
     graph = build_graph(spec, with_lpe=False)
     assert graph.n_params == spec.n_params == sum(p.numel() for p in model.parameters())
     if case.expect == "family":
@@ -171,6 +171,33 @@ class CrossAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         k = self.b(x)
         return self.attn(self.a(x), k, k)[0]
+
+
+class CopiesIntoABuffer(nn.Module):
+    """An op that writes into another tensor: tracing must not push its probe through it (it would write into
+    the model's buffer)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.c = nn.Linear(3, 4), nn.Linear(4, 2)
+        self.register_buffer("last", torch.zeros(2, 4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.a(x)
+        self.last.copy_(y.detach())
+        return self.c(y)
+
+
+def test_tracing_leaves_the_model_as_it_was():
+    torch.manual_seed(0)
+    model = CopiesIntoABuffer().train()
+    x = torch.randn(2, 3)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ModelSpec.from_module(model, example_input=x)
+    assert model.training
+    expected = model.a(x).detach()
+    assert torch.equal(model.last, expected)  # the real value (not a probe of neuron ids) was copied
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items() if k != "last")
 
 
 class Overwrites(nn.Module):

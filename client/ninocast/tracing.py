@@ -604,7 +604,7 @@ class _Trace(TorchFunctionMode):
         """Push a tensor of neuron ids through ``func`` in place of ``t``: where do the neurons end up?"""
         n = self.groups[self.find(v.group)].size
         name = getattr(func, "__name__", "")
-        if name.endswith("_") or "out" in kwargs:  # would write the probe into a real tensor of the model
+        if (name.endswith("_") and not name.endswith("__")) or "out" in kwargs:  # would write into the model
             return None
         probe = _probe_tensor(t.shape, v.axes, t.device)
         swap = lambda a: probe if a is t else a  # noqa: E731
