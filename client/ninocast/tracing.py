@@ -750,7 +750,8 @@ def example_input(module: nn.Module) -> Any:
         if isinstance(m, nn.RNNBase):
             return torch.randn(2, 5, m.input_size, device=device, dtype=dtype) if m.batch_first else \
                 torch.randn(5, 2, m.input_size, device=device, dtype=dtype)
-    raise TraceRefused(f"cannot guess an example input for {type(module).__name__}; pass example_input=...")
+    raise TraceRefused(f"cannot guess an example input for {type(module).__name__}; pass one: "
+                       "ModelSpec.from_module(model, example_input=...)")
 
 
 def _run(tracer: _Trace, module: nn.Module, example: Any) -> None:
@@ -799,7 +800,8 @@ def trace_topology(module: nn.Module, example: Any = None, leave_out: Sequence[s
         what = "a guessed example input" if guessed else "the example input"
         shapes = [list(t.shape) for t in _tensors(example)]
         raise TraceRefused(f"running {type(module).__name__} on {what} {shapes} failed ({type(e).__name__}: "
-                           f"{e}); pass example_input=... that the model accepts") from e
+                           f"{e}); pass an input the model accepts: ModelSpec.from_module(model, example_input=...), and that spec "
+                           "to NowcastOptimizer(spec=...)") from e
     finally:
         for h in hooks:
             h.remove()
