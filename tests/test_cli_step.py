@@ -22,7 +22,8 @@ from shared_data import CHECKPOINTS, need
 def run(tmp_path):
     """Five state files of a small ConvNet with BatchNorm trained for real, a spec.json beside them."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3))
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(4, 3))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     spec = ModelSpec.from_module(model)
     (tmp_path / "spec.json").write_text(json.dumps(spec.to_json()))
@@ -36,7 +37,7 @@ def run(tmp_path):
         if step % 2 == 1:
             path = tmp_path / f"s{step}.safetensors"
             sd = model.state_dict()
-            sd["4.weight"] = sd["4.weight"].to(torch.bfloat16)  # dtypes must survive the round trip
+            sd["5.weight"] = sd["5.weight"].to(torch.bfloat16)  # dtypes must survive the round trip
             save_file(sd, str(path))
             paths.append(str(path))
     return tmp_path, spec, paths
@@ -51,7 +52,7 @@ def test_step_writes_nowcast_with_buffers_and_dtypes(run, capsys):
     assert set(got) == set(newest)  # buffers (running stats, num_batches_tracked) pass through
     assert torch.equal(got["1.running_mean"], newest["1.running_mean"])
     assert got["1.num_batches_tracked"].dtype == torch.int64
-    assert got["4.weight"].dtype == torch.bfloat16
+    assert got["5.weight"].dtype == torch.bfloat16
     states = torch.stack([flatten(load_file(p), spec) for p in paths], dim=1)
     expected = nowcast(load_nowcaster("linefit"), spec, states, 3)
     torch.testing.assert_close(flatten(got, spec), expected, rtol=0, atol=1e-2)  # bf16 rounding on one tensor

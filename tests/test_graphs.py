@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from ninocast.spec import ModelSpec, SpecError
+from ninocast.topology import Link, Topology
 from ninocast_server.engine.graphs import build_graph, split_blocks
 from ninocast_server.engine.graphs.lpe import SIGN_TIE_RTOL, laplacian, laplacian_pe, single_threaded_blas
 
@@ -204,12 +205,18 @@ def test_appendix_a1_small_convnet():
 
 
 def test_generic_higher_dim_weights_use_slots():
-    """A 3-D weight is type 2 with its trailing dim in slots; F_g is the largest trailing product (§2.2, §2.4)."""
-    spec = ModelSpec("generic", (("a.weight", (4, 3, 5)), ("a.bias", (4,)), ("b.weight", (2, 4, 2, 3)),
-                                 ("c.weight", (3, 2))))
+    """A 3-D weight has its trailing dim in slots; F_g is the largest trailing product (§2.4). Without a topology
+    §2.2 would type it as a bias, so such a spec is refused; with one (what from_module traces) it is a conv."""
+    params = (("a.weight", (4, 3, 5)), ("a.bias", (4,)), ("b.weight", (2, 4, 2, 3)), ("c.weight", (3, 2)))
+    with pytest.raises(SpecError, match="a.weight: a 3-D weight"):
+        build_graph(ModelSpec("generic", params), with_lpe=False)
+    topo = Topology((("in", 3), ("a", 4), ("b", 2), ("c", 3)),
+                    (Link("a.weight", "conv", 0, 1), Link("a.bias", "bias", -1, 1), Link("b.weight", "conv", 1, 2),
+                     Link("c.weight", "fc", 2, 3)))
+    spec = ModelSpec("generic", params, topology=topo)
     g = build_graph(spec, with_lpe=False)
     assert g.feat_size == 6
-    assert [int(g.edge_type[g.edge_ranges[n][0]]) for n in spec.names] == [2, 2, 3, 1]
+    assert [int(g.edge_type[g.edge_ranges[n][0]]) for n in spec.names] == [3, 2, 3, 1]
     x = torch.randn(spec.n_params, 2)
     attr = g.edge_features(x).view(g.num_edges, 6, 2)
     assert torch.equal(attr[1, :5, 0], x[:60, 0].view(4, 3, 5)[1, 0])  # edge 1: input 0 -> output 1

@@ -171,6 +171,7 @@ class LocalBackend:
 
     def __init__(self, spec: ModelSpec, nowcaster: str, device: str = "cpu") -> None:
         try:
+            from ninocast_server.engine.graphs import check_spec_for
             from ninocast_server.engine.nowcasters.checkpoint import load_nowcaster
             from ninocast_server.engine.runner import nowcast
         except ModuleNotFoundError as e:
@@ -178,6 +179,7 @@ class LocalBackend:
                 f"local nowcasting needs the engine: pip install 'ninocast[server]' (missing {e.name})") from None
         self._nowcast = nowcast
         self.model = load_nowcaster(nowcaster, device=device)
+        check_spec_for(spec, self.model)  # a spec its graph cannot describe fails here, not at the first nowcast
         self.spec = spec
 
     def add_state(self, step: int, snapshot: Snapshot) -> None:

@@ -193,7 +193,25 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", default="bench-speedup", metavar="DIR", help="output directory (default ./bench-speedup)")
     b.set_defaults(func=_lazy("ninocast_server.bench.speedup", "run_bench_speedup"))
     _add_metatrain_parsers(sub)
+    _add_graph_parser(sub)
     return p
+
+
+def _add_graph_parser(sub: argparse._SubParsersAction) -> None:
+    """graph (docs/graphs.md)."""
+    s = sub.add_parser("graph", help="show the neural graph a model gets (or why it gets none)",
+                       description="Trace a model (MODULE:FACTORY, a function returning the nn.Module or "
+                       "(module, example input)) or read a spec .json, and print its neural graph: layers, node and "
+                       "edge counts, edge types, what was left out and why. A model whose graph cannot be derived "
+                       "faithfully is refused with the layer and what to do (exit status 2).")
+    s.add_argument("target", metavar="MODULE:FACTORY|SPEC.json")
+    s.add_argument("--input", metavar="SIZES", help="example input: a random float tensor of these comma-separated "
+                   "sizes, e.g. 2,3,32,32 (default: the factory's, else guessed from the first layer)")
+    s.add_argument("--leave-out", action="append", metavar="NAME", help="leave this parameter or module out of "
+                   "the spec (repeatable); its tensors pass through nowcasts unchanged")
+    s.add_argument("--spec-out", metavar="FILE.json", help="also write the spec (with its topology) here")
+    s.add_argument("--json", action="store_true", help="print the summary as JSON")
+    s.set_defaults(func=_lazy("ninocast_server.engine.graph_cli", "run_graph"))
 
 
 def _add_metatrain_parsers(sub: argparse._SubParsersAction) -> None:

@@ -4,18 +4,25 @@ A spec is the ordered list of a model's parameters (``named_parameters()`` order
 graph family and the attention head counts the transformer graphs need. Its JSON form is::
 
     {"family": "auto"|"generic"|"gpt2"|"llama", "num_heads": 4, "num_key_value_heads": 2,
-     "params": [["name", [d0, d1, ...]], ...]}
+     "params": [["name", [d0, d1, ...]], ...], "topology": {...}}
+
+``topology`` (optional, family generic only) is the model's traced neural-graph topology (``ninocast.topology``,
+written by ``from_module``); a generic spec without one stands for a plain chain of layers (checked where a graph
+is built: ``ninocast_server.engine.graphs.check_graph_spec``).
 """
 
 from __future__ import annotations
 
 import hashlib
+import dataclasses
 import json
 import math
 import re
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Collection, Iterable, Mapping, Sequence
+
+from .topology import Topology, TopologyError, check_topology, is_plain_chain
 
 FAMILIES = ("generic", "gpt2", "llama")
 GPT2_BLOCK_PREFIX = "transformer.h."
@@ -59,6 +66,7 @@ class ModelSpec:
     params: tuple[tuple[str, tuple[int, ...]], ...]
     num_heads: int | None = None
     num_key_value_heads: int | None = None
+    topology: Topology | None = None
     _layout: tuple[ParamInfo, ...] = field(default=(), init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -101,6 +109,8 @@ class ModelSpec:
             out["num_heads"] = self.num_heads
         if self.num_key_value_heads is not None:
             out["num_key_value_heads"] = self.num_key_value_heads
+        if self.topology is not None:
+            out["topology"] = self.topology.to_json()
         return out
 
     @classmethod
@@ -113,20 +123,22 @@ class ModelSpec:
                 raise SpecError(f"spec is not valid JSON: {e}") from None
         if not isinstance(obj, Mapping):
             raise SpecError("spec must be a JSON object with 'family' and 'params'")
-        unknown = set(obj) - {"family", "params", "num_heads", "num_key_value_heads"}
+        unknown = set(obj) - {"family", "params", "num_heads", "num_key_value_heads", "topology"}
         if unknown:
             raise SpecError(f"spec has unknown keys: {sorted(unknown)}")
         params = _parse_params(obj.get("params"))
         family = obj.get("family", "auto")
         if not isinstance(family, str):
             raise SpecError("spec.family must be a string")
+        topology = _parse_topology(obj.get("topology"))
         if family == "auto":
-            family = detect_family([n for n, _ in params])
+            family = "generic" if topology is not None else detect_family([n for n, _ in params])
         return cls(
             family=family,
             params=tuple(params),
             num_heads=_opt_int(obj.get("num_heads"), "num_heads"),
             num_key_value_heads=_opt_int(obj.get("num_key_value_heads"), "num_key_value_heads"),
+            topology=topology,
         )
 
     @classmethod
@@ -143,6 +155,8 @@ class ModelSpec:
         num_heads: int | None = None,
         num_key_value_heads: int | None = None,
         include: Collection[str] | None = None,
+        example_input: Any = None,
+        leave_out: Sequence[str] = (),
     ) -> "ModelSpec":
         """Describe an ``nn.Module``: its parameters (only the names in ``include`` when given, e.g. those an
         optimizer updates) that a neural graph can place.
@@ -152,11 +166,19 @@ class ModelSpec:
         (0-d) tensors have no place in the graph and are left out, with one warning naming them (they then
         train normally and are kept as they are on nowcast calls). A trainable subset the transformer graph
         cannot take whole (a block half frozen) is described as ``generic``.
-        """
-        params = [(n, tuple(p.shape)) for n, p in module.named_parameters() if include is None or n in include]
+
+        Any other model's graph is traced from one forward pass on ``example_input`` (guessed when None,
+        ``ninocast.tracing``); a model whose graph cannot be derived faithfully raises SpecError naming the
+        layer. ``leave_out`` (parameter names or module prefixes) keeps tensors out of the spec: they then pass
+        through nowcasts unchanged."""
+        all_params = [(n, tuple(p.shape)) for n, p in module.named_parameters()]
+        params = [(n, s) for n, s in all_params if include is None or n in include]
         prefix, config = find_hf_model(module)
+        model_type = getattr(getattr(module, "config", None), "model_type", None)
         if family == "auto" and config is not None and config.model_type in GRAPH_TENSORS:
             family = config.model_type
+        elif family == "auto" and model_type is not None:
+            family = "generic"  # other Hugging Face models (BERT, ViT, Qwen2...) are traced
         if family == "auto":
             family = detect_family([n for n, _ in params])
             prefix = outer_prefix([n for n, _ in params], family)
@@ -164,12 +186,27 @@ class ModelSpec:
         if family in GRAPH_TENSORS and prefix is None:
             prefix = outer_prefix([n for n, _ in params], family)
         if family in GRAPH_TENSORS:
+            if leave_out:
+                raise SpecError(f"leave_out needs the generic (traced) family, not {family!r}")
             placed, left_out = split_placeable(params, family, prefix or "")
             if not placed:  # e.g. only adapters train: the transformer graph has nothing to take
                 family = "generic"
+        topology = None
         if family == "generic":
-            placed = [(n, s) for n, s in params if len(s)]
             left_out = [n for n, s in params if not len(s)]
+            untouched = [n for n, _ in all_params if include is not None and n not in include]
+            from .tracing import TraceRefused, trace_topology  # torch is needed only here
+
+            try:
+                topology = trace_topology(module, example_input, [*leave_out, *left_out, *untouched])
+            except TraceRefused as e:
+                raise SpecError(f"{type(module).__name__}: {e}") from None
+            kept = {n for n, _ in params} - {n for n, _ in topology.left_out}
+            placed = [(n, s) for n, s in params if n in kept]
+            internal = {*left_out, *untouched}  # scalars and tensors the optimizer does not update: no user choice
+            asked = tuple(x for x in topology.left_out if x[0] not in internal)
+            if not asked and is_plain_chain(dataclasses.replace(topology, left_out=()), placed):
+                topology = None  # exactly what a generic spec means without one: the JSON stays as before
         if left_out:
             warnings.warn(f"ninocast: {len(left_out)} parameter(s) left out of the {family} spec (no place in its "
                           f"neural graph; they train normally and are not nowcast): {', '.join(left_out[:10])}"
@@ -184,7 +221,7 @@ class ModelSpec:
                 if num_key_value_heads is None:
                     num_key_value_heads = getattr(config, "num_key_value_heads", None)
         return cls(family=family, params=tuple(placed), num_heads=num_heads,
-                   num_key_value_heads=num_key_value_heads)
+                   num_key_value_heads=num_key_value_heads, topology=topology)
 
 
 def find_hf_model(module: Any) -> tuple[str | None, Any]:
@@ -253,6 +290,15 @@ def _opt_int(v: Any, what: str) -> int | None:
     return v
 
 
+def _parse_topology(raw: Any) -> Topology | None:
+    if raw is None:
+        return None
+    try:
+        return Topology.from_json(raw)
+    except TopologyError as e:
+        raise SpecError(str(e)) from None
+
+
 def _parse_params(raw: Any) -> list[tuple[str, tuple[int, ...]]]:
     if not isinstance(raw, list):
         raise SpecError("spec.params must be a list of [name, shape] pairs")
@@ -293,6 +339,13 @@ def _validate(spec: ModelSpec) -> None:
         v = getattr(spec, what)
         if v is not None and v <= 0:
             raise SpecError(f"spec.{what} must be positive, got {v}")
+    if spec.topology is not None and spec.family != "generic":
+        raise SpecError(f"spec.topology is for family generic (traced graphs), not {spec.family!r}")
+    if spec.topology is not None:
+        try:
+            check_topology(spec.topology, spec.params)
+        except TopologyError as e:
+            raise SpecError(str(e)) from None
     if spec.family == "gpt2":
         _validate_gpt2(spec)
     elif spec.family == "llama":

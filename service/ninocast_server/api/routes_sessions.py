@@ -17,7 +17,9 @@ from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 
 from ninocast.schedule import k_at_step
+from ninocast.spec import SpecError
 
+from ..engine.graphs import check_spec_for
 from ..sessions.compute import NowcastJob, estimate_bytes, run_nowcast
 from ..sessions.errors import ServiceError
 from ..sessions.safetensors_io import (DTYPE_NAMES, check_against_spec, check_finite, dtypes_of, encode,
@@ -66,6 +68,10 @@ def build_router() -> APIRouter:
         if spec.family not in model.families:
             raise ServiceError(422, "unsupported_family", f"nowcaster {name!r} supports {list(model.families)}, "
                                f"not family {spec.family!r}")
+        try:  # a graph that would be wrong or unreadable is refused now, not at the first nowcast
+            check_spec_for(spec, model)
+        except SpecError as e:
+            raise ServiceError(422, "invalid_spec", f"nowcaster {name!r}: {e}") from None
         ctx = body.ctx or model.ctx
         if ctx != model.ctx and model.kind != "linefit":
             raise ServiceError(422, "invalid_ctx", f"nowcaster {name!r} needs ctx={model.ctx}, got {ctx}")

@@ -12,9 +12,11 @@ import torch
 from ninocast.spec import GPT2_BLOCK_PREFIX, LLAMA_BLOCK_PREFIX, ModelSpec, SpecError
 
 from .base import NeuralGraph
+from .checks import check_graph_spec
 from .generic import T_SELF_LOOP, EdgeBlock, GraphLayout, generic_layout
 from .blocklap import NotBlockStructured
 from .lpe import laplacian_pe, laplacian_pe_blocks
+from .traced import traced_layout
 from .transformer import gpt2_layout, llama_layout
 
 LAYOUTS: dict[str, Callable[[ModelSpec], GraphLayout]] = {
@@ -28,7 +30,8 @@ BLOCK_PREFIXES = {"gpt2": GPT2_BLOCK_PREFIX, "llama": LLAMA_BLOCK_PREFIX}
 def build_graph(spec: ModelSpec, *, with_lpe: bool = True, pos: torch.Tensor | None = None) -> NeuralGraph:
     """The neural graph of ``spec``. ``pos`` (N, lpe), when given, is used verbatim (exact tests, cached LPE);
     otherwise the LPE is computed when ``with_lpe`` and left None when not."""
-    layout = LAYOUTS[spec.family](spec)
+    check_graph_spec(spec)
+    layout = traced_layout(spec) if spec.topology is not None else LAYOUTS[spec.family](spec)
     graph = assemble(layout, spec.n_params)
     if pos is not None:
         pos = torch.as_tensor(pos)
