@@ -261,6 +261,7 @@ def test_collect_metatrain_nowcast_end_to_end(tiny_store, tmp_path, kind):
     assert "tiny-conv" in card and "linefit" in card and "Speedup benchmark" in card
     nc = load_nowcaster(str(out))
     assert nc.kind == kind and nc.name == f"ninocast-{kind}"
+    assert nc.scope.families == ("generic",) and nc.scope.tasks == ("tiny-conv", "tiny-mlp")  # what it saw
     store = TrajectoryStore.open(tiny_store)
     run = store.runs["tiny-conv-seed2-lr0.01"]
     states = store.load(run.id)[1][-5:].float().T.contiguous()
@@ -280,6 +281,7 @@ def test_metatrain_cli_and_finetune(tiny_store, tmp_path, capsys):
     summary = metatrain(_cfg([tiny_store], tuned, init=str(out), iters=2, tasks=["tiny-mlp"]), progress=False,
                         log=lambda s: None)
     assert summary["tasks"] == ["tiny-mlp"]
+    assert load_nowcaster(str(tuned)).scope.tasks == ("tiny-conv", "tiny-mlp")  # its --init saw both tasks
     cfg = json.loads((tuned / "config.json").read_text())
     assert cfg["model_args"]["hid"] == 8 and cfg["source"]["init"] == str(out)
     from safetensors.torch import load_file

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Protocol
 
 import torch
@@ -47,11 +48,15 @@ class RemoteBackend:
         self.session_id: str | None = None
         self.acked: set[int] = set()  # steps the current session acknowledged
         self.last_info: dict[str, Any] = {}
+        self.warned: set[str] = set()  # server warnings already shown (a re-created session repeats them)
 
     def _session(self) -> str:
         if self.session_id is None:
-            self.session_id = self.client.create_session(self.spec, **self.session_args)["id"]
+            created = self.client.create_session(self.spec, **self.session_args)
+            self.session_id = created["id"]
             self.acked = set()
+            for line in created.get("warnings") or []:
+                warn_once(self.warned, line)
         return self.session_id
 
     def _forget_session(self) -> None:
@@ -117,6 +122,9 @@ class LocalBackend:
         self._nowcast = nowcast
         self.model = load_nowcaster(nowcaster, device=device)
         self.spec = spec
+        line = self.model.scope_warning(spec)
+        if line:  # the local nowcaster is chosen once per optimizer: one warning
+            warnings.warn(f"ninocast: {line}", RuntimeWarning, stacklevel=4)
 
     def add_state(self, step: int, snapshot: Snapshot) -> None:
         pass  # the window itself is the state
@@ -136,3 +144,11 @@ class LocalBackend:
 
     def close(self) -> None:
         pass
+
+
+def warn_once(shown: set[str], line: str) -> None:
+    """A nowcaster outside what it was trained on (the server's create-session ``warnings``, or the local
+    nowcaster's scope): one RuntimeWarning per distinct line."""
+    if line not in shown:
+        shown.add(line)
+        warnings.warn(f"ninocast: {line}", RuntimeWarning, stacklevel=2)

@@ -61,7 +61,8 @@ def build_router() -> APIRouter:
         s = await run_in_threadpool(st.store.create, owner, spec, name, ctx, body.period, body.max_train_steps,
                                     body.record, body.name)
         response.headers["Location"] = f"/v1/sessions/{s.id}"
-        return session_view(s, st.settings.session_ttl_s)
+        out_of_scope = model.scope_warning(spec)  # served anyway, but said once, here (issue 11)
+        return {**session_view(s, st.settings.session_ttl_s), "warnings": [out_of_scope] if out_of_scope else []}
 
     @r.get("")
     async def list_sessions(request: Request, owner: str = Depends(require_owner)) -> dict[str, Any]:

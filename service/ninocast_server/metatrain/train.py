@@ -28,6 +28,7 @@ from torch import nn
 
 from ..engine.nowcasters.checkpoint import load_directory, save_nowcaster
 from ..engine.nowcasters.nino import NiNoModel, init_weights
+from ..engine.nowcasters.scope import Scope, scope_of_runs
 from ..engine.nowcasters.wnn import WNNModel
 from .dataset import Batch, WindowSampler, baseline_predictions, masked_l1
 from .store import Run, TrajectoryStore
@@ -127,7 +128,7 @@ def build_model(cfg: MetaTrainConfig) -> tuple[nn.Module, dict[str, Any]]:
         model = model.train()
         for p in model.parameters():
             p.requires_grad_(True)
-        return model, {"init": str(cfg.init), "init_name": config.get("name")}
+        return model, {"init": str(cfg.init), "init_name": config.get("name"), "init_scope": config.get("scope")}
     torch.manual_seed(cfg.seed)
     if cfg.model == "nino":
         model = NiNoModel(ctx=cfg.ctx, hid=cfg.hid, layers=cfg.layers, seq_len=cfg.horizon,
@@ -307,7 +308,10 @@ def finish(model: nn.Module, cfg: MetaTrainConfig, hist: History, stores: Sequen
            train_keys: set, val_keys: set, init_info: dict, log: Callable[[str], None]) -> dict[str, Any]:
     out = Path(cfg.out)
     name = cfg.name or out.name
-    tasks = sorted({st.runs[rid].task for st in stores for root, rid in train_keys if root == str(st.root)})
+    trained = [(st.runs[rid].task, st.runs[rid].spec.family) for st in stores for root, rid in train_keys
+               if root == str(st.root)]
+    tasks = sorted({task for task, _ in trained})
+    scope = _merge_scopes(scope_of_runs(trained), init_info.pop("init_scope", None))
     summary = {
         "model": cfg.model, "iterations": hist.iteration, "skipped_steps": hist.skipped,
         "final_train_loss": _tail_mean(hist.train),
@@ -318,9 +322,10 @@ def finish(model: nn.Module, cfg: MetaTrainConfig, hist: History, stores: Sequen
     }
     source = {"trained_by": "ninocast metatrain", "config": {k: v for k, v in asdict(cfg).items()},
               "summary": summary, **init_info}
+    summary["scope"] = scope.to_json()
     if any(not torch.isfinite(p).all() for p in model.parameters()):
         raise FloatingPointError("the trained model holds NaN or Inf; nothing was written")
-    save_nowcaster(model, out, name=name, source=source)
+    save_nowcaster(model, out, name=name, source=source, scope=scope)
     png = plot_losses(hist, out / "loss_curve.png")
     (out / "MODEL_CARD.md").write_text(model_card(name, cfg, hist, summary, stores, train_keys, val_keys,
                                                   init_info, png is not None))
@@ -328,6 +333,13 @@ def finish(model: nn.Module, cfg: MetaTrainConfig, hist: History, stores: Sequen
         f"last-state {hist.baselines.get('last', math.nan):.4f}, linefit {hist.baselines.get('linefit', math.nan):.4f}"
         f"; {hist.skipped} skipped steps)")
     return summary
+
+
+def _merge_scopes(new: Scope, init: Scope | None) -> Scope:
+    """A fine-tuned nowcaster was trained on its --init's data too (without a parameter range: sizes differ)."""
+    if init is None:
+        return new
+    return Scope(tuple(dict.fromkeys(init.families + new.families)), tuple(sorted(set(init.tasks) | set(new.tasks))))
 
 
 def _tail_mean(points: Sequence[tuple[int, float]], n: int = 50) -> float | None:
@@ -413,7 +425,9 @@ def model_card(name: str, cfg: MetaTrainConfig, hist: History, summary: dict, st
     ]
     if has_png:
         lines += ["![loss curve](loss_curve.png)", ""]
-    lines += ["## Data", "", f"Tasks: {', '.join(summary['tasks'])}", "", "Training trajectories:", "", head,
+    lines += ["## Data", "", f"Tasks: {', '.join(summary['tasks'])}", "",
+              f"Scope (config.json `scope`; a model outside it gets a warning): graph families "
+              f"{', '.join(summary['scope']['families'])}", "", "Training trajectories:", "", head,
               *runs_table(train_keys), "", "Validation trajectories:", "", head, *runs_table(val_keys), "",
               "## Speedup benchmark", "",
               "Not measured yet: fill in `ninocast bench speedup` results (held-out FM-32, >= 3 seeds).", ""]

@@ -11,6 +11,7 @@ from torch import Tensor
 from ninocast.spec import FAMILIES, ModelSpec
 
 from .scaling import scale_states, unscale_vector
+from .scope import Scope
 
 if TYPE_CHECKING:
     from ..graphs.base import NeuralGraph
@@ -33,7 +34,8 @@ class Nowcaster(ABC):
     horizon: int = 40  # the largest k it can predict
     needs_graph: bool = False  # predict() wants the spec's NeuralGraph
     needs_lpe: bool = False  # ... with its Laplacian positional encoding
-    families: tuple[str, ...] = FAMILIES
+    families: tuple[str, ...] = FAMILIES  # what it can run on
+    scope: Scope | None = None  # what it was meta-trained on (None: no claim, e.g. linefit)
     device: torch.device = torch.device("cpu")
 
     @abstractmethod
@@ -49,7 +51,12 @@ class Nowcaster(ABC):
 
     def describe(self) -> dict:
         return {"name": self.name, "kind": self.kind, "ctx": self.ctx, "horizon": self.horizon,
-                "parameters": self.num_parameters(), "families": list(self.families)}
+                "parameters": self.num_parameters(), "families": list(self.families),
+                "scope": self.scope.to_json() if self.scope else None}
+
+    def scope_warning(self, spec: ModelSpec) -> str | None:
+        """One line when ``spec`` is outside what this nowcaster was trained on (see scope.py), else None."""
+        return self.scope.warning(self.name, spec) if self.scope else None
 
 
 class ScaledNowcaster(Nowcaster):
