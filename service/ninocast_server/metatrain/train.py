@@ -60,6 +60,7 @@ class MetaTrainConfig:
     lm_global_scaling: bool = True
     wte_size: int = 1000
     tasks: list[str] | None = None
+    task_weights: dict[str, float] | None = None  # sampling weight per task (others 1); None: uniform
     val_fraction: float = 0.2
     val_batches: int = 8
     val_every: int = 200
@@ -115,7 +116,7 @@ def _sampler(stores: Sequence[TrajectoryStore], keep: set[tuple[str, str]], cfg:
         return WindowSampler.from_stores(
             picked, runs=lambda r: any(rid == r.id for _, rid in keep), spacing=cfg.spacing, log=log, mode=mode,
             ctx=cfg.ctx, horizon=cfg.horizon, windows=cfg.windows, lm_global_scaling=cfg.lm_global_scaling,
-            wte_size=cfg.wte_size)
+            wte_size=cfg.wte_size, task_weights=cfg.task_weights)
     except ValueError:
         return None
 
@@ -196,12 +197,20 @@ def metatrain(cfg: MetaTrainConfig, progress: bool = True, log: Callable[[str], 
         cfg.model = "nino" if isinstance(model, NiNoModel) else "wnn"
         cfg.ctx, cfg.horizon = model.ctx, model.seq_len
     mode = "graph" if isinstance(model, NiNoModel) else "param"
+    bad = {t: w for t, w in (cfg.task_weights or {}).items()
+           if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0 < w < math.inf}
+    if bad:
+        raise ValueError(f"--task-weight: weights must be positive finite numbers, got {bad}")
     train_keys, val_keys = split_runs(stores, cfg.val_fraction, cfg.tasks)
     train_s = _sampler(stores, train_keys, cfg, mode, log)
     if train_s is None:
         raise ValueError("no training trajectory is long enough: windows need "
                          f"{WindowSampler.min_snapshots(cfg.ctx, cfg.horizon, cfg.windows)} snapshots "
                          f"{cfg.spacing} steps apart; collect longer runs or lower --spacing")
+    unknown = sorted(set(cfg.task_weights or {}) - set(train_s.tasks))
+    if unknown:
+        raise ValueError(f"--task-weight names tasks without training trajectories: {unknown}; "
+                         f"the training tasks are {train_s.tasks}")
     val_s = _sampler(stores, val_keys, cfg, mode, log) if val_keys else None
     if val_s is None:
         log("no held-out trajectories: validating on training trajectories (add runs or raise --val-fraction)")
@@ -408,6 +417,8 @@ def model_card(name: str, cfg: MetaTrainConfig, hist: History, summary: dict, st
         f"- AdamW lr {cfg.lr:g} (cosine to {cfg.min_lr:g}), weight decay {cfg.weight_decay:g}, gradient clip {cfg.clip:g}",
         f"- ctx {cfg.ctx}, horizons {cfg.horizon}, spacing {cfg.spacing} optimiser steps, hid {cfg.hid}, "
         f"layers {cfg.layers}" + (f", wte_pos_enc {cfg.wte_pos_enc}" if cfg.model == "nino" else ""),
+        "- task sampling: " + (", ".join(f"{t} x{w:g}" for t, w in sorted(cfg.task_weights.items()))
+                               + " (other tasks x1)" if cfg.task_weights else "uniform over tasks"),
         f"- skipped steps (non-finite loss or gradient): {hist.skipped}",
         f"- weights kept: iteration {summary['kept_iteration']} ("
         + ("lowest validation loss" if cfg.keep == "best" else "the last") + ")",
