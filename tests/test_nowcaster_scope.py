@@ -38,7 +38,8 @@ def tiny_mlp() -> nn.Module:
 
 
 def scope_warnings(record) -> list[str]:
-    return [str(w.message) for w in record if issubclass(w.category, RuntimeWarning) and "meta-trained" in str(w.message)]
+    return [str(w.message) for w in record
+            if issubclass(w.category, RuntimeWarning) and "meta-trained" in str(w.message)]
 
 
 # ---------------------------------------------------------------------------- declared scopes
