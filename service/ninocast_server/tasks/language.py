@@ -159,16 +159,20 @@ LM_CONFIGS: dict[str, LMConfig] = {
 
 
 # The 10,000-step tasks (vision's protocol: period 1000, 10 nowcasts). Targets: the worst (largest) validation
-# perplexity of three AdamW runs (seeds 0, 1, 2) at step 10,000, rounded up to 2 decimals, so every AdamW seed
-# measured reaches it within the budget (docs/tasks.md has the curves and the command).
-_NOTE_10K = "max over AdamW seeds 0-2 of val ppl at step 10,000 ({}), rounded up"
+# perplexity of the measured AdamW runs (seeds 0-2 or seed 0, see docs/tasks.md) at step 9,000, rounded up to 2
+# decimals: AdamW needs ~9,000-10,000 steps (its curve still falls there) and a seed slightly worse than the
+# measured ones still reaches it within the budget. Measured with ``ninocast collect`` (the curves are in
+# docs/benchmarks-speedup/lm10k-targets/).
+_NOTE_10K = "max over AdamW seeds {} of val ppl at step 9,000 ({}), rounded up"
 _LONG = dict(budget=10_000, period=1000, eval_every=100)
 LM_CONFIGS.update({
-    "kjv-gpt2-3-24-10k": LMConfig("gpt2", 3, 24, 3, 3e-3, 0.0, True, _NOTE_10K, **_LONG),
-    "kjv-gpt2-2-32-10k": LMConfig("gpt2", 2, 32, 2, 3e-3, 0.0, True, _NOTE_10K, **_LONG),
-    "kjv-gpt2-3-64-10k": LMConfig("gpt2", 3, 64, 4, 3e-3, 0.0, False, _NOTE_10K, **_LONG),
-    "kjv-llama-3-24-10k": LMConfig("llama", 3, 24, 3, 3e-3, 0.0, False, _NOTE_10K, **_LONG),
-    "fortunes-gpt2-3-24-10k": LMConfig("gpt2", 3, 24, 3, 3e-3, 0.0, False, _NOTE_10K, corpus="fortunes", **_LONG),
+    "kjv-gpt2-3-24-10k": LMConfig("gpt2", 3, 24, 3, 3e-3, 4.61, True, _NOTE_10K.format("0, 1", "4.604, 4.451"),
+                                   **_LONG),
+    "kjv-gpt2-2-32-10k": LMConfig("gpt2", 2, 32, 2, 3e-3, 4.30, True, _NOTE_10K.format("0", "4.298"), **_LONG),
+    "kjv-gpt2-3-64-10k": LMConfig("gpt2", 3, 64, 4, 3e-3, 3.59, False, _NOTE_10K.format("0", "3.582"), **_LONG),
+    "kjv-llama-3-24-10k": LMConfig("llama", 3, 24, 3, 3e-3, 3.85, False, _NOTE_10K.format("0", "3.841"), **_LONG),
+    "fortunes-gpt2-3-24-10k": LMConfig("gpt2", 3, 24, 3, 3e-3, 7.78, False, _NOTE_10K.format("0, 1", "7.695, 7.774"),
+                                        corpus="fortunes", **_LONG),
 })
 
 
