@@ -261,6 +261,7 @@ def test_collect_metatrain_nowcast_end_to_end(tiny_store, tmp_path, kind):
     assert "tiny-conv" in card and "linefit" in card and "Speedup benchmark" in card
     nc = load_nowcaster(str(out))
     assert nc.kind == kind and nc.name == f"ninocast-{kind}"
+    assert nc.scope.families == ("generic",) and nc.scope.tasks == ("tiny-conv", "tiny-mlp")  # what it saw
     store = TrajectoryStore.open(tiny_store)
     run = store.runs["tiny-conv-seed2-lr0.01"]
     states = store.load(run.id)[1][-5:].float().T.contiguous()
@@ -280,6 +281,7 @@ def test_metatrain_cli_and_finetune(tiny_store, tmp_path, capsys):
     summary = metatrain(_cfg([tiny_store], tuned, init=str(out), iters=2, tasks=["tiny-mlp"]), progress=False,
                         log=lambda s: None)
     assert summary["tasks"] == ["tiny-mlp"]
+    assert load_nowcaster(str(tuned)).scope.tasks == ("tiny-conv", "tiny-mlp")  # its --init saw both tasks
     cfg = json.loads((tuned / "config.json").read_text())
     assert cfg["model_args"]["hid"] == 8 and cfg["source"]["init"] == str(out)
     from safetensors.torch import load_file
@@ -454,3 +456,34 @@ def test_metatrain_time_limit_writes_a_resumable_model(tiny_store, tmp_path):
     card = (out / "MODEL_CARD.md").read_text()
     assert "stopped by --max-minutes" in card and "{cfg." not in card
     assert metatrain(_cfg([tiny_store], out), progress=False, log=lambda s: None)["iterations"] == 6
+
+
+# ----------------------------------------------------------------------------- per-task sampling weights
+def test_task_weights_set_the_task_mix(tiny_store):
+    store = TrajectoryStore.open(tiny_store)
+    draw = lambda weights: [WindowSampler.from_stores([store], spacing=2, windows=2, task_weights=weights)  # noqa: E731
+                            .pick_task(g) for g in [torch.Generator().manual_seed(0)] for _ in range(600)]
+    uniform, weighted = draw(None), draw({"tiny-conv": 4})
+    assert 0.42 < uniform.count("tiny-conv") / 600 < 0.58
+    assert 0.74 < weighted.count("tiny-conv") / 600 < 0.86  # 4 : 1 -> 80 %
+    gen = torch.Generator().manual_seed(0)  # no weights: exactly the draws of the uniform sampler before weights
+    assert uniform[:20] == [["tiny-conv", "tiny-mlp"][int(torch.randint(0, 2, (1,), generator=gen))]
+                            for _ in range(20)]
+    with pytest.raises(ValueError, match="positive"):
+        WindowSampler.from_stores([store], spacing=2, windows=2, task_weights={"tiny-mlp": 0})
+
+
+def test_metatrain_task_weight_option_and_its_errors(tiny_store, tmp_path, capsys):
+    from ninocast.cli import main
+
+    args = [str(tiny_store), "--iters", "2", "--spacing", "2", "--hid", "8", "--layers", "2",
+            "--batch-trajectories", "1", "--windows", "1", "--val-batches", "1", "-q"]
+    out = tmp_path / "weighted"
+    assert main(["metatrain", *args, "-o", str(out), "--task-weight", "tiny-conv=3"]) == 0
+    assert json.loads((out / "config.json").read_text())["source"]["config"]["task_weights"] == {"tiny-conv": 3.0}
+    assert "tiny-conv x3 (other tasks x1)" in (out / "MODEL_CARD.md").read_text()
+    capsys.readouterr()
+    for bad, mentions in [("fm-16=2", "without training trajectories"), ("tiny-conv", "TASK=WEIGHT"),
+                          ("tiny-conv=-1", "positive"), ("tiny-conv=nan", "positive")]:
+        assert main(["metatrain", *args, "-o", str(tmp_path / "x"), "--task-weight", bad]) == 2, bad
+        assert mentions in capsys.readouterr().err, bad

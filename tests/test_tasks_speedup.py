@@ -8,6 +8,7 @@ import json
 import shutil
 import statistics
 import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -187,6 +188,49 @@ def test_language_models_and_specs():
         assert task.target > 1.0 and task.metric == "val_ppl" and not task.higher_is_better
         batch = torch.randint(0, 256, (2, task.seq_len + 1))
         assert torch.isfinite(task.loss(model, batch))
+
+
+def test_fortunes_text_parsing(tmp_path, monkeypatch):
+    from ninocast_server.tasks import language
+
+    (tmp_path / "people").write_bytes(b"First cookie,\n\ttwo lines.\n%\nB_\x08o_\x08ld and plain.\n%\n")
+    (tmp_path / "ascii-art").write_bytes(b"  /\\_/\\\n%\n")
+    (tmp_path / "people.dat").write_bytes(b"\x00\x01binary index")
+    monkeypatch.setenv(language.ENV_FORTUNES, str(tmp_path))
+    language.fortunes_text.cache_clear()
+    try:
+        assert language.fortunes_text() == b"First cookie,\n\ttwo lines.\nBold and plain.\n"
+        monkeypatch.setenv(language.ENV_FORTUNES, str(tmp_path / "absent"))
+        language.fortunes_text.cache_clear()
+        with pytest.raises(language.TextMissing, match="apt-get install fortunes"):
+            language.fortunes_text()
+    finally:
+        language.fortunes_text.cache_clear()
+
+
+def test_fortunes_corpus_and_10k_language_tasks():
+    from ninocast import k_schedule
+    from ninocast_server.tasks.language import FORTUNES_DIR, corpus_split
+
+    old = get_task("kjv-gpt2-3-24")  # the first round's tasks are unchanged (stored benchmark runs refer to them)
+    assert (old.budget, old.period, old.eval_every, old.target) == (1_000, 100, 20, 6.94)
+    held_out = {"kjv-gpt2-3-64-10k", "kjv-llama-3-24-10k", "fortunes-gpt2-3-24-10k"}
+    for name in ("kjv-gpt2-3-24-10k", "kjv-gpt2-2-32-10k", *sorted(held_out)):
+        t = get_task(name)
+        assert (t.budget, t.period, t.eval_every, t.ctx, t.eval_before_nowcast) == (10_000, 1000, 100, 5, True), name
+        assert t.in_distribution == (name not in held_out) and 3.0 < t.target < 8.0, name
+        assert k_schedule(t.budget, t.period) == [40, 33, 26, 21, 16, 11, 8, 5, 3, 1]
+    if not Path(FORTUNES_DIR, "fortunes").is_file():
+        pytest.skip("the fortunes package is absent (apt-get install fortunes)")
+    train, val = corpus_split("fortunes")
+    assert 2_000_000 < len(train) + len(val) < 3_500_000 and 0.04 < len(val) / (len(train) + len(val)) < 0.06
+    task = get_task("fortunes-gpt2-3-24-10k")
+    b1, b2 = next(task.batches(5)), next(task.batches(5))
+    assert torch.equal(b1, b2) and b1.shape == (16, 65)
+    kjv = get_task("kjv-gpt2-3-24-10k")
+    assert not torch.equal(task.val_windows(), kjv.val_windows())
+    if shutil.which("bible"):  # the same KJV split and validation windows as the 1,000-step tasks
+        assert torch.equal(kjv.val_windows(), old.val_windows())
 
 
 def test_registry():

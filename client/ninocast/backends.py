@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+import warnings
 from typing import Any, Protocol
 
 import torch
@@ -60,14 +61,17 @@ class RemoteBackend:
         self.refresh_estimate = False  # set when a nowcast was given up on: read the server's timing later
         self.closed = False
         self._lock = threading.Lock()  # session_id / acked: read by checkpoints on the training thread
+        self.warned: set[str] = set()  # server warnings already shown (a re-created session repeats them)
 
     def _session(self, deadline: float | None = None) -> str:
         if self.closed:
             raise ServerUnavailable("the optimizer was closed: no new session")
         if self.session_id is None:
-            sid = self.client.create_session(self.spec, **self.session_args, deadline=deadline)["id"]
+            created = self.client.create_session(self.spec, **self.session_args, deadline=deadline)
             with self._lock:
-                self.session_id, self.acked = sid, set()
+                self.session_id, self.acked = created["id"], set()
+            for line in created.get("warnings") or []:
+                warn_once(self.warned, line)
         return self.session_id
 
     def _forget_session(self) -> None:
@@ -181,6 +185,9 @@ class LocalBackend:
         self.model = load_nowcaster(nowcaster, device=device)
         check_spec_for(spec, self.model)  # a spec its graph cannot describe fails here, not at the first nowcast
         self.spec = spec
+        line = self.model.scope_warning(spec)
+        if line:  # the local nowcaster is chosen once per optimizer: one warning
+            warnings.warn(f"ninocast: {line}", RuntimeWarning, stacklevel=4)
 
     def add_state(self, step: int, snapshot: Snapshot) -> None:
         pass  # the window itself is the state
@@ -208,3 +215,11 @@ class LocalBackend:
 
     def close(self, delete: bool = False, deadline: float | None = None) -> None:
         pass
+
+
+def warn_once(shown: set[str], line: str) -> None:
+    """A nowcaster outside what it was trained on (the server's create-session ``warnings``, or the local
+    nowcaster's scope): one RuntimeWarning per distinct line."""
+    if line not in shown:
+        shown.add(line)
+        warnings.warn(f"ninocast: {line}", RuntimeWarning, stacklevel=2)

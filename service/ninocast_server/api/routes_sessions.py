@@ -28,8 +28,8 @@ from ..sessions.spec_limits import parse_spec
 from ..sessions.store import Session
 from ..sessions.upload import receive_to_file
 from .auth import require_owner
-from .schemas import (CreateSession, ErrorBody, NowcastRequest, SessionDetail, SessionList, StateAck, session_view,
-                      state_ack)
+from .schemas import (CreateSession, CreatedSession, ErrorBody, NowcastRequest, SessionDetail, SessionList, StateAck,
+                      session_view, state_ack)
 
 SID = PathParam(..., min_length=1, max_length=64, description="session id from POST /v1/sessions")
 STEP = PathParam(..., pattern=r"^[0-9]{1,15}$", examples=["1000"],
@@ -54,7 +54,7 @@ def build_router() -> APIRouter:
                   responses={400: ERR, 401: ERR, 408: ERR, 413: ERR, 422: ERR, 500: ERR})
 
     @r.post("", status_code=201, operation_id="create_session", response_class=JSONResponse, responses={
-        201: {"model": SessionDetail, "description": "the session (Location: its URL)", "links": SESSION_LINKS},
+        201: {"model": CreatedSession, "description": "the session (Location: its URL)", "links": SESSION_LINKS},
         429: ERR, 507: ERR})
     async def create_session(body: CreateSession, request: Request,
                              owner: str = Depends(require_owner)) -> JSONResponse:
@@ -78,8 +78,9 @@ def build_router() -> APIRouter:
         st.queue.check_fits(estimate_bytes(spec, ctx), "spec_too_large")
         s = await run_in_threadpool(st.store.create, owner, spec, name, ctx, body.period, body.max_train_steps,
                                     body.record, body.name)
-        return JSONResponse(session_view(s, cfg.session_ttl_s), status_code=201,
-                            headers={"Location": f"/v1/sessions/{s.id}"})
+        out_of_scope = model.scope_warning(spec)  # served anyway, but said once, here (issue 11)
+        return JSONResponse({**session_view(s, cfg.session_ttl_s), "warnings": [out_of_scope] if out_of_scope else []},
+                            status_code=201, headers={"Location": f"/v1/sessions/{s.id}"})
 
     @r.get("", operation_id="list_sessions", response_class=JSONResponse, responses={200: {"model": SessionList}})
     async def list_sessions(request: Request, owner: str = Depends(require_owner)) -> JSONResponse:

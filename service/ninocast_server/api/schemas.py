@@ -117,6 +117,11 @@ class SessionDetail(SessionSummary):
     nowcasts: list[NowcastEntry] = Field(description="the newest 50 nowcasts")
 
 
+class CreatedSession(SessionDetail):
+    warnings: list[str] = Field(description="one line per concern the session is served despite, e.g. a spec "
+                                "outside what the nowcaster was meta-trained on")
+
+
 class SessionList(BaseModel):
     sessions: list[SessionSummary]
 

@@ -53,6 +53,23 @@ def run_collect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _task_weights(items: list[str]) -> dict[str, float] | None:
+    """["fm-16=2", "kjv-gpt2-3-24=0.5"] -> {"fm-16": 2.0, ...}; None when none are given."""
+    weights: dict[str, float] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        try:
+            w = float(value)
+        except ValueError:
+            w = None
+        if not sep or not name.strip() or w is None:
+            raise CommandError(f"--task-weight {item!r}: expected TASK=WEIGHT, e.g. fm-16=2")
+        if name.strip() in weights:
+            raise CommandError(f"--task-weight: task {name.strip()!r} given twice")
+        weights[name.strip()] = w
+    return weights or None
+
+
 def run_metatrain(args: argparse.Namespace) -> int:
     from .store import StoreError
     from .train import MetaTrainConfig, metatrain
@@ -63,7 +80,8 @@ def run_metatrain(args: argparse.Namespace) -> int:
         batch_trajectories=args.batch_trajectories, windows=args.windows, lr=args.lr, weight_decay=args.weight_decay,
         clip=args.clip, seed=args.seed, spacing=args.spacing, hid=args.hid, layers=args.layers,
         wte_pos_enc=args.wte_pos_enc, lm_global_scaling=not args.per_tensor_lm_scaling,
-        tasks=_csv(args.tasks) if args.tasks else None, val_fraction=args.val_fraction,
+        tasks=_csv(args.tasks) if args.tasks else None, task_weights=_task_weights(args.task_weight),
+        val_fraction=args.val_fraction,
         val_batches=args.val_batches, val_every=args.val_every, ckpt_every=args.ckpt_every, init=args.init,
         work_dir=args.work_dir, threads=args.threads, device=args.device,
         max_minutes=args.max_minutes, keep=args.keep)

@@ -2,7 +2,7 @@
 
 One example comes from one trajectory:
 
-1. pick a task uniformly, then one of its trajectories uniformly;
+1. pick a task (uniformly, or by ``task_weights``: unlisted tasks weigh 1), then one of its trajectories uniformly;
 2. stride Δ = max(1, spacing // interval) stored snapshots (spacing = 200 optimiser steps, as the deployed
    protocol records a state every 200 steps);
 3. start t0 uniform in [0, n - (ctx + min(T, 2 ctx) + windows) Δ); indices t0, t0 + Δ, ... truncated to ctx + T;
@@ -174,6 +174,7 @@ class WindowSampler:
     lm_global_scaling: bool = True
     wte_size: int = 1000
     feat: int = F_PAD
+    task_weights: dict[str, float] | None = None  # relative sampling weight per task; None: uniform (§6.2)
     _graphs: dict[str, _GraphEntry] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -185,6 +186,13 @@ class WindowSampler:
         for t in self.trajectories:
             self.by_task.setdefault(t.task, []).append(t)
         self.tasks = sorted(self.by_task)
+        self._weights = None
+        if self.task_weights:
+            bad = {t: w for t, w in self.task_weights.items() if not (isinstance(w, (int, float)) and 0 < w < math.inf)}
+            if bad:
+                raise ValueError(f"task weights must be positive finite numbers, got {bad}")
+            self._weights = torch.tensor([float(self.task_weights.get(t, 1.0)) for t in self.tasks],
+                                         dtype=torch.float64)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -279,11 +287,17 @@ class WindowSampler:
                 out.append({"x": xs, "y": yt, "mask": mask, "type": ent.param_type})
         return out
 
+    def pick_task(self, gen: torch.Generator) -> str:
+        if self._weights is None:  # the same draws as before weights existed: old runs resume identically
+            return self.tasks[int(torch.randint(0, len(self.tasks), (1,), generator=gen))]
+        return self.tasks[int(torch.multinomial(self._weights, 1, generator=gen))]
+
     def sample(self, gen: torch.Generator, n_trajectories: int = 4) -> Batch:
-        """A batch of ``n_trajectories`` x ``windows`` windows: task uniformly, then a trajectory uniformly."""
+        """A batch of ``n_trajectories`` x ``windows`` windows: a task (uniformly or by weight), then a trajectory
+        uniformly."""
         examples = []
         for _ in range(n_trajectories):
-            task = self.tasks[int(torch.randint(0, len(self.tasks), (1,), generator=gen))]
+            task = self.pick_task(gen)
             trajs = self.by_task[task]
             traj = trajs[int(torch.randint(0, len(trajs), (1,), generator=gen))]
             examples.extend(self.trajectory_examples(traj, gen))

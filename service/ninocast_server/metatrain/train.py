@@ -28,6 +28,7 @@ from torch import nn
 
 from ..engine.nowcasters.checkpoint import load_directory, save_nowcaster
 from ..engine.nowcasters.nino import NiNoModel, init_weights
+from ..engine.nowcasters.scope import Scope, scope_of_runs
 from ..engine.nowcasters.wnn import WNNModel
 from .dataset import Batch, WindowSampler, baseline_predictions, masked_l1
 from .store import Run, TrajectoryStore
@@ -59,6 +60,7 @@ class MetaTrainConfig:
     lm_global_scaling: bool = True
     wte_size: int = 1000
     tasks: list[str] | None = None
+    task_weights: dict[str, float] | None = None  # sampling weight per task (others 1); None: uniform
     val_fraction: float = 0.2
     val_batches: int = 8
     val_every: int = 200
@@ -114,7 +116,7 @@ def _sampler(stores: Sequence[TrajectoryStore], keep: set[tuple[str, str]], cfg:
         return WindowSampler.from_stores(
             picked, runs=lambda r: any(rid == r.id for _, rid in keep), spacing=cfg.spacing, log=log, mode=mode,
             ctx=cfg.ctx, horizon=cfg.horizon, windows=cfg.windows, lm_global_scaling=cfg.lm_global_scaling,
-            wte_size=cfg.wte_size)
+            wte_size=cfg.wte_size, task_weights=cfg.task_weights)
     except ValueError:
         return None
 
@@ -127,7 +129,7 @@ def build_model(cfg: MetaTrainConfig) -> tuple[nn.Module, dict[str, Any]]:
         model = model.train()
         for p in model.parameters():
             p.requires_grad_(True)
-        return model, {"init": str(cfg.init), "init_name": config.get("name")}
+        return model, {"init": str(cfg.init), "init_name": config.get("name"), "init_scope": config.get("scope")}
     torch.manual_seed(cfg.seed)
     if cfg.model == "nino":
         model = NiNoModel(ctx=cfg.ctx, hid=cfg.hid, layers=cfg.layers, seq_len=cfg.horizon,
@@ -195,12 +197,20 @@ def metatrain(cfg: MetaTrainConfig, progress: bool = True, log: Callable[[str], 
         cfg.model = "nino" if isinstance(model, NiNoModel) else "wnn"
         cfg.ctx, cfg.horizon = model.ctx, model.seq_len
     mode = "graph" if isinstance(model, NiNoModel) else "param"
+    bad = {t: w for t, w in (cfg.task_weights or {}).items()
+           if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0 < w < math.inf}
+    if bad:
+        raise ValueError(f"--task-weight: weights must be positive finite numbers, got {bad}")
     train_keys, val_keys = split_runs(stores, cfg.val_fraction, cfg.tasks)
     train_s = _sampler(stores, train_keys, cfg, mode, log)
     if train_s is None:
         raise ValueError("no training trajectory is long enough: windows need "
                          f"{WindowSampler.min_snapshots(cfg.ctx, cfg.horizon, cfg.windows)} snapshots "
                          f"{cfg.spacing} steps apart; collect longer runs or lower --spacing")
+    unknown = sorted(set(cfg.task_weights or {}) - set(train_s.tasks))
+    if unknown:
+        raise ValueError(f"--task-weight names tasks without training trajectories: {unknown}; "
+                         f"the training tasks are {train_s.tasks}")
     val_s = _sampler(stores, val_keys, cfg, mode, log) if val_keys else None
     if val_s is None:
         log("no held-out trajectories: validating on training trajectories (add runs or raise --val-fraction)")
@@ -307,7 +317,10 @@ def finish(model: nn.Module, cfg: MetaTrainConfig, hist: History, stores: Sequen
            train_keys: set, val_keys: set, init_info: dict, log: Callable[[str], None]) -> dict[str, Any]:
     out = Path(cfg.out)
     name = cfg.name or out.name
-    tasks = sorted({st.runs[rid].task for st in stores for root, rid in train_keys if root == str(st.root)})
+    trained = [(st.runs[rid].task, st.runs[rid].spec.family) for st in stores for root, rid in train_keys
+               if root == str(st.root)]
+    tasks = sorted({task for task, _ in trained})
+    scope = _merge_scopes(scope_of_runs(trained), init_info.pop("init_scope", None))
     summary = {
         "model": cfg.model, "iterations": hist.iteration, "skipped_steps": hist.skipped,
         "final_train_loss": _tail_mean(hist.train),
@@ -318,9 +331,10 @@ def finish(model: nn.Module, cfg: MetaTrainConfig, hist: History, stores: Sequen
     }
     source = {"trained_by": "ninocast metatrain", "config": {k: v for k, v in asdict(cfg).items()},
               "summary": summary, **init_info}
+    summary["scope"] = scope.to_json()
     if any(not torch.isfinite(p).all() for p in model.parameters()):
         raise FloatingPointError("the trained model holds NaN or Inf; nothing was written")
-    save_nowcaster(model, out, name=name, source=source)
+    save_nowcaster(model, out, name=name, source=source, scope=scope)
     png = plot_losses(hist, out / "loss_curve.png")
     (out / "MODEL_CARD.md").write_text(model_card(name, cfg, hist, summary, stores, train_keys, val_keys,
                                                   init_info, png is not None))
@@ -328,6 +342,13 @@ def finish(model: nn.Module, cfg: MetaTrainConfig, hist: History, stores: Sequen
         f"last-state {hist.baselines.get('last', math.nan):.4f}, linefit {hist.baselines.get('linefit', math.nan):.4f}"
         f"; {hist.skipped} skipped steps)")
     return summary
+
+
+def _merge_scopes(new: Scope, init: Scope | None) -> Scope:
+    """A fine-tuned nowcaster was trained on its --init's data too (without a parameter range: sizes differ)."""
+    if init is None:
+        return new
+    return Scope(tuple(dict.fromkeys(init.families + new.families)), tuple(sorted(set(init.tasks) | set(new.tasks))))
 
 
 def _tail_mean(points: Sequence[tuple[int, float]], n: int = 50) -> float | None:
@@ -396,6 +417,8 @@ def model_card(name: str, cfg: MetaTrainConfig, hist: History, summary: dict, st
         f"- AdamW lr {cfg.lr:g} (cosine to {cfg.min_lr:g}), weight decay {cfg.weight_decay:g}, gradient clip {cfg.clip:g}",
         f"- ctx {cfg.ctx}, horizons {cfg.horizon}, spacing {cfg.spacing} optimiser steps, hid {cfg.hid}, "
         f"layers {cfg.layers}" + (f", wte_pos_enc {cfg.wte_pos_enc}" if cfg.model == "nino" else ""),
+        "- task sampling: " + (", ".join(f"{t} x{w:g}" for t, w in sorted(cfg.task_weights.items()))
+                               + " (other tasks x1)" if cfg.task_weights else "uniform over tasks"),
         f"- skipped steps (non-finite loss or gradient): {hist.skipped}",
         f"- weights kept: iteration {summary['kept_iteration']} ("
         + ("lowest validation loss" if cfg.keep == "best" else "the last") + ")",
@@ -413,7 +436,9 @@ def model_card(name: str, cfg: MetaTrainConfig, hist: History, summary: dict, st
     ]
     if has_png:
         lines += ["![loss curve](loss_curve.png)", ""]
-    lines += ["## Data", "", f"Tasks: {', '.join(summary['tasks'])}", "", "Training trajectories:", "", head,
+    lines += ["## Data", "", f"Tasks: {', '.join(summary['tasks'])}", "",
+              f"Scope (config.json `scope`; a model outside it gets a warning): graph families "
+              f"{', '.join(summary['scope']['families'])}", "", "Training trajectories:", "", head,
               *runs_table(train_keys), "", "Validation trajectories:", "", head, *runs_table(val_keys), "",
               "## Speedup benchmark", "",
               "Not measured yet: fill in `ninocast bench speedup` results (held-out FM-32, >= 3 seeds).", ""]

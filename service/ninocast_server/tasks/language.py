@@ -1,13 +1,21 @@
-"""Byte-level language models on the King James Bible (Debian ``bible-kjv``), sized like the paper's LM1B tasks.
+"""Byte-level language models on two Debian texts, sized like the paper's LM1B tasks (docs/tasks.md).
 
-* Text: ``bible -f Gen1:1-Rev22:21`` (one verse per line, "Ge1:1 In the beginning..."), the reference prefix
+Two corpora: the King James Bible (``bible-kjv``, in-distribution: meta-training may use it) and the ``fortunes``
+cookie files (held out: a different kind of English, never meta-trained on). Two protocols: the first round's
+1,000-step tasks (period 100; ``kjv-*``) and the 10,000-step tasks of the vision protocol (period 1000; ``*-10k``).
+
+
+* KJV text: ``bible -f Gen1:1-Rev22:21`` (one verse per line, "Ge1:1 In the beginning..."), the reference prefix
   stripped, verses joined with "\\n": 31,102 verses, 4,137,850 bytes of ASCII
   (3,932,160 training and 205,690 validation bytes after the split below). ``NINOCAST_KJV_TEXT=file`` uses a
   text file instead (for machines without the package).
+* Fortunes text: every cookie file of ``/usr/share/games/fortunes`` (Debian ``fortunes``; ``$NINOCAST_FORTUNES_DIR``)
+  except ``ascii-art``, in file-name order; cookies (separated by lines holding ``%``) stripped, overstrikes
+  (``X\\bX``) removed, joined with "\\n".
 * Tokenizer: raw bytes, vocabulary 256, no special tokens (token id = byte value). Nothing to train, nothing to
   download, and perplexities are per byte.
-* Split (fixed): the text is cut into consecutive 4,096-byte blocks; every 20th block (index % 20 == 10) is
-  validation (5 %), the rest, concatenated in order, is training.
+* Split (fixed, both texts): the text is cut into consecutive 4,096-byte blocks; every 20th block
+  (index % 20 == 10) is validation (5 %), the rest, concatenated in order, is training.
 * Batches: the training stream is cut into non-overlapping windows of ``seq_len + 1`` bytes; epoch e visits them
   in the order ``randperm(n_windows, generator=seed + e)``; the batch is ``batch_size`` windows (the last batch of
   an epoch keeps the remainder). Input = window[:-1], labels = window[1:].
@@ -17,10 +25,10 @@
   ``seq_len``, every dropout 0 (so a nowcast step that skips a forward pass does not shift any random stream and
   all methods see identical computations until the first nowcast). Init: ``torch.manual_seed(seed)`` then the
   constructor (HF's own init).
-* Context 64 bytes, batch 16 windows; AdamW (constant lr, wd 0), budget 1,000 steps, period 100 (ctx 5 -> a
-  snapshot every 20 steps; k schedule 40, 33, 26, 21, 16, 11, 8, 5, 3, 1 as with 10k/1000), evaluated every 20
-  steps and right before and after every nowcast step (sized to run in minutes on one CPU thread). Targets: the
-  validation perplexity AdamW reaches at the end of its budget (LM_CONFIGS below).
+* Context 64 bytes, batch 16 windows; AdamW (constant lr, wd 0). ``kjv-*``: budget 1,000 steps, period 100,
+  evaluated every 20 steps; ``*-10k``: budget 10,000 steps, period 1000, evaluated every 100 steps; both with
+  ctx 5 and the k schedule 40, 33, 26, 21, 16, 11, 8, 5, 3, 1, and evaluated right before and after every
+  nowcast step. Targets: measured AdamW perplexities (LM_CONFIGS below, docs/tasks.md).
 """
 
 from __future__ import annotations
@@ -40,12 +48,16 @@ from .base import Task
 from .vision import shuffled_batches
 
 ENV_TEXT = "NINOCAST_KJV_TEXT"
+ENV_FORTUNES = "NINOCAST_FORTUNES_DIR"
+FORTUNES_DIR = "/usr/share/games/fortunes"
+FORTUNES_SKIPPED = ("ascii-art",)  # pictures, not text
+_OVERSTRIKE = re.compile(rb".\x08")
 BLOCK, VAL_EVERY, VAL_OFFSET = 4096, 20, 10
 _REF = re.compile(rb"^\S+?\d+:\d+ ")
 
 
 class TextMissing(FileNotFoundError):
-    """The KJV text is not available; the message says how to get it."""
+    """A corpus is not available; the message says how to get it."""
 
 
 @lru_cache(maxsize=1)
@@ -62,6 +74,26 @@ def kjv_text() -> bytes:
     raw = subprocess.run([exe, "-f", "Gen1:1-Rev22:21"], check=True, capture_output=True, timeout=120).stdout
     lines = [_REF.sub(b"", line) for line in raw.splitlines() if line.strip()]
     return b"\n".join(lines) + b"\n"
+
+
+@lru_cache(maxsize=1)
+def fortunes_text() -> bytes:
+    """Every fortune cookie of the Debian ``fortunes`` package, one after another (see the module docstring)."""
+    folder = os.environ.get(ENV_FORTUNES, FORTUNES_DIR)
+    files = sorted(p for p in (os.listdir(folder) if os.path.isdir(folder) else [])
+                   if "." not in p and p not in FORTUNES_SKIPPED and os.path.isfile(os.path.join(folder, p)))
+    if not files:
+        raise TextMissing(f"no fortune files in {folder}: the held-out text needs Debian's fortunes package "
+                          f"(sudo apt-get install fortunes), or set {ENV_FORTUNES}=a folder of such files")
+    cookies: list[bytes] = []
+    for name in files:
+        with open(os.path.join(folder, name), "rb") as f:
+            raw = _OVERSTRIKE.sub(b"", f.read()).replace(b"\x08", b"")
+        cookies += [c.strip(b"\n") for c in re.split(rb"(?m)^%\n", raw) if c.strip()]
+    return b"\n".join(cookies) + b"\n"
+
+
+CORPORA = {"kjv": kjv_text, "fortunes": fortunes_text}
 
 
 def encode(text: bytes | str) -> torch.Tensor:
@@ -85,10 +117,15 @@ def split_blocks(data: bytes, block: int = BLOCK, val_every: int = VAL_EVERY,
     return train, val
 
 
-@lru_cache(maxsize=1)
-def kjv_split() -> tuple[torch.Tensor, torch.Tensor]:
-    train, val = split_blocks(kjv_text())
+@lru_cache(maxsize=None)
+def corpus_split(corpus: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(training, validation) byte ids of a corpus (the fixed block split)."""
+    train, val = split_blocks(CORPORA[corpus]())
     return encode(train), encode(val)
+
+
+def kjv_split() -> tuple[torch.Tensor, torch.Tensor]:
+    return corpus_split("kjv")
 
 
 @dataclass(frozen=True)
@@ -101,6 +138,10 @@ class LMConfig:
     target: float  # validation perplexity (per byte)
     in_distribution: bool
     note: str  # how the target was obtained
+    corpus: str = "kjv"
+    budget: int = 1_000
+    period: int = 100
+    eval_every: int = 20
 
 
 # Targets: the validation perplexity AdamW alone reaches at the end of its 1,000-step budget, seed 1000, rounded
@@ -117,7 +158,25 @@ LM_CONFIGS: dict[str, LMConfig] = {
 }
 
 
-class KJVLanguageTask(Task):
+# The 10,000-step tasks (vision's protocol: period 1000, 10 nowcasts). Targets: the worst (largest) validation
+# perplexity of the measured AdamW runs (seeds 0-2 or seed 0, see docs/tasks.md) at step 9,000, rounded up to 2
+# decimals: AdamW needs ~9,000-10,000 steps (its curve still falls there) and a seed slightly worse than the
+# measured ones still reaches it within the budget. Measured with ``ninocast collect`` (the curves are in
+# docs/benchmarks-speedup/lm10k-targets/).
+_NOTE_10K = "max over AdamW seeds {} of val ppl at step 9,000 ({}), rounded up"
+_LONG = dict(budget=10_000, period=1000, eval_every=100)
+LM_CONFIGS.update({
+    "kjv-gpt2-3-24-10k": LMConfig("gpt2", 3, 24, 3, 3e-3, 4.61, True, _NOTE_10K.format("0, 1", "4.604, 4.451"),
+                                   **_LONG),
+    "kjv-gpt2-2-32-10k": LMConfig("gpt2", 2, 32, 2, 3e-3, 4.30, True, _NOTE_10K.format("0", "4.298"), **_LONG),
+    "kjv-gpt2-3-64-10k": LMConfig("gpt2", 3, 64, 4, 3e-3, 3.59, False, _NOTE_10K.format("0", "3.582"), **_LONG),
+    "kjv-llama-3-24-10k": LMConfig("llama", 3, 24, 3, 3e-3, 3.85, False, _NOTE_10K.format("0", "3.841"), **_LONG),
+    "fortunes-gpt2-3-24-10k": LMConfig("gpt2", 3, 24, 3, 3e-3, 7.78, False, _NOTE_10K.format("0, 1", "7.695, 7.774"),
+                                        corpus="fortunes", **_LONG),
+})
+
+
+class LanguageTask(Task):
     kind = "language"
     metric = "val_ppl"
     higher_is_better = False
@@ -135,8 +194,10 @@ class KJVLanguageTask(Task):
     def __init__(self, name: str, cfg: LMConfig) -> None:
         self.name, self.cfg = name, cfg
         self.lr, self.target, self.in_distribution = cfg.lr, cfg.target, cfg.in_distribution
-        self.description = (f"{cfg.arch} {cfg.n_layer} layers d={cfg.d_model} ({cfg.n_head} heads), bytes, KJV, "
-                            f"ctx {self.seq_len}, batch {self.batch_size}, AdamW lr {cfg.lr}, "
+        self.budget, self.period, self.eval_every = cfg.budget, cfg.period, cfg.eval_every
+        self.description = (f"{cfg.arch} {cfg.n_layer} layers d={cfg.d_model} ({cfg.n_head} heads), bytes, "
+                            f"{'KJV' if cfg.corpus == 'kjv' else cfg.corpus}, ctx {self.seq_len}, "
+                            f"batch {self.batch_size}, AdamW lr {cfg.lr}, {cfg.budget:,} steps, "
                             f"target val ppl {cfg.target}")
         self._val: torch.Tensor | None = None
 
@@ -163,7 +224,7 @@ class KJVLanguageTask(Task):
         return stream[: n * (self.seq_len + 1)].view(n, self.seq_len + 1)
 
     def batches(self, seed: int) -> Iterator[torch.Tensor]:
-        train, _ = kjv_split()
+        train, _ = corpus_split(self.cfg.corpus)
         windows = self._windows(train)
         for idx in shuffled_batches(len(windows), self.batch_size, seed):
             yield windows[idx]
@@ -174,7 +235,7 @@ class KJVLanguageTask(Task):
 
     def val_windows(self) -> torch.Tensor:
         if self._val is None:
-            _, val = kjv_split()
+            _, val = corpus_split(self.cfg.corpus)
             w = self._windows(val)
             pick = torch.linspace(0, len(w) - 1, min(self.n_val_windows, len(w))).round().long()
             self._val = w[pick]
@@ -196,5 +257,8 @@ class KJVLanguageTask(Task):
         return {"val_ppl": float(torch.tensor(loss).exp()), "val_loss": loss}
 
 
-def language_task(name: str) -> KJVLanguageTask:
-    return KJVLanguageTask(name, LM_CONFIGS[name])
+KJVLanguageTask = LanguageTask  # the first round's name
+
+
+def language_task(name: str) -> LanguageTask:
+    return LanguageTask(name, LM_CONFIGS[name])

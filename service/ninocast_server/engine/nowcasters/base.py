@@ -11,6 +11,7 @@ from torch import Tensor
 from ninocast.spec import FAMILIES, ModelSpec
 
 from .scaling import scale_states, unscale_vector
+from .scope import Scope
 
 if TYPE_CHECKING:
     from ..graphs.base import NeuralGraph
@@ -47,7 +48,8 @@ class Nowcaster(ABC):
     needs_lpe: bool = False  # ... with its Laplacian positional encoding
     reads_16bit: bool = False  # predict() takes bf16 / fp16 states as they are (else the runner makes float32)
     scratch_states: bool = False  # predict() takes overwrite_states= (older subclasses do not: never passed)
-    families: tuple[str, ...] = FAMILIES
+    families: tuple[str, ...] = FAMILIES  # what it can run on
+    scope: Scope | None = None  # what it was meta-trained on (None: no claim, e.g. linefit)
     device: torch.device = torch.device("cpu")
 
     @abstractmethod
@@ -65,7 +67,12 @@ class Nowcaster(ABC):
 
     def describe(self) -> dict:
         return {"name": self.name, "kind": self.kind, "ctx": self.ctx, "horizon": self.horizon,
-                "parameters": self.num_parameters(), "families": list(self.families)}
+                "parameters": self.num_parameters(), "families": list(self.families),
+                "scope": self.scope.to_json() if self.scope else None}
+
+    def scope_warning(self, spec: ModelSpec) -> str | None:
+        """One line when ``spec`` is outside what this nowcaster was trained on (see scope.py), else None."""
+        return self.scope.warning(self.name, spec) if self.scope else None
 
 
 class ScaledNowcaster(Nowcaster):

@@ -8,7 +8,8 @@ Two on-disk forms:
 * our own directory form, which needs no pickle at all::
 
       <dir>/config.json        {"format": "ninocast-nowcaster", "version": 1, "kind": "nino"|"wnn",
-                                "name": ..., "model_args": {...}, "source": {...}}
+                                "name": ..., "model_args": {...}, "source": {...},
+                                "scope": {"families": [...], "tasks": [...]}}   (optional, scope.py)
       <dir>/model.safetensors  the state_dict
 
 ``load_nowcaster("linefit" | <dir> | <file.pt>)`` returns a ready ``Nowcaster``.
@@ -31,6 +32,7 @@ from ... import DEFAULT_NOWCASTER
 from .base import Nowcaster
 from .linefit import Linefit
 from .nino import NiNo, NiNoModel
+from .scope import OFFICIAL_SCOPE, Scope, ScopeError, parse_scope
 from .wnn import WNN, WNNModel
 
 FORMAT, VERSION = "ninocast-nowcaster", 1
@@ -128,8 +130,10 @@ def _load_state(model: Model, state: Mapping[str, Any], where: str) -> Model:
     return model.eval()
 
 
-def _wrap(model: Model, name: str) -> Nowcaster:
-    return NiNo(model, name=name) if isinstance(model, NiNoModel) else WNN(model, name=name)
+def _wrap(model: Model, name: str, scope: Scope | None) -> Nowcaster:
+    nowcaster = NiNo(model, name=name) if isinstance(model, NiNoModel) else WNN(model, name=name)
+    nowcaster.scope = scope
+    return nowcaster
 
 
 # ----------------------------------------------------------------------------- official .pt files
@@ -153,8 +157,9 @@ def load_official(path: str | Path) -> Model:
 
 # ----------------------------------------------------------------------------- our directory format
 def save_nowcaster(model: NiNo | WNN | Model, out_dir: str | Path, name: str | None = None,
-                   source: Mapping[str, Any] | None = None) -> Path:
-    """Write ``config.json`` + ``model.safetensors`` into ``out_dir`` (created if needed); returns the directory."""
+                   source: Mapping[str, Any] | None = None, scope: Scope | None = None) -> Path:
+    """Write ``config.json`` + ``model.safetensors`` into ``out_dir`` (created if needed); returns the directory.
+    ``scope`` defaults to the nowcaster's own (an imported official checkpoint keeps what it was trained on)."""
     from safetensors.torch import save_file
 
     module = model.model if isinstance(model, (NiNo, WNN)) else model
@@ -171,12 +176,15 @@ def save_nowcaster(model: NiNo | WNN | Model, out_dir: str | Path, name: str | N
     os.chmod(out / WEIGHTS_FILE, 0o644)
     config = {"format": FORMAT, "version": VERSION, "kind": kind, "name": name,
               "model_args": module.model_args, "source": dict(source or {})}
+    scope = scope or getattr(model, "scope", None)
+    if scope is not None:
+        config["scope"] = scope.to_json()
     (out / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     return out
 
 
 def load_directory(path: str | Path) -> tuple[Model, dict]:
-    """Our directory format -> (module, config)."""
+    """Our directory format -> (module, config); ``config["scope"]`` is checked and parsed into a Scope."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -202,6 +210,10 @@ def load_directory(path: str | Path) -> tuple[Model, dict]:
         raise CheckpointError(f"{cfg_path}: kind must be 'nino' or 'wnn', got {kind!r}")
     if not isinstance(args, dict):
         raise CheckpointError(f"{cfg_path}: model_args must be an object")
+    try:
+        config["scope"] = parse_scope(config.get("scope"), str(cfg_path))
+    except ScopeError as e:
+        raise CheckpointError(str(e)) from None
     model = model_from_args(args, str(cfg_path), "meta")
     if (kind == "nino") != isinstance(model, NiNoModel):
         raise CheckpointError(f"{cfg_path}: kind {kind!r} disagrees with model_args gnn={args.get('gnn')!r}")
@@ -232,8 +244,8 @@ def load_nowcaster(ref: str, device: str | torch.device = "cpu", name: str | Non
     path = Path(ref)
     if path.is_dir():
         model, config = load_directory(path)
-        return _wrap(model, name or str(config.get("name") or path.name)).to(device)
-    if path.is_file():
-        return _wrap(load_official(path), name or path.stem).to(device)
+        return _wrap(model, name or str(config.get("name") or path.name), config["scope"]).to(device)
+    if path.is_file():  # the reference's format: trained on the reference's meta-training set
+        return _wrap(load_official(path), name or path.stem, OFFICIAL_SCOPE).to(device)
     raise CheckpointError(f"no nowcaster at {ref!r}: expected 'linefit', a directory with {CONFIG_FILE} and "
                           f"{WEIGHTS_FILE}, or an official .pt checkpoint")

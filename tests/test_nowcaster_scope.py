@@ -1,0 +1,154 @@
+"""Out-of-distribution honesty (issue 11): a nowcaster declares what it was meta-trained on; a model outside that
+gets one warning line naming the nowcaster and the family, in the create-session answer, from the client (remote
+and local), and GET /v1/nowcasters shows the scope."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from ninocast import ModelSpec, NowcastOptimizer
+from ninocast_server.engine.nowcasters.checkpoint import BUNDLED_DIR, CheckpointError, load_nowcaster, save_nowcaster
+from ninocast_server.engine.nowcasters.scope import OFFICIAL_SCOPE, Scope
+from server_utils import Server
+from shared_data import CHECKPOINTS, need
+
+
+def official_pt() -> str:
+    return str(need(CHECKPOINTS / "nino_no_posw.pt"))
+
+
+def tiny_gpt2() -> nn.Module:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=16, n_positions=8,
+                                      resid_pdrop=0, embd_pdrop=0, attn_pdrop=0))
+
+
+def tiny_mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+
+
+def scope_warnings(record) -> list[str]:
+    return [str(w.message) for w in record
+            if issubclass(w.category, RuntimeWarning) and "meta-trained" in str(w.message)]
+
+
+# ---------------------------------------------------------------------------- declared scopes
+def test_shipped_default_declares_generic_only_and_official_checkpoints_the_papers_tasks(tmp_path):
+    nino = load_nowcaster("default")
+    assert nino.scope == Scope(("generic",), ("fm-16",))
+    assert nino.describe()["scope"] == {"families": ["generic"], "tasks": ["fm-16"]}
+    assert load_nowcaster("ninocast-wnn").scope.families == ("generic",)
+    assert load_nowcaster("linefit").scope is None  # nothing learned, nothing claimed
+    official = load_nowcaster(official_pt())
+    assert official.scope == OFFICIAL_SCOPE and official.scope.families == ("generic", "gpt2")
+    # importing an official checkpoint into our directory form keeps what it was trained on
+    imported = load_nowcaster(str(save_nowcaster(official, tmp_path / "imported")))
+    assert imported.scope == OFFICIAL_SCOPE
+
+
+def test_warning_names_nowcaster_and_family_and_checks_a_declared_size_range():
+    gpt2, mlp = ModelSpec.from_module(tiny_gpt2()), ModelSpec.from_module(tiny_mlp())
+    nino = load_nowcaster("default")
+    line = nino.scope_warning(gpt2)
+    assert line is not None and "'ninocast-nino'" in line and "'gpt2'" in line and "\n" not in line
+    assert nino.scope_warning(mlp) is None
+    official = load_nowcaster(official_pt())
+    assert official.scope_warning(gpt2) is None
+    assert mlp.n_params == 58
+    below = Scope(("generic",), ("fm-16",), (100, 1000)).warning("x", mlp)
+    assert below is not None and "'x'" in below and "58" in below and "100-1,000" in below
+    assert Scope(("generic",), (), (10, 100)).warning("x", mlp) is None
+
+
+@pytest.mark.parametrize("scope, mentions", [
+    ({"families": ["resnet"]}, "scope.families"), ({"families": []}, "scope.families"), ("generic", "object"),
+    ({"families": ["generic"], "params": [10]}, "scope.params"), ({"families": ["gpt2"], "params": [9, 3]},
+                                                                  "scope.params"),
+    ({"families": ["gpt2"], "tasks": "fm-16"}, "scope.tasks"), ({"families": ["gpt2"], "size": 3}, "unknown")])
+def test_a_malformed_scope_is_a_clear_checkpoint_error(tmp_path, scope, mentions):
+    d = tmp_path / "nc"
+    shutil.copytree(BUNDLED_DIR / "ninocast-wnn", d)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["scope"] = scope
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=mentions) as e:
+        load_nowcaster(str(d))
+    assert "config.json" in str(e.value)
+
+
+# ---------------------------------------------------------------------------- through a real server and the client
+@pytest.fixture(scope="module")
+def srv(tmp_path_factory):
+    server = Server(tmp_path_factory.mktemp("scope-server") / "data", default_nowcaster=None).start()
+    yield server
+    server.stop()
+
+
+def test_server_warns_on_create_and_lists_scopes(srv):
+    with srv.client() as c:
+        cat = c.get("/v1/nowcasters").json()
+        by_name = {n["name"]: n for n in cat["nowcasters"]}
+        assert cat["default"] == "ninocast-nino"
+        assert by_name["ninocast-nino"]["scope"] == {"families": ["generic"], "tasks": ["fm-16"]}
+        assert by_name["linefit"]["scope"] is None
+        gpt2 = ModelSpec.from_module(tiny_gpt2()).to_json()
+        r = c.post("/v1/sessions", json={"spec": gpt2})
+        assert r.status_code == 201, r.text
+        assert len(r.json()["warnings"]) == 1
+        assert "'ninocast-nino'" in r.json()["warnings"][0] and "'gpt2'" in r.json()["warnings"][0]
+        r = c.post("/v1/sessions", json={"spec": gpt2, "nowcaster": "linefit"})
+        assert r.status_code == 201 and r.json()["warnings"] == []
+        r = c.post("/v1/sessions", json={"spec": ModelSpec.from_module(tiny_mlp()).to_json()})
+        assert r.status_code == 201 and r.json()["warnings"] == []
+
+
+def _train_gpt2(opt: NowcastOptimizer, model: nn.Module, steps: int) -> None:
+    g = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        ids = torch.randint(0, 16, (2, 8), generator=g)
+        opt.zero_grad()
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+
+
+def test_remote_optimizer_warns_once_for_a_family_outside_the_default_scope(srv):
+    model = tiny_gpt2()
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        opt = NowcastOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-3), model, server=srv.url,
+                               period=20, ctx=5, max_train_steps=100, timeout=20, retries=0)
+        _train_gpt2(opt, model, 12)  # three snapshots uploaded into one session, no nowcast yet
+        opt.flush()
+        opt.close()
+    lines = scope_warnings(record)
+    assert len(lines) == 1 and "'ninocast-nino'" in lines[0] and "'gpt2'" in lines[0], lines
+    assert opt.failures == {}
+
+
+def test_local_optimizer_warns_once_outside_the_scope_and_not_inside():
+    model = tiny_gpt2()
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        opt = NowcastOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-3), model, local=True,
+                               period=20, ctx=5, max_train_steps=100)
+        _train_gpt2(opt, model, 3)
+        opt.close()
+    lines = scope_warnings(record)
+    assert len(lines) == 1 and "'ninocast-nino'" in lines[0] and "'gpt2'" in lines[0], lines
+    mlp = tiny_mlp()
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        NowcastOptimizer(torch.optim.AdamW(mlp.parameters()), mlp, local=True, period=20).close()
+        # the official model was trained on GPT-2
+        NowcastOptimizer(torch.optim.AdamW(model.parameters()), model, nowcaster=official_pt(), period=20).close()
+    assert scope_warnings(record) == []
