@@ -38,6 +38,7 @@ from .flat import StateError, check_state
 from .schedule import MAX_HORIZON, k_at_step
 from .spec import ModelSpec
 from .transport import NowcastAPIError
+from .verify import Verify, as_verify, report_body, verify_jump
 
 Snapshot = dict[str, torch.Tensor]
 
@@ -49,6 +50,12 @@ class NowcastOptimizer(torch.optim.Optimizer):
     (the engine in this process: ``'linefit'``, a nowcaster directory or an official ``.pt``; needs
     ``pip install 'ninocast[server]'``). Readable afterwards: ``nowcasts`` (one record per nowcast),
     ``failures`` (a Counter by kind), ``step_count``.
+
+    ``verify=`` checks every nowcast on a probe before keeping it (``ninocast.Verify(batch=, loss_fn=)``, a
+    function ``probe(model) -> float``, or ``"closure"`` for the loss of the step's own batch; see
+    ``ninocast.verify``); a rejected nowcast becomes a normal step, so every call then needs gradients.
+    ``final_nowcast``: what the last nowcast of the budget (fewer than ``period // ctx`` calls left to recover)
+    does: ``"auto"`` (skipped when unverified, verified otherwise), ``"skip"`` or ``"keep"``.
     """
 
     def __init__(
@@ -71,11 +78,17 @@ class NowcastOptimizer(torch.optim.Optimizer):
         session_name: str | None = None,
         record: bool = False,
         device: str = "cpu",
+        verify: Verify | Callable[[nn.Module], float] | str | None = None,
+        final_nowcast: str = "auto",
     ) -> None:
         if on_error not in ("warn", "raise"):
             raise ValueError("on_error must be 'warn' or 'raise'")
         if period < ctx or period % ctx:
             raise ValueError(f"period ({period}) must be a positive multiple of ctx ({ctx})")
+        if final_nowcast not in ("auto", "skip", "keep"):
+            raise ValueError(f"final_nowcast must be 'auto', 'skip' or 'keep', got {final_nowcast!r}")
+        self.verify = as_verify(verify)
+        self.final_nowcast = final_nowcast
         if server is None and not local and nowcaster is None:
             raise ValueError("give server=URL to nowcast on a server, or local=True / nowcaster=PATH")
         self.optimizer = optimizer
@@ -145,8 +158,9 @@ class NowcastOptimizer(torch.optim.Optimizer):
 
     @property
     def need_grads(self) -> bool:
-        """False exactly on the calls that will nowcast: skip the backward pass there."""
-        return not (len(self.snapshots) == self.ctx - 1 and (self.step_count + 1) % self.snapshot_interval == 0)
+        """False exactly on the calls that will nowcast (unverified): skip the backward pass there."""
+        nowcast_call = len(self.snapshots) == self.ctx - 1 and (self.step_count + 1) % self.snapshot_interval == 0
+        return not nowcast_call or self.verify is not None or self._skips_final(self.step_count)
 
     def current_k(self) -> int:
         return k_at_step(self.step_count, self.max_train_steps, self.period, MAX_HORIZON, self.k_decay)
@@ -170,7 +184,10 @@ class NowcastOptimizer(torch.optim.Optimizer):
             if closure is not None:  # NINO_SPEC §5.3 (2a): the closure runs once, before the nowcast
                 with torch.enable_grad():
                     loss = closure()
-            if not self._nowcast(window, s):  # fallback: training goes on with a normal step
+            if self._skips_final(s):
+                self._record({"step": s, "k": self.current_k(), "snapshot_steps": [t for t, _ in window],
+                              "accepted": False, "skipped": "final"})
+            if self._skips_final(s) or not self._nowcast(window, s, closure, loss):  # a normal step instead
                 result = self.optimizer.step() if closure is not None else self.optimizer.step(closure)
                 loss = loss if closure is not None else result
         else:
@@ -262,7 +279,15 @@ class NowcastOptimizer(torch.optim.Optimizer):
             finally:
                 self._uploads.task_done()
 
-    def _nowcast(self, window: list[tuple[int, Snapshot]], step: int) -> bool:
+    def _skips_final(self, step: int) -> bool:
+        """The rule for a nowcast that leaves fewer than period // ctx calls of the budget (the last call's, k = 1):
+        unverified it is skipped (measured: it dips the final model, docs/benchmarks-speedup.md)."""
+        if self.final_nowcast == "keep" or (self.final_nowcast == "auto" and self.verify is not None):
+            return False
+        return self.max_train_steps - (step + 1) < self.snapshot_interval
+
+    def _nowcast(self, window: list[tuple[int, Snapshot]], step: int, closure: Callable[[], Any] | None = None,
+                 loss: Any = None) -> bool:
         """Returns True when the parameters were replaced by a nowcast. Every rank returns the same answer."""
         # 1 = apply the nowcast, 0 = fall back to a base step, -1 = rank 0 raises (on_error="raise")
         flag = torch.ones(1, device=self._params[self.spec.names[0]].device)  # NCCL wants device tensors
@@ -287,8 +312,13 @@ class NowcastOptimizer(torch.optim.Optimizer):
                     self._note_failure(kind, e, raise_ok=False)
                     flag.zero_()
             else:
-                self.nowcasts.append({"step": step, "k": k, "seconds": time.perf_counter() - t0,
-                                      "snapshot_steps": [s for s, _ in window]})
+                record = {"step": step, "k": k, "seconds": time.perf_counter() - t0,
+                          "snapshot_steps": [s for s, _ in window], "accepted": True}
+                if self.verify is not None:
+                    record.update(self._verify(result, closure, loss))
+                    result = None  # accepted: the kept point is already in place (rank 0); rejected: theta is
+                    flag.fill_(int(record["accepted"]))
+                self._record(record)
         flag = _broadcast_flag(flag)
         code = int(flag.item())
         if code < 0:
@@ -302,6 +332,24 @@ class NowcastOptimizer(torch.optim.Optimizer):
                     p.copy_(result[name].to(device=p.device, dtype=p.dtype))
                 _broadcast_param(p)
         return True
+
+    def _verify(self, result: dict[str, torch.Tensor], closure: Callable[[], Any] | None, loss: Any) -> dict:
+        """Score the jump on the probe; the params end at the kept point."""
+        assert self.verify is not None
+        before = None if loss is None or self.verify.kind != "closure" else float(loss)
+        params = {n: self._params[n] for n in self.spec.names}
+        return verify_jump(params, result, self.verify.scorer(self.model, closure), self.verify, before)
+
+    def _record(self, record: dict[str, Any]) -> None:
+        """Keep the decision in ``nowcasts`` and, verified or skipped, send it to the server session's history."""
+        self.nowcasts.append(record)
+        if not self._rank0 or (self.verify is None and "skipped" not in record):
+            return
+        try:
+            assert self.backend is not None
+            self.backend.report(record["step"], report_body(record))
+        except Exception as e:  # noqa: BLE001 - a lost report never stops training
+            self._note_failure(f"report_{getattr(e, 'kind', 'error')}", e, raise_ok=False)
 
     def _note_failure(self, kind: str, err: Exception, raise_ok: bool) -> None:
         self.failures[kind] += 1
