@@ -174,8 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--verify", choices=["off", "on", "both"], default="off",
                    help="verify every nowcast on a fixed probe batch (ninocast.Verify): 'on' runs each nowcaster "
                    "verified only (labelled NAME+v), 'both' unverified and verified (default off)")
-    b.add_argument("--final-nowcast", choices=["auto", "skip", "keep"], default="auto",
-                   help="NowcastOptimizer's rule for the budget's last nowcast (default auto: skipped unless verified)")
+    b.add_argument("--final-nowcast", choices=["skip", "keep"], default="skip",
+                   help="NowcastOptimizer's rule for the budget's last nowcast (default skip: a normal step)")
     b.add_argument("--quick", action="store_true", help="smoke run in seconds (digits + linefit, tiny budget)")
     b.add_argument("--out", default="bench-speedup", metavar="DIR", help="output directory (default ./bench-speedup)")
     b.set_defaults(func=_lazy("ninocast_server.bench.speedup", "run_bench_speedup"))

@@ -54,8 +54,9 @@ class NowcastOptimizer(torch.optim.Optimizer):
     ``verify=`` checks every nowcast on a probe before keeping it (``ninocast.Verify(batch=, loss_fn=)``, a
     function ``probe(model) -> float``, or ``"closure"`` for the loss of the step's own batch; see
     ``ninocast.verify``); a rejected nowcast becomes a normal step, so every call then needs gradients.
-    ``final_nowcast``: what the last nowcast of the budget (fewer than ``period // ctx`` calls left to recover)
-    does: ``"auto"`` (skipped when unverified, verified otherwise), ``"skip"`` or ``"keep"``.
+    ``final_nowcast``: the last nowcast of the budget (fewer than ``period // ctx`` calls left to recover, the
+    k = 1 one) is skipped (``"skip"``, a normal step: measured, it dips the final model even when a probe accepts
+    it, docs/benchmarks-speedup.md) or kept (``"keep"``, the NINO_SPEC protocol; verified if ``verify`` is set).
     """
 
     def __init__(
@@ -79,14 +80,14 @@ class NowcastOptimizer(torch.optim.Optimizer):
         record: bool = False,
         device: str = "cpu",
         verify: Verify | Callable[[nn.Module], float] | str | None = None,
-        final_nowcast: str = "auto",
+        final_nowcast: str = "skip",
     ) -> None:
         if on_error not in ("warn", "raise"):
             raise ValueError("on_error must be 'warn' or 'raise'")
         if period < ctx or period % ctx:
             raise ValueError(f"period ({period}) must be a positive multiple of ctx ({ctx})")
-        if final_nowcast not in ("auto", "skip", "keep"):
-            raise ValueError(f"final_nowcast must be 'auto', 'skip' or 'keep', got {final_nowcast!r}")
+        if final_nowcast not in ("skip", "keep"):
+            raise ValueError(f"final_nowcast must be 'skip' or 'keep', got {final_nowcast!r}")
         self.verify = as_verify(verify)
         self.final_nowcast = final_nowcast
         if server is None and not local and nowcaster is None:
@@ -280,11 +281,8 @@ class NowcastOptimizer(torch.optim.Optimizer):
                 self._uploads.task_done()
 
     def _skips_final(self, step: int) -> bool:
-        """The rule for a nowcast that leaves fewer than period // ctx calls of the budget (the last call's, k = 1):
-        unverified it is skipped (measured: it dips the final model, docs/benchmarks-speedup.md)."""
-        if self.final_nowcast == "keep" or (self.final_nowcast == "auto" and self.verify is not None):
-            return False
-        return self.max_train_steps - (step + 1) < self.snapshot_interval
+        """A nowcast that leaves fewer than period // ctx calls of the budget to recover (the last call's, k = 1)."""
+        return self.final_nowcast == "skip" and self.max_train_steps - (step + 1) < self.snapshot_interval
 
     def _nowcast(self, window: list[tuple[int, Snapshot]], step: int, closure: Callable[[], Any] | None = None,
                  loss: Any = None) -> bool:

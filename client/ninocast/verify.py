@@ -108,7 +108,7 @@ def verify_jump(params: dict[str, torch.Tensor], nowcast: dict[str, torch.Tensor
     theta = {n: p.detach().clone() for n, p in params.items()}
     target = {n: nowcast[n].to(device=p.device, dtype=p.dtype) for n, p in params.items()}
     if before is None:
-        before, passes = score(), 1
+        before, passes = _number(score()), 1
     limit = before + cfg.tolerance * abs(before) if math.isfinite(before) else math.inf
 
     def place(a: float) -> None:
@@ -119,7 +119,7 @@ def verify_jump(params: dict[str, torch.Tensor], nowcast: dict[str, torch.Tensor
     tried: list[list[float]] = []
     for a in (1.0, *cfg.shrink):
         place(a)
-        tried.append([a, score()])
+        tried.append([a, _number(score())])
         passes += 1
         if a == 1.0 and tried[0][1] <= limit:
             break

@@ -25,7 +25,7 @@ from ..sessions.safetensors_io import DTYPE_NAMES, check_against_spec, check_fin
 from ..sessions.store import Session
 from ..sessions.upload import receive_to_file
 from .auth import require_owner
-from .schemas import CreateSession, NowcastRequest, session_view, state_ack
+from .schemas import CreateSession, NowcastReport, NowcastRequest, session_view, state_ack
 
 SID = PathParam(..., min_length=1, max_length=64, description="session id from POST /v1/sessions")
 STEP = PathParam(..., ge=0, le=10**15, description="the optimizer call (0-based, as in the k schedule) at which "
@@ -148,6 +148,17 @@ def build_router() -> APIRouter:
                                     f"total;dur={total * 1e3:.1f}"}
         return StreamingResponse(_chunks(head, data), media_type="application/octet-stream", headers=headers,
                                  background=BackgroundTask(run_in_threadpool, st.store.add_nowcast, s, entry))
+
+    @r.post("/{session_id}/nowcasts/{step}/report", status_code=201, responses={413: ERR})
+    async def report_nowcast(request: Request, body: NowcastReport, session_id: str = SID, step: int = STEP,
+                             owner: str = Depends(require_owner)) -> dict[str, Any]:
+        """Record what the client did with the nowcast at ``step`` (verified: accepted, shortened or rejected;
+        or skipped); shown under ``reports`` and ``verification`` in GET /v1/sessions/{id}. A repeat replaces."""
+        st = request.app.state
+        s = st.store.get(owner, session_id)
+        report = {"step": step, "at": time.time(), **body.model_dump()}
+        await run_in_threadpool(st.store.add_report, s, report)
+        return {"session": s.id, "step": step, "stored": True, "reports": len(s.reports)}
 
     return r
 

@@ -81,7 +81,7 @@ def eval_points(max_steps: int, period: int, eval_every: int, before_nowcast: bo
 
 def run_one(task, method: str, ref: str | None, seed: int, *, max_steps: int, period: int, eval_every: int,
             early_stop: bool = True, server: str | None = None, api_key: str | None = None,
-            progress: bool = True, verify: bool = False, final_nowcast: str = "auto") -> dict[str, Any]:
+            progress: bool = True, verify: bool = False, final_nowcast: str = "skip") -> dict[str, Any]:
     """Train one (task, method, seed); returns the run record (see module doc).
 
     ``verify``: every nowcast is checked on a fixed probe batch (the task's training loss on the first batch of
