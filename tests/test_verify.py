@@ -128,6 +128,10 @@ def test_verify_arguments_are_checked():
             Verify(**bad)
     with pytest.raises(ValueError, match="verify must be"):
         wrap(make_model(), verify=42)
+    model = make_model()
+    mean = Verify(batches=[PROBE, batch(7)], loss_fn=loss_fn).scorer(model, None)()
+    assert mean == pytest.approx((float(loss_fn(model, PROBE)) + float(loss_fn(model, batch(7)))) / 2)
+    assert model.training  # the probe ran in eval mode and put the mode back
 
 
 def test_closure_probe_puts_back_thetas_gradients_on_reject():
@@ -309,3 +313,72 @@ def test_bench_speedup_verify_smoke(tmp_path: Path):
     md = (out / "results.md").read_text()
     assert "| linefit+v |" in md and "Nowcast decisions" in md
     assert (out / "plots" / "digits.png").stat().st_size > 0
+
+
+# ---------------------------------------------------------------------------- framework callbacks
+def test_hugging_face_callback_probes_the_first_eval_batch(tmp_path):
+    pytest.importorskip("transformers")
+    pytest.importorskip("accelerate", reason="transformers.Trainer needs accelerate")
+    from transformers import Trainer, TrainingArguments
+
+    from ninocast.integrations.hf import NowcastCallback
+    from test_integrations import Tokens, tiny_gpt2
+
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=2 * PERIOD, per_device_train_batch_size=4,
+                             per_device_eval_batch_size=8, learning_rate=1e-2, report_to="none",
+                             logging_strategy="no", save_strategy="no", use_cpu=True, disable_tqdm=True)
+    trainer = Trainer(model=tiny_gpt2(0), args=args, train_dataset=Tokens(), eval_dataset=Tokens())
+    cb = NowcastCallback(probe="eval_batch", local=True, nowcaster="linefit", period=PERIOD, ctx=CTX).attach(trainer)
+    trainer.train()
+    opt = cb.optimizer
+    assert opt.verify is not None and opt.verify.kind == "batch"
+    first = next(iter(trainer.get_eval_dataloader()))
+    assert torch.equal(opt.verify.batch["input_ids"], first["input_ids"])
+    d = opt.nowcasts[0]
+    assert d["step"] == PERIOD - 1 and d["probe"] == "batch" and math.isfinite(d["probe_before"])
+    assert not d["accepted"] or d["probe_after"] <= d["probe_before"]
+    assert opt.nowcasts[-1].get("skipped") == "final" and not opt.failures
+
+    bare = Trainer(model=tiny_gpt2(0), args=args, train_dataset=Tokens())  # no eval_dataset: a clear error
+    NowcastCallback(probe="eval_batch", local=True, nowcaster="linefit", period=PERIOD, ctx=CTX).attach(bare)
+    with pytest.raises(ValueError, match="eval_dataset"):
+        bare.train()
+
+
+@pytest.mark.filterwarnings("ignore:.*LeafSpec")
+@pytest.mark.parametrize("probe", ["eval_batch", "closure"])
+def test_lightning_callback_verifies_with_the_val_batch_or_the_closure(tmp_path, probe):
+    from test_integrations import _lightning
+
+    pl = _lightning()
+    from ninocast.integrations.lightning import NowcastCallback
+
+    class Module(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = make_model()
+
+        def training_step(self, b, i):
+            return loss_fn(self.net, (b[0][0], b[1][0]))
+
+        def validation_step(self, b, i):
+            return None
+
+        def configure_optimizers(self):
+            return torch.optim.AdamW(self.parameters(), lr=3e-2)
+
+    data = [batch(s) for s in range(STEPS)]
+    cb = NowcastCallback(probe=probe, local=True, nowcaster="linefit", period=PERIOD, ctx=CTX, max_train_steps=STEPS)
+    trainer = pl.Trainer(max_steps=STEPS, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, callbacks=[cb],
+                         num_sanity_val_steps=0, limit_val_batches=1, check_val_every_n_epoch=10**6)
+    loader = torch.utils.data.DataLoader(data, batch_size=1, shuffle=False)
+    trainer.fit(Module(), loader, val_dataloaders=torch.utils.data.DataLoader([PROBE], batch_size=1))
+    opt = cb.optimizer
+    assert opt.verify is not None and opt.verify.kind == ("batch" if probe == "eval_batch" else "closure")
+    verified = [d for d in opt.nowcasts if "probe_before" in d]
+    assert [d["step"] for d in verified] == [19, 39] and not opt.failures
+    for d in verified:
+        assert not d["accepted"] or d["probe_after"] <= d["probe_before"]
+    if probe == "eval_batch":
+        assert torch.equal(opt.verify.batch[0][0], PROBE[0])  # the val dataloader's first batch

@@ -8,7 +8,7 @@ theta + a * (theta_nowcast - theta) for a in ``shrink``, are scored and the best
 does, the parameters are left as they were and the optimizer takes its normal step.
 
 Probes (exactly one):
-  - ``Verify(batch=b, loss_fn=f)``: ``f(model, b)`` on a fixed held-out batch (a list of batches is averaged),
+  - ``Verify(batch=b, loss_fn=f)``: ``f(model, b)`` on a fixed held-out batch (``batches=[...]``: their mean),
     under ``torch.no_grad`` and in eval mode (no dropout, and BatchNorm's running statistics are neither used
     from training mode nor updated by the probe);
   - ``Verify(probe=fn)``: any ``fn(model) -> float``;
@@ -37,6 +37,7 @@ class Verify:
     ``probe_after <= probe_before + tolerance * |probe_before|``."""
 
     batch: Any = None
+    batches: Sequence[Any] | None = None
     loss_fn: Callable[[nn.Module, Any], Any] | None = None
     probe: Callable[[nn.Module], float] | None = None
     closure: bool = False
@@ -45,11 +46,11 @@ class Verify:
     eval_mode: bool = True
 
     def __post_init__(self) -> None:
-        given = [self.batch is not None, self.probe is not None, bool(self.closure)]
+        given = [self.batch is not None, bool(self.batches), self.probe is not None, bool(self.closure)]
         if sum(given) != 1:
-            raise ValueError("Verify needs exactly one probe: batch= (with loss_fn=), probe=fn(model) -> float, "
-                             "or closure=True (the step's own batch through step(closure))")
-        if self.batch is not None and not callable(self.loss_fn):
+            raise ValueError("Verify needs exactly one probe: batch= or batches= (with loss_fn=), "
+                             "probe=fn(model) -> float, or closure=True (the step's own batch through step(closure))")
+        if self.probe is None and not self.closure and not callable(self.loss_fn):
             raise ValueError("Verify(batch=...) needs loss_fn=fn(model, batch) -> loss")
         if not (self.tolerance >= 0 and math.isfinite(self.tolerance)):
             raise ValueError(f"Verify tolerance must be a finite number >= 0, got {self.tolerance}")
@@ -59,7 +60,7 @@ class Verify:
 
     @property
     def kind(self) -> str:
-        return "batch" if self.batch is not None else "probe" if self.probe is not None else "closure"
+        return "probe" if self.probe is not None else "closure" if self.closure else "batch"
 
     def scorer(self, model: nn.Module, closure: Callable[[], Any] | None) -> Score:
         """The probe as a function of the model's current parameters."""
@@ -73,7 +74,7 @@ class Verify:
             return score_closure
         if self.kind == "probe":
             return lambda: _number(self.probe(model))  # type: ignore[misc]
-        batches = self.batch if isinstance(self.batch, list) else [self.batch]
+        batches = list(self.batches) if self.batches else [self.batch]
 
         def score_batch() -> float:
             was_training = model.training
