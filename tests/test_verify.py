@@ -48,13 +48,13 @@ def train(model: nn.Module, opt, steps: int = STEPS, lr_scale: float = 1.0) -> l
     for s in range(steps):
         nowcast_call = (s + 1) % PERIOD == 0
         if nowcast_call:
-            around.append(float(loss_fn(model, PROBE)))
+            around.append(loss_fn(model, PROBE)).item()
         if getattr(opt, "need_grads", True):
             opt.zero_grad()
             loss_fn(model, batch(s)).backward()
         opt.step()
         if nowcast_call:
-            around.append(float(loss_fn(model, PROBE)))
+            around.append(loss_fn(model, PROBE)).item()
     return around
 
 
@@ -130,7 +130,7 @@ def test_verify_arguments_are_checked():
         wrap(make_model(), verify=42)
     model = make_model()
     mean = Verify(batches=[PROBE, batch(7)], loss_fn=loss_fn).scorer(model, None)()
-    assert mean == pytest.approx((float(loss_fn(model, PROBE)) + float(loss_fn(model, batch(7)))) / 2)
+    assert mean == pytest.approx((loss_fn(model, PROBE).item() + loss_fn(model, batch(7))).item() / 2)
     assert model.training  # the probe ran in eval mode and put the mode back
 
 
