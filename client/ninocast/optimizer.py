@@ -334,7 +334,7 @@ class NowcastOptimizer(torch.optim.Optimizer):
     def _verify(self, result: dict[str, torch.Tensor], closure: Callable[[], Any] | None, loss: Any) -> dict:
         """Score the jump on the probe; the params end at the kept point."""
         assert self.verify is not None
-        before = None if loss is None or self.verify.kind != "closure" else float(loss)
+        before = loss if self.verify.kind == "closure" else None  # the closure's loss at theta
         params = {n: self._params[n] for n in self.spec.names}
         return verify_jump(params, result, self.verify.scorer(self.model, closure), self.verify, before)
 

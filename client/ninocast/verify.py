@@ -95,7 +95,7 @@ def _number(value: Any) -> float:
 
 
 def verify_jump(params: dict[str, torch.Tensor], nowcast: dict[str, torch.Tensor], score: Score, cfg: Verify,
-                before: float | None = None) -> dict[str, Any]:
+                before: float | torch.Tensor | None = None) -> dict[str, Any]:
     """Leave ``params`` (the live tensors) at the accepted point, or as they were when the jump is rejected.
 
     Returns the decision: ``accepted``, ``alpha`` (1.0 = the full nowcast, 0.0 = rejected), ``probe_before``,
@@ -110,6 +110,7 @@ def verify_jump(params: dict[str, torch.Tensor], nowcast: dict[str, torch.Tensor
     target = {n: nowcast[n].to(device=p.device, dtype=p.dtype) for n, p in params.items()}
     if before is None:
         before, passes = _number(score()), 1
+    before = _number(before)
     limit = before + cfg.tolerance * abs(before) if math.isfinite(before) else math.inf
 
     def place(a: float) -> None:
