@@ -301,7 +301,8 @@ def decision_rows(runs: list[dict]) -> list[dict]:
             groups.setdefault((r["task"], r["method"]), []).append(r)
     rows = []
     for (task, method), rs in groups.items():
-        ds = [d for r in rs for d in r.get("decisions", [])]
+        # runs stored before decisions were recorded: every nowcast was applied
+        ds = [d for r in rs for d in (r.get("decisions") or [{"accepted": True}] * r.get("n_nowcasts", 0))]
         verified = [d for d in ds if d.get("probe_before") is not None]
         accepted = [d for d in verified if d["accepted"] and d.get("probe_after") is not None]
         worse = []
@@ -332,7 +333,8 @@ def decisions_markdown(rows: list[dict]) -> str:
     out = ["### Nowcast decisions and the last call\n",
            "| task | method | runs | nowcasts accepted / computed (shrunk) | largest probe-loss change after an "
            "accepted nowcast | largest metric worsening after an accepted nowcast (pre/post evals) | median "
-           "metric change over the last call | verify s/run | probe passes/run |", "|---|---|---|---|---|---|---|---|---|"]
+           "metric change over the last call | verify s/run | probe passes/run |",
+           "|---|---|---|---|---|---|---|---|---|"]
     f = lambda v, p=4: "n/a" if v is None else f"{v:+.{p}f}"  # noqa: E731
     for r in rows:
         out.append(f"| {r['task']} | {r['method']} | {r['runs']} | {r['accepted']} / {r['nowcasts']} ({r['shrunk']}) | "
