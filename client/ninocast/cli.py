@@ -174,6 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--verify", choices=["off", "on", "both"], default="off",
                    help="verify every nowcast on a fixed probe batch (ninocast.Verify): 'on' runs each nowcaster "
                    "verified only (labelled NAME+v), 'both' unverified and verified (default off)")
+    b.add_argument("--verify-tolerance", type=float, default=0.0, metavar="X",
+                   help="with --verify: accept a jump whose probe loss rises by at most X (relative; default 0)")
     b.add_argument("--final-nowcast", choices=["skip", "keep"], default="skip",
                    help="NowcastOptimizer's rule for the budget's last nowcast (default skip: a normal step)")
     b.add_argument("--quick", action="store_true", help="smoke run in seconds (digits + linefit, tiny budget)")

@@ -81,7 +81,8 @@ def eval_points(max_steps: int, period: int, eval_every: int, before_nowcast: bo
 
 def run_one(task, method: str, ref: str | None, seed: int, *, max_steps: int, period: int, eval_every: int,
             early_stop: bool = True, server: str | None = None, api_key: str | None = None,
-            progress: bool = True, verify: bool = False, final_nowcast: str = "skip") -> dict[str, Any]:
+            progress: bool = True, verify: bool = False, final_nowcast: str = "skip",
+            verify_tolerance: float = 0.0) -> dict[str, Any]:
     """Train one (task, method, seed); returns the run record (see module doc).
 
     ``verify``: every nowcast is checked on a fixed probe batch (the task's training loss on the first batch of
@@ -102,7 +103,7 @@ def run_one(task, method: str, ref: str | None, seed: int, *, max_steps: int, pe
             from ninocast import Verify
 
             probe_batches = task.batches(seed + PROBE_SEED_OFFSET)
-            kw["verify"] = Verify(batch=next(probe_batches), loss_fn=task.loss)
+            kw["verify"] = Verify(batch=next(probe_batches), loss_fn=task.loss, tolerance=verify_tolerance)
             del probe_batches
         if server:
             kw.update(server=server, api_key=api_key, session_name=f"bench-{task.name}-{method}-{seed}")
@@ -185,7 +186,7 @@ def run_one(task, method: str, ref: str | None, seed: int, *, max_steps: int, pe
         "train_s": round(train_s, 3), "nowcast_s": round(sum(n["seconds"] for n in nowcasts), 3),
         "eval_s": round(eval_s, 3), "n_nowcasts": len(nowcasts), "nowcast_steps": nowcast_steps,
         "nowcast_k": [n["k"] for n in nowcasts], "failures": dict(getattr(opt, "failures", {}) or {}),
-        "verify": verify, "final_nowcast": final_nowcast, "rejected_steps": rejected_steps, "decisions": decisions,
+        "verify": verify, "verify_tolerance": verify_tolerance if verify else None, "final_nowcast": final_nowcast, "rejected_steps": rejected_steps, "decisions": decisions,
         "verify_s": round(sum(n.get("verify_s") or 0.0 for n in decisions), 3),
         "probe_passes": sum(n.get("probe_passes") or 0 for n in decisions), "pre_final_metric": pre_final,
         "server": server, "curve": curve, "threads": torch.get_num_threads(),
@@ -487,7 +488,8 @@ def run_bench_speedup(args: argparse.Namespace) -> int:
             for label, ref in methods:
                 plan.append((task, label, ref, seed, max_steps, period, eval_every))
     config = {"argv": sys.argv, "tasks": {t.name: t.info() for t in {id(p[0]): p[0] for p in plan}.values()},
-              "methods": dict(methods), "verify": args.verify, "final_nowcast": args.final_nowcast,
+              "methods": dict(methods), "verify": args.verify, "verify_tolerance": args.verify_tolerance,
+              "final_nowcast": args.final_nowcast,
               "probe": f"task.loss on the first batch of task.batches(seed + {PROBE_SEED_OFFSET})", "seeds": seeds, "server": args.server, "threads": torch.get_num_threads(),
               "torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
               "cpus": os.cpu_count(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
@@ -501,7 +503,7 @@ def run_bench_speedup(args: argparse.Namespace) -> int:
                       early_stop=not args.no_early_stop, server=args.server,
                       api_key=args.api_key or os.environ.get("NINOCAST_API_KEY"),
                       progress=not args.no_progress, verify=label.endswith(VERIFIED),
-                      final_nowcast=args.final_nowcast)
+                      final_nowcast=args.final_nowcast, verify_tolerance=args.verify_tolerance)
         runs.append(run)
         with open(jsonl, "a") as f:
             f.write(json.dumps(run) + "\n")
