@@ -345,6 +345,7 @@ class NowcastOptimizer(torch.optim.Optimizer):
             return
         try:
             assert self.backend is not None
+            self.flush()  # the uploader thread may be creating the session right now
             self.backend.report(record["step"], report_body(record))
         except Exception as e:  # noqa: BLE001 - a lost report never stops training
             self._note_failure(f"report_{getattr(e, 'kind', 'error')}", e, raise_ok=False)
