@@ -196,7 +196,8 @@ def test_a_server_that_never_answers_does_not_stall_training():
     with silent_server() as url:
         model = wide_mlp()
         opt = NowcastOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-3), model, server=url, period=10,
-                               ctx=5, max_train_steps=1000, timeout=1.0, retries=0, nowcast_timeout=0.1)
+                               ctx=5, max_train_steps=1000, timeout=1.0, retries=0, nowcast_timeout=0.1,
+                               final_nowcast="keep")
         done = threading.Event()
 
         def loop() -> None:
@@ -248,7 +249,7 @@ def test_finished_runs_delete_their_session_unless_recorded(srv):
     def run(**kw) -> NowcastOptimizer:
         model = mlp()
         opt = NowcastOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2), model, server=srv.url, period=10,
-                               ctx=5, max_train_steps=10, retries=0, timeout=20, **kw)
+                               ctx=5, max_train_steps=10, retries=0, timeout=20, final_nowcast="keep", **kw)
         with opt:
             for s in range(10):
                 train_step(model, opt, s)
@@ -329,9 +330,9 @@ def test_nested_gpt2_nowcasts_like_the_bare_model_and_the_scalar_passes_through(
     wrapped, bare = Wrapper(), tiny_gpt2()
     with pytest.warns(UserWarning, match="left out.*temperature"):
         opt = NowcastOptimizer(torch.optim.SGD(wrapped.parameters(), lr=0.1), wrapped, local=True, nowcaster=NINO,
-                               period=10, ctx=5, max_train_steps=10)
+                               period=10, ctx=5, max_train_steps=10, final_nowcast="keep")
     ref = NowcastOptimizer(torch.optim.SGD(bare.parameters(), lr=0.1), bare, local=True, nowcaster=NINO,
-                           period=10, ctx=5, max_train_steps=10)
+                           period=10, ctx=5, max_train_steps=10, final_nowcast="keep")
     assert (opt.spec.family, opt.spec.num_heads) == ("gpt2", 2)
     assert opt.spec.names == [f"model.{n}" for n in ref.spec.names]
     for s in range(10):

@@ -45,7 +45,8 @@ class CountingAdamW(torch.optim.AdamW):
 
 def wrap(model, **kw):
     base = CountingAdamW(model.parameters(), lr=1e-2)
-    args = dict(local=True, nowcaster="linefit", period=PERIOD, ctx=CTX, max_train_steps=STEPS) | kw
+    args = dict(local=True, nowcaster="linefit", period=PERIOD, ctx=CTX, max_train_steps=STEPS,
+                final_nowcast="keep") | kw  # the spec protocol, its last nowcast included
     return NowcastOptimizer(base, model, **args)
 
 
@@ -130,7 +131,8 @@ def test_bf16_model_and_tied_parameters():
     model.out.weight = emb.weight  # tied: appears once in the spec
     model = model.to(torch.bfloat16)
     base = torch.optim.SGD(model.parameters(), lr=0.1)
-    opt = NowcastOptimizer(base, model, local=True, nowcaster="linefit", period=10, ctx=5, max_train_steps=10)
+    opt = NowcastOptimizer(base, model, local=True, nowcaster="linefit", period=10, ctx=5, max_train_steps=10,
+                           final_nowcast="keep")
     assert opt.spec.names == ["emb.weight"]
     for s in range(10):
         if opt.need_grads:

@@ -52,7 +52,8 @@ class CountingAdamW(torch.optim.AdamW):
 
 def wrap(model: nn.Module, base: torch.optim.Optimizer | None = None, **kw) -> NowcastOptimizer:
     base = base or CountingAdamW(model.parameters(), lr=1e-2)
-    args = dict(period=PERIOD, ctx=CTX, max_train_steps=STEPS, timeout=20, retries=0) | kw
+    args = dict(period=PERIOD, ctx=CTX, max_train_steps=STEPS, timeout=20, retries=0,
+                final_nowcast="keep") | kw  # the spec protocol, its last nowcast included
     return NowcastOptimizer(base, model, **args)
 
 

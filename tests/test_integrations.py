@@ -88,7 +88,8 @@ def test_hugging_face_trainer_callback_and_resume(tmp_path):
     pytest.importorskip("accelerate", reason="transformers.Trainer needs accelerate")
     from ninocast.integrations.hf import NowcastCallback
 
-    nowcast_kw = dict(local=True, nowcaster="linefit", period=PERIOD, ctx=CTX)  # max_train_steps: the Trainer's
+    # max_train_steps: the Trainer's
+    nowcast_kw = dict(local=True, nowcaster="linefit", period=PERIOD, ctx=CTX, final_nowcast="keep")
     probe = hf_probe()
     trainer = hf_trainer(tmp_path / "run", 0, probe)
     cb = NowcastCallback(**nowcast_kw).attach(trainer)
@@ -126,7 +127,7 @@ def test_hugging_face_callback_with_a_user_built_optimizer(tmp_path):
 
     model = tiny_gpt2(0)
     opt = NowcastOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2), model, local=True, nowcaster="linefit",
-                           period=PERIOD, ctx=CTX, max_train_steps=PERIOD)
+                           period=PERIOD, ctx=CTX, max_train_steps=PERIOD, final_nowcast="keep")
     args = TrainingArguments(output_dir=str(tmp_path), max_steps=PERIOD, per_device_train_batch_size=4,
                              report_to="none", logging_strategy="no", save_strategy="no", use_cpu=True,
                              disable_tqdm=True, gradient_accumulation_steps=2)
@@ -169,7 +170,8 @@ def test_lightning_callback_matches_the_plain_loop_and_resumes(tmp_path):
             return torch.optim.AdamW(self.parameters(), lr=1e-2)
 
     def fit(module, data, max_steps, ckpt=None):
-        cb = NowcastCallback(local=True, nowcaster="linefit", period=PERIOD, ctx=CTX, max_train_steps=STEPS)
+        cb = NowcastCallback(local=True, nowcaster="linefit", period=PERIOD, ctx=CTX, max_train_steps=STEPS,
+                             final_nowcast="keep")
         trainer = pl.Trainer(max_steps=max_steps, accelerator="cpu", devices=1, logger=False,
                              enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                              callbacks=[cb])
@@ -181,7 +183,7 @@ def test_lightning_callback_matches_the_plain_loop_and_resumes(tmp_path):
         """The reference: the README's loop, same model, data and base optimizer."""
         ref = Module()
         opt = NowcastOptimizer(torch.optim.AdamW(ref.parameters(), lr=1e-2), ref, local=True, nowcaster="linefit",
-                               period=PERIOD, ctx=CTX, max_train_steps=STEPS)
+                               period=PERIOD, ctx=CTX, max_train_steps=STEPS, final_nowcast="keep")
         for s in range(STEPS):
             if opt.need_grads:
                 opt.zero_grad()
@@ -223,7 +225,8 @@ def _ddp_worker(rank: int, world: int, init_file: str, url: str, out: str) -> No
         model = mlp(0)
         ddp = DDP(model)
         opt = NowcastOptimizer(torch.optim.AdamW(ddp.parameters(), lr=1e-2), ddp, server=url, period=PERIOD,
-                               ctx=CTX, max_train_steps=STEPS, retries=0, timeout=30, record=True)
+                               ctx=CTX, max_train_steps=STEPS, retries=0, timeout=30, record=True,
+                               final_nowcast="keep")
         windows, after = {}, {}
         for s in range(STEPS):
             window = None

@@ -447,7 +447,7 @@ def test_openapi_documents_every_error_and_links(srv):
             if path.startswith("/v1/"):
                 assert "401" in op["responses"], (path, method)
     create = doc["paths"]["/v1/sessions"]["post"]["responses"]["201"]
-    assert create["content"]["application/json"]["schema"]["$ref"].endswith("/SessionDetail")
+    assert create["content"]["application/json"]["schema"]["$ref"].endswith("/CreatedSession")
     assert {link["operationId"] for link in create["links"].values()} == {
         "get_session", "put_state", "nowcast", "delete_session"}
     put = doc["paths"]["/v1/sessions/{session_id}/states/{step}"]["put"]["responses"]

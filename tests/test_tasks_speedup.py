@@ -273,7 +273,8 @@ def test_bench_speedup_quick_smoke(tmp_path, capsys):
         else:
             assert r["steps_run"] == 1000 and all(c[1] < r["target"] for c in r["curve"])
         if r["method"] == "linefit":
-            assert r["nowcast_steps"] == [s for s in range(100, 1001, 100) if s <= r["steps_run"]]
+            # the budget's last nowcast (call 1000) is skipped: final_nowcast="skip"
+            assert r["nowcast_steps"] == [s for s in range(100, 1000, 100) if s <= r["steps_run"]]
             assert r["nowcast_k"] == [40, 33, 26, 21, 16, 11, 8, 5, 3, 1][:len(r["nowcast_steps"])]
             assert not r["failures"]
         else:
@@ -326,7 +327,7 @@ def test_bench_run_through_server_matches_local(server, api_keys):
     from ninocast_server.bench.speedup import run_one
 
     task = get_task("digits")
-    kw = dict(max_steps=200, period=100, eval_every=20, early_stop=False, progress=False)
+    kw = dict(max_steps=200, period=100, eval_every=20, early_stop=False, progress=False, final_nowcast="keep")
     local = run_one(task, "linefit", "linefit", 1000, **kw)
     remote = run_one(task, "linefit", "linefit", 1000, server=server.url, api_key=api_keys["alice"], **kw)
     assert remote["n_nowcasts"] == local["n_nowcasts"] == 2 and not remote["failures"]

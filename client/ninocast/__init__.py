@@ -18,7 +18,7 @@ _EXPORTS = {
     "NowcastOptimizer": "optimizer", "NowcastClient": "transport", "ModelSpec": "spec", "SpecError": "spec",
     "k_schedule": "schedule", "k_at_step": "schedule", "NowcastAPIError": "transport",
     "ServerUnavailable": "transport", "ServerBusy": "transport", "RequestRejected": "transport",
-    "AuthError": "transport", "NotFound": "transport", "InvalidResponse": "transport",
+    "AuthError": "transport", "NotFound": "transport", "InvalidResponse": "transport", "Verify": "verify",
     "DeadlineExceeded": "transport", "ConfigurationError": "optimizer",
 }
 __all__ = [*_EXPORTS, "__version__"]
@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from .spec import ModelSpec, SpecError
     from .transport import (AuthError, DeadlineExceeded, InvalidResponse, NotFound, NowcastAPIError,
                             NowcastClient, RequestRejected, ServerBusy, ServerUnavailable)
+    from .verify import Verify
 
 
 def __getattr__(name: str) -> Any:

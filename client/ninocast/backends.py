@@ -24,6 +24,7 @@ class Backend(Protocol):
     def nowcast(self, window: list[tuple[int, Snapshot]], k: int,
                 deadline: float | None = None) -> dict[str, torch.Tensor]: ...
     def check(self, deadline: float | None = None) -> None: ...
+    def report(self, step: int, body: dict[str, Any]) -> None: ...
     def state_dict(self) -> dict[str, Any]: ...
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
     def close(self, delete: bool = False, deadline: float | None = None) -> None: ...
@@ -133,6 +134,10 @@ class RemoteBackend:
         raise InvalidResponse(f"the server nowcast from steps {self.last_info.get('steps')}, this run's window "
                               f"is {steps}")
 
+    def report(self, step: int, body: dict[str, Any]) -> None:
+        """A verified (or skipped) nowcast's decision, kept in the session's history."""
+        self.client.report_nowcast(self._session(), step, body)
+
     def state_dict(self) -> dict[str, Any]:
         with self._lock:
             return {"session_id": self.session_id, "acked": sorted(self.acked)}
@@ -206,6 +211,9 @@ class LocalBackend:
             flatten(snap, self.spec, out=states[:, i])
         pred = self._nowcast(self.model, self.spec, states, k)
         return unflatten(pred, self.spec)
+
+    def report(self, step: int, body: dict[str, Any]) -> None:
+        pass  # local mode: the decision stays in NowcastOptimizer.nowcasts
 
     def state_dict(self) -> dict[str, Any]:
         return {}

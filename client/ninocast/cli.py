@@ -189,6 +189,13 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--target", type=float, help="steps-to-target threshold override (default: the task's); with "
                    "--report-only, re-scores the stored curves into OUT/target-<value>/ (or --retarget-out)")
     b.add_argument("--retarget-out", metavar="DIR", help="with --report-only --target: where to write the reports")
+    b.add_argument("--verify", choices=["off", "on", "both"], default="off",
+                   help="verify every nowcast on a fixed probe batch (ninocast.Verify): 'on' runs each nowcaster "
+                   "verified only (labelled NAME+v), 'both' unverified and verified (default off)")
+    b.add_argument("--verify-tolerance", type=float, default=0.0, metavar="X",
+                   help="with --verify: accept a jump whose probe loss rises by at most X (relative; default 0)")
+    b.add_argument("--final-nowcast", choices=["skip", "keep"], default="skip",
+                   help="NowcastOptimizer's rule for the budget's last nowcast (default skip: a normal step)")
     b.add_argument("--quick", action="store_true", help="smoke run in seconds (digits + linefit, tiny budget)")
     b.add_argument("--out", default="bench-speedup", metavar="DIR", help="output directory (default ./bench-speedup)")
     b.set_defaults(func=_lazy("ninocast_server.bench.speedup", "run_bench_speedup"))

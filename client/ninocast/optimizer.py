@@ -51,6 +51,7 @@ from .flat import StateError, check_state, state_dtype
 from .schedule import MAX_HORIZON, k_at_step
 from .spec import ModelSpec
 from .transport import AuthError, DeadlineExceeded, NowcastAPIError, RequestRejected, check_url
+from .verify import Verify, as_verify, report_body, verify_jump
 from .worker import BackendWorker
 
 Snapshot = dict[str, torch.Tensor]
@@ -75,6 +76,12 @@ class NowcastOptimizer(torch.optim.Optimizer):
     ``nowcast_timeout``: the longest a nowcast call waits for the server (None: from the server's timings);
     ``timeout``/``retries``: per HTTP request, for the background uploads. ``check=True`` runs ``check()``.
     Use as a context manager (or call ``close()``) so the server session is deleted when the run ends.
+    ``verify=`` checks every nowcast on a probe before keeping it (``ninocast.Verify(batch=, loss_fn=)``, a
+    function ``probe(model) -> float``, or ``"closure"`` for the loss of the step's own batch; see
+    ``ninocast.verify``); a rejected nowcast becomes a normal step, so every call then needs gradients.
+    ``final_nowcast``: the last nowcast of the budget (fewer than ``period // ctx`` calls left to recover, the
+    k = 1 one) is skipped (``"skip"``, a normal step: measured, it dips the final model even when a probe accepts
+    it, docs/benchmarks-speedup.md) or kept (``"keep"``, the NINO_SPEC protocol; verified if ``verify`` is set).
     """
 
     def __init__(
@@ -99,11 +106,17 @@ class NowcastOptimizer(torch.optim.Optimizer):
         record: bool = False,
         check: bool = False,
         device: str = "cpu",
+        verify: Verify | Callable[[nn.Module], float] | str | None = None,
+        final_nowcast: str = "skip",
     ) -> None:
         if on_error not in ("warn", "raise"):
             raise ValueError("on_error must be 'warn' or 'raise'")
         if period < ctx or period % ctx:
             raise ValueError(f"period ({period}) must be a positive multiple of ctx ({ctx})")
+        if final_nowcast not in ("skip", "keep"):
+            raise ValueError(f"final_nowcast must be 'skip' or 'keep', got {final_nowcast!r}")
+        self.verify = as_verify(verify)
+        self.final_nowcast = final_nowcast
         if server is None and not local and nowcaster is None:
             raise ValueError("give server=URL to nowcast on a server, or local=True / nowcaster=PATH")
         if server is not None:
@@ -187,9 +200,10 @@ class NowcastOptimizer(torch.optim.Optimizer):
 
     @property
     def need_grads(self) -> bool:
-        """False exactly on the calls that will nowcast: skip the backward pass there."""
-        return self._closed or not (len(self.snapshots) == self.ctx - 1 and
-                                    (self.step_count + 1) % self.snapshot_interval == 0)
+        """False exactly on the calls that will nowcast unverified: skip the backward pass there (a verified
+        nowcast may be rejected, and the budget's skipped last nowcast is a normal step: both need gradients)."""
+        nowcast_call = len(self.snapshots) == self.ctx - 1 and (self.step_count + 1) % self.snapshot_interval == 0
+        return self._closed or not nowcast_call or self.verify is not None or self._skips_final(self.step_count)
 
     def current_k(self) -> int:
         return k_at_step(self.step_count, self.max_train_steps, self.period, MAX_HORIZON, self.k_decay)
@@ -216,7 +230,14 @@ class NowcastOptimizer(torch.optim.Optimizer):
             if closure is not None:  # NINO_SPEC §5.3 (2a): the closure runs once, before the nowcast
                 with torch.enable_grad():
                     loss = closure()
-            self._nowcast(window, s)  # failed: a skipped step (the gradients may be stale), counted
+            if self._skips_final(s):
+                self._record({"step": s, "k": self.current_k(), "snapshot_steps": [t for t, _ in window],
+                              "accepted": False, "skipped": "final"})
+            if self._skips_final(s) or (not self._nowcast(window, s, closure, loss) and self.verify is not None):
+                # A normal step: this call computed gradients (need_grads). An unverified nowcast that failed is a
+                # skipped step instead: its call skipped backward, so the gradients present are stale.
+                result = self.optimizer.step() if closure is not None else self.optimizer.step(closure)
+                loss = loss if closure is not None else result
         else:
             loss = self.optimizer.step(closure)
         self.step_count = s + 1
@@ -345,12 +366,23 @@ class NowcastOptimizer(torch.optim.Optimizer):
         kind = getattr(err, "kind", "error")
         self._note_failure(f"upload_{kind}", err, raise_ok=False)  # type: ignore[arg-type]
 
-    def _nowcast(self, window: list[tuple[int, Snapshot]], step: int) -> bool:
-        """Fetch on rank 0, agree on every rank, apply. True when the parameters were replaced; False: a skipped
-        step. Every rank returns the same answer."""
+    def _skips_final(self, step: int) -> bool:
+        """A nowcast that leaves fewer than period // ctx calls of the budget to recover (the last call's, k = 1)."""
+        return self.final_nowcast == "skip" and self.max_train_steps - (step + 1) < self.snapshot_interval
+
+    def _nowcast(self, window: list[tuple[int, Snapshot]], step: int, closure: Callable[[], Any] | None = None,
+                 loss: Any = None) -> bool:
+        """Fetch on rank 0, verify there when asked, agree on every rank, apply. True when the parameters were
+        replaced; False: failed or rejected. Every rank returns the same answer."""
         prediction, error = self._fetch_nowcast(window, step) if self._rank0 else (None, None)
-        # 1 = apply the nowcast, 0 = skip the step, -1 = rank 0 raises (on_error="raise")
+        # 1 = apply the nowcast, 0 = keep the parameters, -1 = rank 0 raises (on_error="raise")
         code = 1 if prediction is not None else (-1 if error is not None else 0)
+        if prediction is not None and self.verify is not None:
+            record = self.nowcasts[-1]
+            record.update(self._verify(prediction, closure, loss))
+            self._report(record)
+            prediction = None  # accepted: the kept point is already in place (rank 0); rejected: theta is
+            code = int(record["accepted"])
         flag = torch.full((1,), float(code), device=self._params[self.spec.names[0]].device)  # NCCL: device
         code = int(_broadcast_flag(flag).item())
         if code < 0:
@@ -379,7 +411,7 @@ class NowcastOptimizer(torch.optim.Optimizer):
             self._note_failure(kind, e, raise_ok=False)
             return None, None
         self.nowcasts.append({"step": step, "k": k, "seconds": time.perf_counter() - t0,
-                              "snapshot_steps": [s for s, _ in window]})
+                              "snapshot_steps": [s for s, _ in window], "accepted": True})
         return result, None
 
     def _request_nowcast(self, window: list[tuple[int, Snapshot]], k: int) -> dict[str, torch.Tensor]:
@@ -402,6 +434,38 @@ class NowcastOptimizer(torch.optim.Optimizer):
                 if prediction is not None:
                     p.copy_(prediction[name].to(device=p.device, dtype=p.dtype))
                 _broadcast_param(p)
+
+    def _verify(self, result: dict[str, torch.Tensor], closure: Callable[[], Any] | None, loss: Any) -> dict:
+        """Score the jump on the probe; the params end at the kept point."""
+        assert self.verify is not None
+        before = loss if self.verify.kind == "closure" else None  # the closure's loss at theta
+        params = {n: self._params[n] for n in self.spec.names}
+        return verify_jump(params, result, self.verify.scorer(self.model, closure), self.verify, before)
+
+    def _record(self, record: dict[str, Any]) -> None:
+        """Keep a decision made without a nowcast (the skipped last one) in ``nowcasts`` and report it."""
+        self.nowcasts.append(record)
+        self._report(record)
+
+    def _report(self, record: dict[str, Any]) -> None:
+        """Send a verified or skipped nowcast's decision to the server session's history (rank 0). Remote: queued
+        on the worker behind the uploads (so the session exists), never waited for; a lost report is counted
+        (``report_*``) and never stops training."""
+        if not self._rank0 or (self.verify is None and "skipped" not in record):
+            return
+        backend, body = self.backend, report_body(record)
+        assert backend is not None
+
+        def send() -> None:
+            try:
+                backend.report(record["step"], body)
+            except Exception as e:  # noqa: BLE001 - a lost report never stops training
+                self._note_failure(f"report_{getattr(e, 'kind', 'error')}", e, raise_ok=False)
+
+        if self._worker is not None and not self._closed:
+            self._worker.upload(send)
+        else:
+            send()
 
     def _note_failure(self, kind: str, err: Exception, raise_ok: bool) -> None:
         self.failures[kind] += 1

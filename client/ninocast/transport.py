@@ -252,6 +252,11 @@ class NowcastClient:
                 from None
         return tensors, info
 
+    def report_nowcast(self, session_id: str, step: int, report: Mapping[str, Any]) -> dict:
+        """Attach a nowcast's verification report (accepted, alpha, probe values...) to the session's history;
+        idempotent by step (POST /v1/sessions/{id}/nowcasts/{step}/report)."""
+        return self._json("POST", f"/v1/sessions/{session_id}/nowcasts/{step}/report", json=dict(report))
+
 
 class Chunked:
     """A request body sent in 1 MiB memoryview pieces (re-iterable, so a retry can resend it).

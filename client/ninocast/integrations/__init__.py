@@ -8,9 +8,10 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 from ..optimizer import NowcastOptimizer
+from ..verify import Verify, as_verify
 
 
 def find_nowcast_optimizer(optimizer: Any, depth: int = 8) -> NowcastOptimizer | None:
@@ -26,4 +27,13 @@ def find_nowcast_optimizer(optimizer: Any, depth: int = 8) -> NowcastOptimizer |
     return None
 
 
-__all__ = ["find_nowcast_optimizer"]
+def probe_verify(probe: Any, framework_batch: Callable[[], Verify]) -> Verify:
+    """A callback's ``probe=``: the framework's eval batch (``"eval_batch"``), ``"closure"``, or a function."""
+    if probe == "eval_batch":
+        return framework_batch()
+    verify = as_verify(probe)
+    assert verify is not None
+    return verify
+
+
+__all__ = ["find_nowcast_optimizer", "probe_verify"]

@@ -18,6 +18,10 @@ pass ``Trainer(..., optimizers=(NowcastOptimizer(...), None), callbacks=[Nowcast
 The Trainer always runs the backward pass, so a nowcast step's gradients are computed and ignored (the wrapper's
 ``need_grads`` cannot skip them here). ``max_train_steps`` defaults to the Trainer's ``max_steps``. When training
 ends (``on_train_end``) the wrapper is closed: its server session is deleted unless ``record=True``.
+
+Verified nowcasts (``ninocast.verify``): ``NowcastCallback(probe="eval_batch", ...)`` scores every nowcast on the
+first batch of the Trainer's eval dataloader (``Trainer.compute_loss``; needs ``eval_dataset`` and ``attach``),
+``probe=fn`` on ``fn(model) -> float``; or pass ``verify=ninocast.Verify(...)`` directly.
 """
 
 from __future__ import annotations
@@ -31,7 +35,8 @@ except ModuleNotFoundError as e:  # pragma: no cover - depends on the environmen
                               f"pip install 'ninocast[integrations]' (missing {e.name})") from None
 
 from ..optimizer import NowcastOptimizer
-from . import find_nowcast_optimizer
+from ..verify import Verify
+from . import find_nowcast_optimizer, probe_verify
 
 
 class NowcastCallback(TrainerCallback):
@@ -42,12 +47,15 @@ class NowcastCallback(TrainerCallback):
     wrapper: its ``nowcasts`` and ``failures`` say what happened.
     """
 
-    def __init__(self, **nowcast_kwargs: Any) -> None:
+    def __init__(self, probe: Any = None, **nowcast_kwargs: Any) -> None:
+        self.probe = probe  # "eval_batch", a function probe(model) -> float, or None
         self.nowcast_kwargs = nowcast_kwargs
         self.optimizer: NowcastOptimizer | None = None
+        self._trainer: Any = None
 
     def attach(self, trainer: Any) -> "NowcastCallback":
         """Wrap the optimizer ``trainer`` creates and register this callback; returns this callback."""
+        self._trainer = trainer
         original = trainer.create_optimizer
 
         def create_optimizer(*args: Any, **kwargs: Any) -> Any:
@@ -75,8 +83,18 @@ class NowcastCallback(TrainerCallback):
                                "NowcastCallback(...).attach(trainer), or pass optimizers=(NowcastOptimizer(...), "
                                "None) to the Trainer")
         self.optimizer = found
+        if self.probe is not None and found.verify is None:
+            found.verify = probe_verify(self.probe, self._eval_batch_verify)
         if "max_train_steps" not in self.nowcast_kwargs and state.max_steps and state.max_steps > 0:
             found.set_max_train_steps(state.max_steps)
+
+    def _eval_batch_verify(self) -> Verify:
+        trainer = self._trainer
+        if trainer is None or getattr(trainer, "eval_dataset", None) is None:
+            raise ValueError("NowcastCallback(probe='eval_batch') needs NowcastCallback(...).attach(trainer) and a "
+                             "Trainer with an eval_dataset")
+        inputs = trainer._prepare_inputs(next(iter(trainer.get_eval_dataloader())))
+        return Verify(batch=inputs, loss_fn=lambda model, b: trainer.compute_loss(model, b))
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """The run is over: close the wrapper, which deletes its server session unless ``record=True``."""

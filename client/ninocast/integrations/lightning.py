@@ -17,6 +17,11 @@ to the Trainer's ``estimated_stepping_batches``. When training ends (``on_train_
 server session is deleted unless ``record=True``. Works with ``pytorch_lightning`` (what the ``integrations``
 extra installs: ``import pytorch_lightning as pl; pl.Trainer``) or the ``lightning`` package
 (``lightning.pytorch.Trainer``); the callback subclasses whichever is importable, ``lightning`` first.
+
+Verified nowcasts (``ninocast.verify``): ``NowcastCallback(probe="eval_batch")`` scores every nowcast on the first
+batch of the validation dataloader through the module's ``training_step`` (its loss, or its ``"loss"``),
+``probe="closure"`` on the step's own batch (Lightning's closure: forward and backward per score),
+``probe=fn`` on ``fn(model) -> float``; or pass ``verify=ninocast.Verify(...)`` directly.
 """
 
 from __future__ import annotations
@@ -34,14 +39,16 @@ except ModuleNotFoundError:
                                   "pip install 'ninocast[integrations]'") from None
 
 from ..optimizer import NowcastOptimizer
-from . import find_nowcast_optimizer
+from ..verify import Verify
+from . import find_nowcast_optimizer, probe_verify
 
 
 class NowcastCallback(pl.Callback):
     """``nowcast_kwargs`` are ``NowcastOptimizer``'s keyword arguments (``server``, ``api_key``, ``local``,
     ``nowcaster``, ``period``, ``max_train_steps``, ``on_error``...); ``self.optimizer`` is the wrapper."""
 
-    def __init__(self, **nowcast_kwargs: Any) -> None:
+    def __init__(self, probe: Any = None, **nowcast_kwargs: Any) -> None:
+        self.probe = probe  # "eval_batch", "closure", a function probe(model) -> float, or None
         self.nowcast_kwargs = nowcast_kwargs
         self.optimizer: NowcastOptimizer | None = None
 
@@ -59,7 +66,30 @@ class NowcastCallback(pl.Callback):
                 math.isfinite(steps) and steps > 0:
             found.set_max_train_steps(int(steps))
 
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        """The validation dataloader exists from here on (after the sanity check)."""
+        if self.probe is not None and self.optimizer is not None and self.optimizer.verify is None:
+            self.optimizer.verify = probe_verify(self.probe, lambda: _val_batch_verify(trainer, pl_module))
+
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         """The run is over: close the wrapper, which deletes its server session unless ``record=True``."""
         if self.optimizer is not None:
             self.optimizer.close()
+
+
+def _val_batch_verify(trainer: Any, pl_module: Any) -> Verify:
+    if trainer.val_dataloaders is None:  # set up lazily (no sanity check yet): ask the validation loop for it
+        val_loop = getattr(getattr(trainer.fit_loop, "epoch_loop", None), "val_loop", None)
+        if val_loop is not None and hasattr(val_loop, "setup_data"):
+            val_loop.setup_data()
+    loaders = trainer.val_dataloaders
+    loader = loaders[0] if isinstance(loaders, (list, tuple)) and loaders else loaders
+    if loader is None:
+        raise ValueError("NowcastCallback(probe='eval_batch') needs a validation dataloader (trainer.fit(..., "
+                         "val_dataloaders=...)); or use probe='closure' or a function")
+    batch = pl_module.transfer_batch_to_device(next(iter(loader)), pl_module.device, 0)
+
+    def loss_fn(model: Any, b: Any) -> Any:
+        out = pl_module.training_step(b, 0)
+        return out["loss"] if isinstance(out, dict) else out
+    return Verify(batch=batch, loss_fn=loss_fn)

@@ -28,8 +28,8 @@ from ..sessions.spec_limits import parse_spec
 from ..sessions.store import Session
 from ..sessions.upload import receive_to_file
 from .auth import require_owner
-from .schemas import (CreateSession, CreatedSession, ErrorBody, NowcastRequest, SessionDetail, SessionList, StateAck,
-                      session_view, state_ack)
+from .schemas import (CreateSession, CreatedSession, ErrorBody, NowcastReport, NowcastRequest, ReportAck,
+                      SessionDetail, SessionList, StateAck, session_view, state_ack)
 
 SID = PathParam(..., min_length=1, max_length=64, description="session id from POST /v1/sessions")
 STEP = PathParam(..., pattern=r"^[0-9]{1,15}$", examples=["1000"],
@@ -174,6 +174,19 @@ def build_router() -> APIRouter:
                                     f"total;dur={total * 1e3:.1f}"}
         return StreamingResponse(_chunks(head, data), media_type="application/octet-stream", headers=headers,
                                  background=BackgroundTask(run_in_threadpool, st.store.add_nowcast, s, entry))
+
+    @r.post("/{session_id}/nowcasts/{step}/report", status_code=201, operation_id="report_nowcast",
+            response_class=JSONResponse, responses={201: {"model": ReportAck}, 404: ERR})
+    async def report_nowcast(request: Request, body: NowcastReport, session_id: str = SID, step: str = STEP,
+                             owner: str = Depends(require_owner)) -> JSONResponse:
+        """Record what the client did with the nowcast at ``step`` (verified: accepted, shortened or rejected;
+        or skipped); shown under ``reports`` and ``verification`` in GET /v1/sessions/{id}. A repeat replaces."""
+        st = request.app.state
+        s = st.store.get(owner, session_id)
+        report = {"step": int(step), "at": time.time(), **body.model_dump()}
+        await run_in_threadpool(st.store.add_report, s, report)
+        return JSONResponse({"session": s.id, "step": int(step), "stored": True, "reports": len(s.reports)},
+                            status_code=201)
 
     return r
 

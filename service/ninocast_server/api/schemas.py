@@ -50,6 +50,26 @@ class NowcastRequest(BaseModel):
         "float32", description="dtype of the returned tensors; 'uploaded': each tensor's dtype in the newest state")
 
 
+class NowcastReport(BaseModel):
+    """What the client decided about one nowcast after verifying it on its probe (ninocast.Verify); small and
+    bounded, kept in the session's history."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, json_schema_extra={"examples": [
+        {"k": 40, "accepted": True, "alpha": 0.5, "probe": "batch", "probe_before": 0.91, "probe_after": 0.83,
+         "tried": [[1.0, 1.2], [0.5, 0.83], [0.25, 0.86]], "probe_passes": 4, "verify_s": 0.012}]})
+
+    k: int | None = Field(None, ge=1, le=10**6, description="the nowcast's horizon")
+    accepted: bool = Field(description="the jump (or a shorter one, alpha < 1) was kept")
+    skipped: Literal["final"] | None = Field(None, description="'final': the budget's last nowcast was skipped")
+    alpha: float | None = Field(None, ge=0, le=1, description="fraction of the jump kept (0 = rejected)")
+    probe: Literal["batch", "probe", "closure"] | None = Field(None, description="what scored the jump")
+    probe_before: float | None = Field(None, description="probe loss before the jump (null = infinite)")
+    probe_after: float | None = Field(None, description="probe loss at the kept point")
+    tried: list[tuple[float, float | None]] = Field([], max_length=16, description="[alpha, probe] pairs scored")
+    probe_passes: int | None = Field(None, ge=0, le=1000)
+    verify_s: float | None = Field(None, ge=0, description="seconds the verification took")
+
+
 # ----------------------------------------------------------------------------- responses (documentation: the
 # routes return plain dicts, so fields other modules add later pass through unfiltered)
 class ErrorBody(BaseModel):
@@ -115,6 +135,16 @@ class SessionSummary(BaseModel):
 
 class SessionDetail(SessionSummary):
     nowcasts: list[NowcastEntry] = Field(description="the newest 50 nowcasts")
+    reports: list[dict[str, Any]] = Field([], description="the newest 50 verification reports (NowcastReport + "
+                                          "step, at)")
+    verification: dict[str, int] | None = Field(None, description="counts of reported, accepted, skipped nowcasts")
+
+
+class ReportAck(BaseModel):
+    session: str
+    step: int
+    stored: bool
+    reports: int = Field(description="reports the session holds")
 
 
 class CreatedSession(SessionDetail):
@@ -169,6 +199,11 @@ def session_view(s: Session, ttl_s: float, full: bool = True) -> dict[str, Any]:
     }
     if full:
         view["nowcasts"] = s.nowcasts[-50:]
+        view["reports"] = s.reports[-50:]
+    verified = [r for r in s.reports if not r.get("skipped")]
+    view["verification"] = {"reported": len(s.reports), "accepted": sum(1 for r in verified if r["accepted"]),
+                            "rejected": sum(1 for r in verified if not r["accepted"]),
+                            "skipped": len(s.reports) - len(verified)}
     return view
 
 

@@ -35,6 +35,8 @@ ALIASES = {"nino": "nino_no_posw.pt", "nino_no_posw": "nino_no_posw.pt", "wnn": 
            "wnn+": "nino_mlp.pt", "nino_mlp": "nino_mlp.pt", "nino_mlp_h32": "nino_mlp_h32.pt"}
 QUICK = {"max_steps": 240, "period": 60, "eval_every": 10, "seeds": "1000,2000"}
 DIGITS_QUICK = {"max_steps": 1000, "period": 100, "eval_every": 10}  # digits: its whole budget
+PROBE_SEED_OFFSET = 7919  # --verify's probe: the first batch of an independent shuffle of the training data
+VERIFIED = "+v"  # label suffix of a verified nowcaster's runs
 
 
 # ---------------------------------------------------------------------------------------------- methods
@@ -79,8 +81,12 @@ def eval_points(max_steps: int, period: int, eval_every: int, before_nowcast: bo
 
 def run_one(task, method: str, ref: str | None, seed: int, *, max_steps: int, period: int, eval_every: int,
             early_stop: bool = True, server: str | None = None, api_key: str | None = None,
-            progress: bool = True) -> dict[str, Any]:
-    """Train one (task, method, seed); returns the run record (see module doc)."""
+            progress: bool = True, verify: bool = False, final_nowcast: str = "skip",
+            verify_tolerance: float = 0.0) -> dict[str, Any]:
+    """Train one (task, method, seed); returns the run record (see module doc).
+
+    ``verify``: every nowcast is checked on a fixed probe batch (the task's training loss on the first batch of
+    an independent shuffle of the training data, never the test data the metric uses)."""
     import torch
     from tqdm import tqdm
 
@@ -91,7 +97,14 @@ def run_one(task, method: str, ref: str | None, seed: int, *, max_steps: int, pe
     if ref is not None:
         from ninocast import NowcastOptimizer
 
-        kw: dict[str, Any] = dict(period=period, ctx=task.ctx, max_train_steps=max_steps, nowcaster=ref)
+        kw: dict[str, Any] = dict(period=period, ctx=task.ctx, max_train_steps=max_steps, nowcaster=ref,
+                                  final_nowcast=final_nowcast)
+        if verify:
+            from ninocast import Verify
+
+            probe_batches = task.batches(seed + PROBE_SEED_OFFSET)
+            kw["verify"] = Verify(batch=next(probe_batches), loss_fn=task.loss, tolerance=verify_tolerance)
+            del probe_batches
         if server:
             kw.update(server=server, api_key=api_key, session_name=f"bench-{task.name}-{method}-{seed}")
         else:
@@ -102,7 +115,9 @@ def run_one(task, method: str, ref: str | None, seed: int, *, max_steps: int, pe
     curve: list[list[Any]] = []  # [step, metric, tag] tag: eval | pre | post (around a nowcast step)
     reached_at: int | None = None
     train_s = eval_s = 0.0
-    nowcast_steps: list[int] = []
+    nowcast_steps: list[int] = []  # accepted nowcasts
+    rejected_steps: list[int] = []  # verified nowcasts that were rejected (a normal step instead)
+    pre_final: float | None = None  # the metric right before the last call of the budget
 
     def evaluate(step: int, tag: str) -> bool:
         nonlocal eval_s, reached_at
@@ -132,14 +147,24 @@ def run_one(task, method: str, ref: str | None, seed: int, *, max_steps: int, pe
             opt.step()
             train_s += time.perf_counter() - t0
             steps_run = s + 1
-            nowcasted = len(getattr(opt, "nowcasts", ())) > n_before
+            new = list(getattr(opt, "nowcasts", ()))[n_before:]
+            nowcasted = any(n.get("accepted", True) for n in new)
             if nowcasted:
                 nowcast_steps.append(steps_run)
+            elif any("probe_before" in n for n in new):
+                rejected_steps.append(steps_run)
             bar.update(1)
             if steps_run in points or nowcasted:
                 tag = "post" if steps_run % period == 0 else "pre" if (steps_run + 1) % period == 0 else "eval"
                 if evaluate(steps_run, tag) and early_stop:
                     break
+            if steps_run == max_steps - 1:  # how the last call changes the model (the final-nowcast rule)
+                if steps_run in points:
+                    pre_final = curve[-1][1]
+                else:
+                    t0 = time.perf_counter()
+                    pre_final = float(task.evaluate(model)[task.metric])
+                    eval_s += time.perf_counter() - t0
             if need and not math.isfinite(float(loss.detach())):
                 curve.append([steps_run, float("nan"), "diverged"])
                 break
@@ -148,7 +173,9 @@ def run_one(task, method: str, ref: str | None, seed: int, *, max_steps: int, pe
         if hasattr(opt, "close"):
             opt.close()
         del batches
-    nowcasts = list(getattr(opt, "nowcasts", []))
+    nowcasts = [n for n in getattr(opt, "nowcasts", []) if "seconds" in n]  # the nowcasts the backend computed
+    decisions = [{k: n.get(k) for k in ("step", "k", "accepted", "skipped", "alpha", "probe_before", "probe_after",
+                                        "probe_passes", "verify_s")} for n in getattr(opt, "nowcasts", [])]
     values = [c[1] for c in curve if not math.isnan(c[1])]
     best = (max(values) if task.higher_is_better else min(values)) if values else float("nan")
     return {
@@ -159,6 +186,10 @@ def run_one(task, method: str, ref: str | None, seed: int, *, max_steps: int, pe
         "train_s": round(train_s, 3), "nowcast_s": round(sum(n["seconds"] for n in nowcasts), 3),
         "eval_s": round(eval_s, 3), "n_nowcasts": len(nowcasts), "nowcast_steps": nowcast_steps,
         "nowcast_k": [n["k"] for n in nowcasts], "failures": dict(getattr(opt, "failures", {}) or {}),
+        "verify": verify, "verify_tolerance": verify_tolerance if verify else None, "final_nowcast": final_nowcast,
+        "rejected_steps": rejected_steps, "decisions": decisions,
+        "verify_s": round(sum(n.get("verify_s") or 0.0 for n in decisions), 3),
+        "probe_passes": sum(n.get("probe_passes") or 0 for n in decisions), "pre_final_metric": pre_final,
         "server": server, "curve": curve, "threads": torch.get_num_threads(),
     }
 
@@ -259,9 +290,65 @@ def markdown(rows: list[dict], runs: list[dict]) -> str:
     return "\n".join(out)
 
 
+def decision_rows(runs: list[dict]) -> list[dict]:
+    """Per (task, method): what happened at the nowcasts and at the budget's last call, over every seed.
+
+    ``max_probe_increase``: the largest probe-loss change (after - before) at an accepted verified nowcast;
+    ``max_metric_worsening``: the largest worsening of the task metric from the evaluation right before an accepted
+    nowcast to the one right after (only where the curve has both: language's pre/post evaluations);
+    ``final_change``: median metric change over the last call (final minus the metric before it)."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in runs:
+        if r["method"] != "adamw" or r.get("pre_final_metric") is not None:
+            groups.setdefault((r["task"], r["method"]), []).append(r)
+    rows = []
+    for (task, method), rs in groups.items():
+        # runs stored before decisions were recorded: every nowcast was applied
+        ds = [d for r in rs for d in (r.get("decisions") or [{"accepted": True}] * r.get("n_nowcasts", 0))]
+        verified = [d for d in ds if d.get("probe_before") is not None]
+        accepted = [d for d in verified if d["accepted"] and d.get("probe_after") is not None]
+        worse = []
+        for r in rs:
+            sign = -1.0 if r["metric"].endswith("acc") else 1.0
+            at = {c[0]: c[1] for c in r["curve"]}
+            worse += [sign * (at[s] - at[s - 1]) for s in r["nowcast_steps"] if s in at and s - 1 in at]
+        finals = [r["final_metric"] - r["pre_final_metric"] for r in rs
+                  if r.get("pre_final_metric") is not None and r["steps_run"] == r["max_steps"]]
+        rows.append({
+            "task": task, "method": method, "runs": len(rs),
+            "nowcasts": sum(1 for d in ds if not d.get("skipped")),
+            "accepted": sum(1 for d in ds if d.get("accepted", True) and not d.get("skipped")),
+            "shrunk": sum(1 for d in accepted if d.get("alpha", 1.0) < 1.0),
+            "max_probe_increase": max((d["probe_after"] - d["probe_before"] for d in accepted), default=None),
+            "max_metric_worsening": max(worse, default=None),
+            "final_change": statistics.median(finals) if finals else None,
+            "verify_s_mean": statistics.mean(r.get("verify_s", 0.0) for r in rs),
+            "probe_passes_mean": statistics.mean(r.get("probe_passes", 0) for r in rs),
+        })
+    rows.sort(key=lambda r: (r["task"], r["method"]))
+    return rows
+
+
+def decisions_markdown(rows: list[dict]) -> str:
+    if not rows:
+        return ""
+    out = ["### Nowcast decisions and the last call\n",
+           "| task | method | runs | nowcasts accepted / computed (shrunk) | largest probe-loss change after an "
+           "accepted nowcast | largest metric worsening after an accepted nowcast (pre/post evals) | median "
+           "metric change over the last call | verify s/run | probe passes/run |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    f = lambda v, p=4: "n/a" if v is None else f"{v:+.{p}f}"  # noqa: E731
+    for r in rows:
+        out.append(f"| {r['task']} | {r['method']} | {r['runs']} | {r['accepted']} / {r['nowcasts']} ({r['shrunk']}) | "
+                   f"{f(r['max_probe_increase'])} | {f(r['max_metric_worsening'], 3)} | {f(r['final_change'], 3)} | "
+                   f"{r['verify_s_mean']:.2f} | {r['probe_passes_mean']:.0f} |")
+    return "\n".join(out) + "\n"
+
+
 RUN_FIELDS = ["task", "method", "seed", "reached", "steps_to_target", "steps_run", "max_steps", "period",
               "eval_every", "target", "final_metric", "best_metric", "train_s", "nowcast_s", "eval_s", "n_nowcasts",
-              "failures", "nowcaster", "server"]
+              "failures", "nowcaster", "server", "verify", "final_nowcast", "rejected_steps", "verify_s",
+              "probe_passes", "pre_final_metric"]
 SUMMARY_FIELDS = ["task", "method", "seeds", "reached", "median_steps", "speedup", "steps_per_seed", "budget",
                   "target", "metric", "final_metric", "best_metric", "train_s_mean", "nowcast_s_mean", "eval_s_mean",
                   "wall_s_total", "failures"]
@@ -286,6 +373,10 @@ def plot(task: str, runs: list[dict], path: Path) -> None:
         post = [(c[0], c[1]) for c in r["curve"] if c[0] in set(r["nowcast_steps"]) and not math.isnan(c[1])]
         if post:
             ax.scatter(*zip(*post), color=colors[r["method"]], marker="v", s=28, zorder=3)
+        rejected = [(c[0], c[1]) for c in r["curve"] if c[0] in set(r.get("rejected_steps", ()))
+                    and not math.isnan(c[1])]
+        if rejected:
+            ax.scatter(*zip(*rejected), color=colors[r["method"]], marker="x", s=36, zorder=3)
         if r["reached"]:
             ax.axvline(r["steps_to_target"], color=colors[r["method"]], ls=":", lw=0.8, alpha=0.6)
     t = rs[0]
@@ -299,8 +390,8 @@ def plot(task: str, runs: list[dict], path: Path) -> None:
         ax.set_ylim(0.9 * min(lo, t["target"]), 3 * t["target"])  # nowcast spikes above 3x target are clipped
         ax.set_ylabel(t["metric"] + " (log; clipped at 3 x target)")
     ax.set_xlabel("steps (optimizer calls, nowcast steps included)")
-    ax.set_title(f"{task}: {t['metric']} vs steps (▼ = right after a nowcast step; dotted = steps to target)",
-                 fontsize=9)
+    ax.set_title(f"{task}: {t['metric']} vs steps (▼ = right after a nowcast step, x = a rejected nowcast; "
+                 "dotted = steps to target)", fontsize=9)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -321,7 +412,7 @@ def write_reports(out: Path, runs: list[dict]) -> list[dict]:
         w.writeheader()
         for r in rows:
             w.writerow({**r, "speedup": "" if r["speedup"] is None else round(r["speedup"], 4)})
-    (out / "results.md").write_text(markdown(rows, runs))
+    (out / "results.md").write_text(markdown(rows, runs) + "\n" + decisions_markdown(decision_rows(runs)))
     for task in dict.fromkeys(r["task"] for r in runs):
         plot(task, runs, out / "plots" / f"{task}.png")
     return rows
@@ -364,6 +455,10 @@ def run_bench_speedup(args: argparse.Namespace) -> int:
     methods: list[tuple[str, str | None]] = [("adamw", None)] + [resolve_nowcaster(r) for r in refs]
     if len({m for m, _ in methods}) != len(methods):
         raise CommandError("two nowcasters resolve to the same label")
+    if args.verify != "off":  # NAME+v: the same nowcaster, every nowcast verified on a probe batch
+        verified = [(label + VERIFIED, ref) for label, ref in methods[1:]]
+        methods = methods[:1] + (verified if args.verify == "on" else
+                                 [m for pair in zip(methods[1:], verified) for m in pair])
     for label, ref in methods[1:]:
         if ref and not args.server and ref != "linefit" and not Path(ref).exists():
             raise CommandError(f"nowcaster {ref!r} not found (local mode needs 'linefit', "
@@ -394,7 +489,9 @@ def run_bench_speedup(args: argparse.Namespace) -> int:
             for label, ref in methods:
                 plan.append((task, label, ref, seed, max_steps, period, eval_every))
     config = {"argv": sys.argv, "tasks": {t.name: t.info() for t in {id(p[0]): p[0] for p in plan}.values()},
-              "methods": dict(methods), "seeds": seeds, "server": args.server, "threads": torch.get_num_threads(),
+              "methods": dict(methods), "verify": args.verify, "verify_tolerance": args.verify_tolerance,
+              "final_nowcast": args.final_nowcast,
+              "probe": f"task.loss on the first batch of task.batches(seed + {PROBE_SEED_OFFSET})", "seeds": seeds, "server": args.server, "threads": torch.get_num_threads(),
               "torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
               "cpus": os.cpu_count(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
     (out / "config.json").write_text(json.dumps(config, indent=2, default=str))
@@ -406,7 +503,8 @@ def run_bench_speedup(args: argparse.Namespace) -> int:
         run = run_one(task, label, ref, seed, max_steps=max_steps, period=period, eval_every=eval_every,
                       early_stop=not args.no_early_stop, server=args.server,
                       api_key=args.api_key or os.environ.get("NINOCAST_API_KEY"),
-                      progress=not args.no_progress)
+                      progress=not args.no_progress, verify=label.endswith(VERIFIED),
+                      final_nowcast=args.final_nowcast, verify_tolerance=args.verify_tolerance)
         runs.append(run)
         with open(jsonl, "a") as f:
             f.write(json.dumps(run) + "\n")

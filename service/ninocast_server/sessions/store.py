@@ -50,6 +50,7 @@ class Session:
     dir: Path
     states: dict[int, int] = field(default_factory=dict)  # step -> bytes on disk
     nowcasts: list[dict[str, Any]] = field(default_factory=list)
+    reports: list[dict[str, Any]] = field(default_factory=list)  # clients' verification reports, one per step
     n_nowcasts: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
@@ -69,7 +70,8 @@ class Session:
         return {"id": self.id, "owner": self.owner, "name": self.name, "spec": self.spec.to_json(),
                 "nowcaster": self.nowcaster, "ctx": self.ctx, "period": self.period,
                 "max_train_steps": self.max_train_steps, "record": self.record, "created": self.created,
-                "last_used": self.last_used, "n_nowcasts": self.n_nowcasts, "nowcasts": self.nowcasts}
+                "last_used": self.last_used, "n_nowcasts": self.n_nowcasts, "nowcasts": self.nowcasts,
+                "reports": self.reports}
 
 
 class SessionStore:
@@ -112,7 +114,8 @@ class SessionStore:
                     nowcaster=rec["nowcaster"], ctx=rec["ctx"], period=rec["period"],
                     max_train_steps=rec["max_train_steps"], record=rec["record"], name=rec.get("name"),
                     created=rec["created"], last_used=rec["last_used"], dir=sdir,
-                    nowcasts=rec.get("nowcasts", []), n_nowcasts=rec.get("n_nowcasts", 0))
+                    nowcasts=rec.get("nowcasts", []), n_nowcasts=rec.get("n_nowcasts", 0),
+                    reports=rec.get("reports", []))
         for p in (sdir / "states").glob("*.safetensors"):
             if p.name.startswith("."):
                 continue
@@ -228,13 +231,26 @@ class SessionStore:
             s.nowcasts.append(entry)
             del s.nowcasts[: -self.max_history]
             s.n_nowcasts += 1
-            s.last_used = time.time()
-            try:
-                atomic_write(s.dir / RECORD, json.dumps(s.record_json()).encode(), durable=False)
-            except FileNotFoundError:  # deleted meanwhile
-                pass
-            except OSError as e:  # e.g. a full disk: the history is kept in memory, the nowcast was answered
-                log.warning("cannot rewrite the record of session %s: %s", s.id, e)
+            self._save_history(s)
+
+    def add_report(self, s: Session, report: dict[str, Any]) -> None:
+        """Keep a client's verification report (one per step: a repeat replaces it), bounded like the history."""
+        with s.lock:
+            if (s.owner, s.id) not in self._sessions:
+                raise not_found(s.id)
+            s.reports = [r for r in s.reports if r["step"] != report["step"]] + [report]
+            del s.reports[: -self.max_history]
+            self._save_history(s)
+
+    def _save_history(self, s: Session) -> None:
+        """Under s.lock: rewrite the record (atomic; history is not worth an fsync)."""
+        s.last_used = time.time()
+        try:
+            atomic_write(s.dir / RECORD, json.dumps(s.record_json()).encode(), durable=False)
+        except FileNotFoundError:  # deleted meanwhile
+            pass
+        except OSError as e:  # e.g. a full disk: the history is kept in memory, the nowcast was answered
+            log.warning("cannot rewrite the record of session %s: %s", s.id, e)
 
     def touch(self, s: Session) -> None:
         s.last_used = time.time()

@@ -1,0 +1,175 @@
+"""Verified nowcasts: keep a jump only when a probe says it does not hurt.
+
+A nowcast extrapolates the parameters far ahead of training; a nowcaster that is wrong for the model (out of
+distribution, or simply a bad horizon) sends the loss up and training has to recover. ``Verify`` scores the
+current parameters theta and the nowcasted ones on a probe (lower is better) and accepts the jump when the probe
+is not worse than before (within ``tolerance``). Otherwise shorter jumps along the same direction,
+theta + a * (theta_nowcast - theta) for a in ``shrink``, are scored and the best is kept if it passes; if none
+does, the parameters are left as they were and the optimizer takes its normal step.
+
+Probes (exactly one):
+  - ``Verify(batch=b, loss_fn=f)``: ``f(model, b)`` on a fixed held-out batch (``batches=[...]``: their mean),
+    under ``torch.no_grad`` and in eval mode (no dropout, and BatchNorm's running statistics are neither used
+    from training mode nor updated by the probe);
+  - ``Verify(probe=fn)``: any ``fn(model) -> float``;
+  - ``Verify(closure=True)``: the loss of the step's own batch, from ``step(closure)`` (forward and backward per
+    score: the closure is the user's; its gradients are put back before a rejected nowcast's normal step).
+Cost per nowcast: 2 probe evaluations when the jump is accepted, 2 + len(shrink) otherwise (1 fewer with a
+closure, whose first loss is the "before" score); recorded as ``probe_passes`` and ``verify_s``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+
+Score = Callable[[], float]
+
+
+@dataclass
+class Verify:
+    """How nowcasts are checked; see the module doc. ``tolerance`` is relative: a jump passes when
+    ``probe_after <= probe_before + tolerance * |probe_before|``."""
+
+    batch: Any = None
+    batches: Sequence[Any] | None = None
+    loss_fn: Callable[[nn.Module, Any], Any] | None = None
+    probe: Callable[[nn.Module], float] | None = None
+    closure: bool = False
+    tolerance: float = 0.0
+    shrink: Sequence[float] = (0.5, 0.25)
+    eval_mode: bool = True
+
+    def __post_init__(self) -> None:
+        given = [self.batch is not None, bool(self.batches), self.probe is not None, bool(self.closure)]
+        if sum(given) != 1:
+            raise ValueError("Verify needs exactly one probe: batch= or batches= (with loss_fn=), "
+                             "probe=fn(model) -> float, or closure=True (the step's own batch through step(closure))")
+        if self.probe is None and not self.closure and not callable(self.loss_fn):
+            raise ValueError("Verify(batch=...) needs loss_fn=fn(model, batch) -> loss")
+        if not (self.tolerance >= 0 and math.isfinite(self.tolerance)):
+            raise ValueError(f"Verify tolerance must be a finite number >= 0, got {self.tolerance}")
+        self.shrink = tuple(float(a) for a in self.shrink)
+        if any(not 0 < a < 1 for a in self.shrink) or list(self.shrink) != sorted(self.shrink, reverse=True):
+            raise ValueError(f"Verify shrink factors must be decreasing and in (0, 1), got {self.shrink}")
+
+    @property
+    def kind(self) -> str:
+        return "probe" if self.probe is not None else "closure" if self.closure else "batch"
+
+    def scorer(self, model: nn.Module, closure: Callable[[], Any] | None) -> Score:
+        """The probe as a function of the model's current parameters."""
+        if self.kind == "closure":
+            if closure is None:
+                raise ValueError("Verify(closure=True) needs step(closure); this step was called without one")
+
+            def score_closure() -> float:
+                with torch.enable_grad():
+                    return _number(closure())
+            return score_closure
+        if self.kind == "probe":
+            return lambda: _number(self.probe(model))  # type: ignore[misc]
+        batches = list(self.batches) if self.batches else [self.batch]
+
+        def score_batch() -> float:
+            was_training = model.training
+            if self.eval_mode:
+                model.eval()
+            try:
+                with torch.no_grad():
+                    return sum(_number(self.loss_fn(model, b)) for b in batches) / len(batches)  # type: ignore[misc]
+            finally:
+                model.train(was_training)
+        return score_batch
+
+
+def _number(value: Any) -> float:
+    """A probe value as a float; NaN counts as +inf (worse than anything)."""
+    x = float(value.detach()) if isinstance(value, torch.Tensor) else float(value)
+    return math.inf if math.isnan(x) else x
+
+
+def verify_jump(params: dict[str, torch.Tensor], nowcast: dict[str, torch.Tensor], score: Score, cfg: Verify,
+                before: float | torch.Tensor | None = None) -> dict[str, Any]:
+    """Leave ``params`` (the live tensors) at the accepted point, or as they were when the jump is rejected.
+
+    Returns the decision: ``accepted``, ``alpha`` (1.0 = the full nowcast, 0.0 = rejected), ``probe_before``,
+    ``probe_after`` (at the kept point), ``tried`` ([alpha, probe] pairs), ``probe_passes``, ``verify_s``.
+    """
+    t0 = time.perf_counter()
+    passes = 0
+    grads = None
+    if cfg.kind == "closure":  # each score recomputes the gradients; a rejected jump's normal step needs theta's
+        grads = {n: None if p.grad is None else p.grad.clone() for n, p in params.items()}
+    theta = {n: p.detach().clone() for n, p in params.items()}
+    target = {n: nowcast[n].to(device=p.device, dtype=p.dtype) for n, p in params.items()}
+    if before is None:
+        before, passes = _number(score()), 1
+    before = _number(before)
+    limit = before + cfg.tolerance * abs(before) if math.isfinite(before) else math.inf
+
+    def place(a: float) -> None:
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(target[n] if a == 1.0 else theta[n] if a == 0.0 else theta[n] + a * (target[n] - theta[n]))
+
+    tried: list[list[float]] = []
+    for a in (1.0, *cfg.shrink):
+        place(a)
+        tried.append([a, _number(score())])
+        passes += 1
+        if a == 1.0 and tried[0][1] <= limit:
+            break
+    alpha, best = min(tried, key=lambda t: (t[1], -t[0]))  # the lowest probe; a tie goes to the longer jump
+    accepted = math.isfinite(best) and best <= limit
+    if accepted:
+        if alpha != tried[-1][0]:
+            place(alpha)
+    else:
+        place(0.0)
+        alpha, best = 0.0, before
+        if grads is not None:
+            for n, p in params.items():
+                p.grad = grads[n]
+    return {"accepted": accepted, "alpha": alpha, "probe": cfg.kind, "probe_before": before, "probe_after": best,
+            "tried": tried, "probe_passes": passes, "verify_s": time.perf_counter() - t0}
+
+
+def as_verify(verify: Verify | Callable[[nn.Module], float] | str | None) -> Verify | None:
+    """``NowcastOptimizer(verify=...)``'s shorthands: a function is a probe, ``"closure"`` the step's batch."""
+    if verify is None:
+        return None
+    if isinstance(verify, str) and verify == "closure":
+        verify = Verify(closure=True)
+    elif not isinstance(verify, Verify):
+        if not callable(verify):
+            raise ValueError(f"verify must be a ninocast.Verify, a function probe(model) -> float or 'closure', "
+                             f"got {verify!r}")
+        verify = Verify(probe=verify)
+    dist = torch.distributed
+    if verify.closure and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        raise ValueError("verify='closure' cannot run under torch.distributed (only rank 0 verifies a nowcast); "
+                         "use Verify(batch=..., loss_fn=...) or a probe function")
+    return verify
+
+
+REPORT_KEYS = ("k", "accepted", "skipped", "alpha", "probe", "probe_before", "probe_after", "tried", "probe_passes",
+               "verify_s")
+
+
+def report_body(record: dict[str, Any]) -> dict[str, Any]:
+    """The JSON a server keeps for one nowcast decision (``POST /v1/sessions/{id}/nowcasts/{step}/report``):
+    the decision's fields, infinities as null (JSON has none)."""
+
+    def clean(v: Any) -> Any:
+        if isinstance(v, float):
+            return v if math.isfinite(v) else None
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        return v
+    return {k: clean(record[k]) for k in REPORT_KEYS if k in record}
