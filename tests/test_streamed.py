@@ -13,6 +13,7 @@ from ninocast_server.engine.graphs.stream import StreamedGraph, build_streamed, 
 from ninocast_server.engine.nowcasters.linefit import Linefit
 from ninocast_server.engine.nowcasters.nino import NiNo, NiNoModel, in_degree
 from ninocast_server.engine.nowcasters.scaling import scale_states
+from ninocast_server.engine.nowcasters.nino import init_weights
 from ninocast_server.engine.nowcasters.wnn import WNN, WNNModel
 from ninocast_server.engine.runner import nowcast
 from test_graphs import gpt2_spec, llama_spec
@@ -37,6 +38,14 @@ def random_nino(hid: int = 16) -> NiNoModel:
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.1)
+    return model.eval()
+
+
+def random_wnn() -> WNNModel:
+    """Initialised like a training start (a bare WNNModel's embedding table is left uninitialised for loaders)."""
+    torch.manual_seed(0)
+    model = WNNModel()
+    init_weights(model)
     return model.eval()
 
 
@@ -88,7 +97,7 @@ def test_cache_streams_large_graphs_and_counts_them_by_nodes():
     s = large.get(spec)
     assert isinstance(s, StreamedGraph) and held_edges(s) == s.num_nodes
     states = torch.randn(spec.n_params, 5)
-    for nc in (NiNo(random_nino()), WNN(WNNModel()), Linefit()):
+    for nc in (NiNo(random_nino()), WNN(random_wnn()), Linefit()):
         want = nowcast(nc, spec, states, 3, graph_cache=small)
         torch.testing.assert_close(nowcast(nc, spec, states, 3, graph_cache=large), want, rtol=1e-5, atol=1e-5)
 
