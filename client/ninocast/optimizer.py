@@ -230,13 +230,14 @@ class NowcastOptimizer(torch.optim.Optimizer):
             if closure is not None:  # NINO_SPEC §5.3 (2a): the closure runs once, before the nowcast
                 with torch.enable_grad():
                     loss = closure()
-            if self._skips_final(s):
+            final = self._skips_final(s)
+            if final:
                 self._record({"step": s, "k": self.current_k(), "snapshot_steps": [t for t, _ in window],
                               "accepted": False, "skipped": "final"})
-            if self._skips_final(s) or (not self._nowcast(window, s, closure, loss) and self.verify is not None):
+            if final or (not self._nowcast(window, s, closure, loss) and self.verify is not None):
                 # A normal step: this call computed gradients (need_grads). An unverified nowcast that failed is a
                 # skipped step instead: its call skipped backward, so the gradients present are stale.
-                result = self.optimizer.step() if closure is not None else self.optimizer.step(closure)
+                result = self.optimizer.step()  # the closure, if any, already ran above
                 loss = loss if closure is not None else result
         else:
             loss = self.optimizer.step(closure)
@@ -381,7 +382,7 @@ class NowcastOptimizer(torch.optim.Optimizer):
             record = self.nowcasts[-1]
             record.update(self._verify(prediction, closure, loss))
             self._report(record)
-            prediction = None  # accepted: the kept point is already in place (rank 0); rejected: theta is
+            prediction = None  # accepted: the kept point is already in place; rejected: theta was restored
             code = int(record["accepted"])
         flag = torch.full((1,), float(code), device=self._params[self.spec.names[0]].device)  # NCCL: device
         code = int(_broadcast_flag(flag).item())
