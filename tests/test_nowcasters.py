@@ -19,6 +19,7 @@ from ninocast.spec import ModelSpec
 from ninocast_server.engine.nowcasters.base import NowcastError
 from ninocast_server.engine.nowcasters.checkpoint import (CheckpointError, load_nowcaster, load_official,
                                                           model_from_args, save_nowcaster)
+from ninocast_server.engine.nowcasters.config import NiNoConfig, WNNConfig
 from ninocast_server.engine.nowcasters.linefit import Linefit
 from ninocast_server.engine.nowcasters.nino import NiNo, NiNoModel
 from ninocast_server.engine.nowcasters.scaling import scale_states
@@ -95,7 +96,7 @@ def random_graph(n_nodes: int = 40, n_edges: int = 300, feat: int = 1, ctx: int 
 
 def random_nino(seed: int = 0, **kw) -> NiNoModel:
     torch.manual_seed(seed)
-    model = NiNoModel(**{"hid": 16, "vocab_size": 50, **kw})
+    model = NiNoModel(NiNoConfig(**{"hid": 16, "vocab_size": 50, **kw}))
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.1)
@@ -104,7 +105,7 @@ def random_nino(seed: int = 0, **kw) -> NiNoModel:
 
 def random_wnn(seed: int = 0, **kw) -> WNNModel:
     torch.manual_seed(seed)
-    model = WNNModel(**{"hid": 16, **kw})
+    model = WNNModel(WNNConfig(**{"hid": 16, **kw}))
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.1)
@@ -287,7 +288,7 @@ def test_save_load_roundtrip(tmp_path, kind):
     config = json.loads((out / "config.json").read_text())
     assert config["format"] == "ninocast-nowcaster" and config["version"] == 1 and config["kind"] == kind
     assert config["name"] == "mine" and config["source"] == {"trained_on": "unit test"}
-    assert config["model_args"] == model.model_args
+    assert config["model_args"] == model.config.model_args()
     loaded = load_nowcaster(str(out))
     assert type(loaded) is type(wrapped) and loaded.name == "mine" and loaded.kind == kind
     assert load_nowcaster(str(out), name="other").name == "other"

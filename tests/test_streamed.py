@@ -11,9 +11,10 @@ from ninocast_server.engine.graphs import GraphCache, build_graph
 from ninocast_server.engine.graphs.cache import held_edges
 from ninocast_server.engine.graphs.stream import StreamedGraph, build_streamed, layout_edges
 from ninocast_server.engine.nowcasters.linefit import Linefit
-from ninocast_server.engine.nowcasters.nino import NiNo, NiNoModel, in_degree
+from ninocast_server.engine.nowcasters.config import NiNoConfig
+from ninocast_server.engine.nowcasters.layers import in_degree, init_weights
+from ninocast_server.engine.nowcasters.nino import NiNo, NiNoModel
 from ninocast_server.engine.nowcasters.scaling import scale_states
-from ninocast_server.engine.nowcasters.nino import init_weights
 from ninocast_server.engine.nowcasters.wnn import WNN, WNNModel
 from ninocast_server.engine.runner import nowcast
 from test_graphs import gpt2_spec, llama_spec
@@ -34,7 +35,7 @@ def _one_thread():
 
 def random_nino(hid: int = 16) -> NiNoModel:
     torch.manual_seed(0)
-    model = NiNoModel(hid=hid, vocab_size=50)
+    model = NiNoModel(NiNoConfig(hid=hid, vocab_size=50))
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.1)

@@ -1,6 +1,6 @@
 """The engine: neural graphs plus nowcasters behind one call, ``nowcast(model, spec, states, k)``."""
 
 from .nowcasters.base import Nowcaster, NowcastError
-from .runner import check_request, nowcast
+from .runner import nowcast
 
-__all__ = ["Nowcaster", "NowcastError", "nowcast", "check_request"]
+__all__ = ["Nowcaster", "NowcastError", "nowcast"]

@@ -8,7 +8,7 @@ from torch import Tensor
 from ninocast.spec import ModelSpec
 
 from .graphs import GraphCache
-from .nowcasters.base import Nowcaster, NowcastError, all_finite  # noqa: F401 - all_finite: re-exported
+from .nowcasters.base import Nowcaster, NowcastError, all_finite, check_k
 
 default_graph_cache = GraphCache()
 
@@ -21,8 +21,7 @@ def check_request(model: Nowcaster, spec: ModelSpec, states: Tensor, k: int) -> 
         raise NowcastError(f"states must have shape ({spec.n_params}, {model.ctx}), got {tuple(states.shape)}")
     if states.shape[1] != model.ctx:
         raise NowcastError(f"nowcaster {model.name!r} needs {model.ctx} states, got {states.shape[1]}")
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= model.horizon:
-        raise NowcastError(f"k must be an integer in 1..{model.horizon}, got {k!r}")
+    check_k(k, model.horizon)
     if not states.is_floating_point():
         raise NowcastError(f"states must be floating point, got {states.dtype}")
 

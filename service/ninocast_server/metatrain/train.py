@@ -27,7 +27,9 @@ import torch
 from torch import nn
 
 from ..engine.nowcasters.checkpoint import load_directory, save_nowcaster
-from ..engine.nowcasters.nino import NiNoModel, init_weights
+from ..engine.nowcasters.config import NiNoConfig, WNNConfig
+from ..engine.nowcasters.layers import init_weights
+from ..engine.nowcasters.nino import NiNoModel
 from ..engine.nowcasters.scope import Scope, scope_of_runs
 from ..engine.nowcasters.wnn import WNNModel
 from .dataset import Batch, WindowSampler, baseline_predictions, masked_l1
@@ -132,10 +134,10 @@ def build_model(cfg: MetaTrainConfig) -> tuple[nn.Module, dict[str, Any]]:
         return model, {"init": str(cfg.init), "init_name": config.get("name"), "init_scope": config.get("scope")}
     torch.manual_seed(cfg.seed)
     if cfg.model == "nino":
-        model = NiNoModel(ctx=cfg.ctx, hid=cfg.hid, layers=cfg.layers, seq_len=cfg.horizon,
-                          wte_pos_enc=cfg.wte_pos_enc)
+        model = NiNoModel(NiNoConfig(ctx=cfg.ctx, hid=cfg.hid, layers=cfg.layers, seq_len=cfg.horizon,
+                                     wte_pos_enc=cfg.wte_pos_enc))
     elif cfg.model == "wnn":
-        model = WNNModel(ctx=cfg.ctx, hid=cfg.hid, seq_len=cfg.horizon, layers=cfg.layers)
+        model = WNNModel(WNNConfig(ctx=cfg.ctx, hid=cfg.hid, layers=cfg.layers, seq_len=cfg.horizon))
     else:
         raise ValueError(f"model must be 'nino' or 'wnn', got {cfg.model!r}")
     init_weights(model)
@@ -195,7 +197,9 @@ def metatrain(cfg: MetaTrainConfig, progress: bool = True, log: Callable[[str], 
     model, init_info = build_model(cfg)
     if cfg.init:
         cfg.model = "nino" if isinstance(model, NiNoModel) else "wnn"
-        cfg.ctx, cfg.horizon = model.ctx, model.seq_len
+        arch = model.config  # fine-tuning keeps the --init nowcaster's architecture, and the report says so
+        cfg.ctx, cfg.horizon, cfg.hid, cfg.layers = arch.ctx, arch.seq_len, arch.hid, arch.layers
+        cfg.wte_pos_enc = getattr(arch, "wte_pos_enc", cfg.wte_pos_enc)
     mode = "graph" if isinstance(model, NiNoModel) else "param"
     bad = {t: w for t, w in (cfg.task_weights or {}).items()
            if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0 < w < math.inf}
@@ -226,7 +230,7 @@ def metatrain(cfg: MetaTrainConfig, progress: bool = True, log: Callable[[str], 
     ck_path = work / CHECKPOINT
     if ck_path.is_file():
         ck = torch.load(ck_path, map_location="cpu", weights_only=True)
-        if ck.get("model_args") != model.model_args or ck.get("iters") != cfg.iters:
+        if ck.get("model_args") != model.config.model_args() or ck.get("iters") != cfg.iters:
             raise ValueError(f"{ck_path}: a checkpoint of a different run (model args or --iters differ); "
                              "use another output directory or delete it")
         model.load_state_dict(ck["model"])
@@ -240,7 +244,7 @@ def metatrain(cfg: MetaTrainConfig, progress: bool = True, log: Callable[[str], 
     def save_checkpoint() -> None:
         tmp = ck_path.with_suffix(".tmp")
         torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                    "model_args": model.model_args, "iters": cfg.iters, "history": json.dumps(asdict(hist)),
+                    "model_args": model.config.model_args(), "iters": cfg.iters, "history": json.dumps(asdict(hist)),
                     "best": best_state}, tmp)
         tmp.replace(ck_path)
         (work / HISTORY).write_text(json.dumps(asdict(hist)) + "\n")

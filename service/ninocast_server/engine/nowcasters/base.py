@@ -33,6 +33,13 @@ class NowcastError(ValueError):
     """A nowcast request that cannot be served as asked (bad k, wrong shapes, unsupported graph)."""
 
 
+def check_k(k: object, horizon: int) -> int:
+    """The one check of a horizon, wherever k enters (the server, the runner, the models' own forwards)."""
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= horizon:
+        raise NowcastError(f"k must be an integer in 1..{horizon}, got {k!r}")
+    return k
+
+
 class Nowcaster(ABC):
     """Predicts a model's parameters ``k`` snapshot intervals past the newest of ``ctx`` states.
 
@@ -95,12 +102,12 @@ class ScaledNowcaster(Nowcaster):
 
 
 class ModuleNowcaster(ScaledNowcaster):
-    """A scaled nowcaster around a trained ``nn.Module`` that has ``ctx``, ``seq_len`` and ``model_args``."""
+    """A scaled nowcaster around a trained ``nn.Module`` whose ``config`` is a NowcasterConfig."""
 
     def __init__(self, model: torch.nn.Module, name: str, chunk_size: int) -> None:
         self.model = model.eval()
         self.name = name
-        self.ctx, self.horizon = model.ctx, model.seq_len
+        self.ctx, self.horizon = model.config.ctx, model.config.seq_len
         self.chunk_size = int(chunk_size)
         self.device = next(model.parameters()).device
 
@@ -113,4 +120,4 @@ class ModuleNowcaster(ScaledNowcaster):
         return sum(p.numel() for p in self.model.parameters())
 
     def describe(self) -> dict:
-        return {**super().describe(), "model_args": self.model.model_args}
+        return {**super().describe(), "model_args": self.model.config.model_args()}

@@ -30,6 +30,7 @@ from torch import Tensor
 
 from ... import DEFAULT_NOWCASTER
 from .base import Nowcaster
+from .config import NiNoConfig, WNNConfig
 from .linefit import Linefit
 from .nino import NiNo, NiNoModel
 from .scope import OFFICIAL_SCOPE, Scope, ScopeError, parse_scope
@@ -44,15 +45,12 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded; the message names the file and the problem."""
 
 
-# The reference's constructor arguments (§3.1) and what we do with each.
-_ARCHITECTURE = {"ctx": 5, "hid": 128, "layers": 3, "gnn": True, "max_feat_size": 9, "seq_len": 40,
-                 "wte_pos_enc": True, "vocab_size": 50257, "edge_types": 15, "lpe": 8, "upd_scale": 1.0,
-                 "residual": True}
+# The reference's constructor arguments (§3.1) and what we do with each: the architecture (config.py; NiNo's
+# fields include WNN+'s), settings only one value of which is implemented, and runtime knobs.
+_ARCHITECTURE = NiNoConfig().model_args()
 _FIXED = {"dms": True, "input_layer": "linear", "act_name": "silu", "improved_graph": True, "scale_method": "std",
           "towers": 1, "final_edge_update": False, "edge_sample_ratio": 0.0}  # only these values are implemented
 _RUNTIME_ONLY = {"chunk_size", "message_passing_device"}  # memory/placement knobs: ignored, we chunk our own way
-_WNN_KEYS = ("ctx", "hid", "layers", "seq_len", "edge_types", "upd_scale", "residual")
-_NINO_KEYS = _WNN_KEYS + ("max_feat_size", "wte_pos_enc", "vocab_size", "lpe")
 
 Model = NiNoModel | WNNModel
 
@@ -91,15 +89,14 @@ def model_from_args(model_args: Mapping[str, Any], where: str = "checkpoint",
         if key in model_args and model_args[key] not in (required, None):
             raise CheckpointError(f"{where}: model_args[{key!r}] = {model_args[key]!r} is not supported "
                                   f"(only {required!r} is implemented)")
-    gnn = _is_gnn(model_args.get("gnn", True))
-    args = {k: _check_value(k, model_args[k], where) for k in _ARCHITECTURE if k in model_args and k != "gnn"}
+    config_type = NiNoConfig if _is_gnn(model_args.get("gnn", True)) else WNNConfig
+    args = {k: _check_value(k, model_args[k], where) for k in config_type.arg_names() if k in model_args}
     try:
-        with torch.device(device):
-            if gnn:
-                return NiNoModel(**{k: v for k, v in args.items() if k in _NINO_KEYS})
-            return WNNModel(**{k: v for k, v in args.items() if k in _WNN_KEYS})
+        config = config_type(**args)  # WNN+ checkpoints of the reference also carry NiNo's args: not read
     except ValueError as e:
         raise CheckpointError(f"{where}: {e}") from None
+    with torch.device(device):
+        return NiNoModel(config) if isinstance(config, NiNoConfig) else WNNModel(config)
 
 
 def _load_state(model: Model, state: Mapping[str, Any], where: str) -> Model:
@@ -124,7 +121,8 @@ def _load_state(model: Model, state: Mapping[str, Any], where: str) -> Model:
         elif tuple(got.shape) != tuple(want.shape):
             problems.append(f"{key} has shape {tuple(got.shape)}, model_args imply {tuple(want.shape)}")
     if problems:
-        raise CheckpointError(f"{where}: weights do not match model_args {model.model_args}: " + "; ".join(problems))
+        raise CheckpointError(f"{where}: weights do not match model_args {model.config.model_args()}: "
+                              + "; ".join(problems))
     tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
     model.load_state_dict(tensors, strict=True, assign=True)
     return model.eval()
@@ -175,7 +173,7 @@ def save_nowcaster(model: NiNo | WNN | Model, out_dir: str | Path, name: str | N
     # uid 10001 reading a mounted models dir) must be able to read it.
     os.chmod(out / WEIGHTS_FILE, 0o644)
     config = {"format": FORMAT, "version": VERSION, "kind": kind, "name": name,
-              "model_args": module.model_args, "source": dict(source or {})}
+              "model_args": module.config.model_args(), "source": dict(source or {})}
     scope = scope or getattr(model, "scope", None)
     if scope is not None:
         config["scope"] = scope.to_json()

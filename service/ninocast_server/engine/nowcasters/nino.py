@@ -27,7 +27,7 @@ place when F_g < F_m; here the weight is sliced).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -35,49 +35,19 @@ from torch import Tensor, nn
 
 from ninocast.spec import ModelSpec
 
-from .base import ModuleNowcaster, NowcastError, all_finite
+from .base import ModuleNowcaster, NowcastError, all_finite, check_k
+from .config import NiNoConfig
+from .edges import ArrayEdges, StreamedEdges
+from .layers import DEFAULT_CHUNK, GNN, MLP, NiNoConv, embedding, in_degree
 from .scaling import tensor_stats, unscale_vector
 
 if TYPE_CHECKING:
     from ..graphs.base import NeuralGraph
     from ..graphs.stream import StreamedGraph
 
-DEFAULT_CHUNK = 2**12  # edges per chunk: scratch stays in cache; 2^12 measured as fast as 2^14..2^20 on CPU, less memory
 STREAM_CHUNK = 2**13  # streamed graphs: per-chunk index arithmetic is amortised over more edges
 GPU_CHUNK = 2**18  # streamed graphs on a GPU: enough rows per kernel to hide launch and index-arithmetic costs
 EDGE_STATE_BUDGET = 2**30  # bytes of (E, hid) edge states kept between passes when keep_edge_states is None
-
-
-# ----------------------------------------------------------------------------- building blocks
-class MLP(nn.Module):
-    """Linear layers with SiLU between them, kept under ``.fc`` so keys read ``<name>.fc.<i>.weight``."""
-
-    def __init__(self, dims: Sequence[int]) -> None:
-        super().__init__()
-        layers: list[nn.Module] = []
-        for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
-            if i:
-                layers.append(nn.SiLU())
-            layers.append(nn.Linear(a, b))
-        self.fc = nn.Sequential(*layers)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.fc(x)
-
-
-def embedding(rows: int, hid: int) -> nn.Embedding:
-    """An embedding table left uninitialised: loaders overwrite it, and ``init_weights`` sets the training init.
-    (Default init on the meta device pulls in ~70 MB of torch machinery, a third of a small nowcast's RSS.)"""
-    return nn.Embedding(rows, hid, _weight=torch.empty(rows, hid))
-
-
-def init_weights(module: nn.Module) -> None:
-    """The training init (NINO_SPEC §3.2): weights and embeddings ~ N(0, 0.02^2), biases 0."""
-    for m in module.modules():
-        if isinstance(m, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(m.weight, 0.0, 0.02)
-        if isinstance(m, nn.Linear) and m.bias is not None:
-            nn.init.zeros_(m.bias)
 
 
 def edge_state_budget(device: torch.device) -> int:
@@ -86,103 +56,6 @@ def edge_state_budget(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0] // 2
     return EDGE_STATE_BUDGET
-
-
-def in_degree(dst: Tensor, num_nodes: int) -> Tensor:
-    """(N, 1) float count of incoming edges, at least 1 so that a node without edges gets a mean of 0."""
-    return torch.bincount(dst, minlength=num_nodes).clamp_(min=1).to(torch.float32).unsqueeze_(1)
-
-
-def chunks(n: int, size: int) -> Iterator[slice]:
-    for start in range(0, n, size):
-        yield slice(start, min(start + size, n))
-
-
-class NiNoConv(nn.Module):
-    """One message-passing layer: PNA with one tower, the "mean" aggregator and the identity scaler.
-
-    Written PyG-style (message / aggregate / update) but in plain torch: importing torch_geometric is slow and
-    the layer is small. The message is a FiLM-style modulation of a node-pair term by the edge state:
-    ``m_e = a_e * pre([v_dst ; v_src]) + b_e`` with ``[a_e ; b_e] = edge_encoder(h_e)`` (target first, §9.3).
-    """
-
-    def __init__(self, hid: int) -> None:
-        super().__init__()
-        self.edge_encoder = nn.Linear(hid, 2 * hid)
-        self.pre_nns = nn.ModuleList([nn.Sequential(nn.Linear(2 * hid, hid))])
-        self.post_nns = nn.ModuleList([nn.Sequential(nn.Linear(2 * hid, hid))])
-        self.lin = nn.Linear(hid, hid)
-
-    @property
-    def pre(self) -> nn.Linear:
-        return self.pre_nns[0][0]
-
-    @property
-    def post(self) -> nn.Linear:
-        return self.post_nns[0][0]
-
-    def node_terms(self, v: Tensor) -> tuple[Tensor, Tensor]:
-        """pre([v_dst ; v_src]) = (W[:, :h] v_dst + b) + W[:, h:] v_src: both halves, once per node."""
-        h = v.shape[1]
-        w = self.pre.weight
-        return F.linear(v, w[:, :h], self.pre.bias), F.linear(v, w[:, h:])
-
-    def message(self, h_e: Tensor, pre_e: Tensor) -> Tensor:
-        scale, shift = self.edge_encoder(h_e).chunk(2, dim=-1)
-        return torch.addcmul(shift, scale, pre_e)
-
-    def message_(self, h_e: Tensor, pre_e: Tensor, enc: Tensor) -> Tensor:
-        """In-place ``message`` for inference: ``enc`` (n, 2h) is scratch, the result overwrites ``pre_e``."""
-        h = pre_e.shape[1]
-        torch.addmm(self.edge_encoder.bias, h_e, self.edge_encoder.weight.t(), out=enc)
-        return pre_e.mul_(enc[:, :h]).add_(enc[:, h:])
-
-    @staticmethod
-    def aggregate(msg: Tensor, dst: Tensor, out: Tensor) -> Tensor:
-        """Adds each message to its target row of ``out``: the mean's numerator, so that chunks can accumulate."""
-        return out.index_add_(0, dst, msg)
-
-    def update(self, v: Tensor, mean: Tensor) -> Tensor:
-        return self.lin(self.post(torch.cat([v, mean], dim=1)))  # no activation between post and lin
-
-    def forward(self, v: Tensor, h: Tensor, edge_index: Tensor, deg: Tensor | None = None) -> Tensor:
-        src, dst = edge_index[0], edge_index[1]
-        pre_dst, pre_src = self.node_terms(v)
-        msg = self.message(h, pre_dst[dst] + pre_src[src])
-        sums = self.aggregate(msg, dst, v.new_zeros(v.shape))
-        return self.update(v, sums / (in_degree(dst, v.shape[0]) if deg is None else deg))
-
-
-class EdgeUpdate(nn.Module):
-    """Refreshes edge states from the new node states: h <- lin1(silu(lin_e(h) + lin_s(v_src) + lin_t(v_dst)))."""
-
-    def __init__(self, hid: int) -> None:
-        super().__init__()
-        self.lin_e = nn.Linear(hid, hid)
-        self.lin_s = nn.Linear(hid, hid)
-        self.lin_t = nn.Linear(hid, hid)
-        self.lin1 = nn.Linear(hid, hid)
-
-    def node_terms(self, v: Tensor) -> tuple[Tensor, Tensor]:
-        """(lin_s(v), lin_t(v) + lin_e.bias) per node; gathered per edge they complete lin_e(h) without its bias."""
-        return self.lin_s(v), self.lin_t(v) + self.lin_e.bias
-
-    def forward(self, h: Tensor, s_e: Tensor, t_e: Tensor) -> Tensor:
-        return self.lin1(F.silu(F.linear(h, self.lin_e.weight) + s_e + t_e))
-
-    def forward_(self, h: Tensor, st_e: Tensor) -> Tensor:
-        """In-place ``forward`` for inference: ``st_e`` = s_e + t_e is scratch, the new state overwrites ``h``."""
-        u = F.silu(st_e.addmm_(h, self.lin_e.weight.t()), inplace=True)
-        return torch.addmm(self.lin1.bias, u, self.lin1.weight.t(), out=h)
-
-
-class GNN(nn.Module):
-    """The message-passing stack (key prefix ``gnn.``): L convs and L-1 edge updates (final_edge_update=False)."""
-
-    def __init__(self, hid: int, layers: int) -> None:
-        super().__init__()
-        self.convs = nn.ModuleList([NiNoConv(hid) for _ in range(layers)])
-        self.edge_update = nn.ModuleList([EdgeUpdate(hid) for _ in range(layers - 1)])
 
 
 @dataclass
@@ -211,42 +84,29 @@ def _gather_sum(table_a: Tensor, idx_a: Tensor, table_b: Tensor, idx_b: Tensor, 
 
 # ----------------------------------------------------------------------------- the model
 class NiNoModel(nn.Module):
-    """The NiNo GNN (gnn=True in the reference's model_args); see the module docstring."""
+    """The NiNo GNN (gnn=True in the reference's model_args); see the module docstring. Its architecture is
+    ``config``, the same object checkpoints and meta-training read."""
 
-    def __init__(self, ctx: int = 5, hid: int = 128, layers: int = 3, max_feat_size: int = 9, seq_len: int = 40,
-                 wte_pos_enc: bool = True, vocab_size: int = 50257, edge_types: int = 15, lpe: int = 8,
-                 upd_scale: float = 1.0, residual: bool = True) -> None:
+    def __init__(self, config: NiNoConfig | None = None) -> None:
         super().__init__()
-        if layers < 2:
-            raise ValueError("NiNo needs layers >= 2 (with one layer the graph would not influence the output)")
-        self.ctx, self.hid, self.layers, self.max_feat_size, self.seq_len = ctx, hid, layers, max_feat_size, seq_len
-        self.wte_pos_enc, self.vocab_size, self.edge_types, self.lpe = wte_pos_enc, vocab_size, edge_types, lpe
-        self.upd_scale, self.residual = float(upd_scale), bool(residual)
-
-        self.layer_embed = embedding(edge_types, hid)
-        self.edge_proj = MLP([max_feat_size * ctx, hid])
-        if wte_pos_enc:
-            self.wte_pos_enc_layer = embedding(vocab_size + 1, hid)
-        self.node_proj = MLP([lpe, hid])
-        self.gnn = GNN(hid, layers)
-        self.edge_out = MLP([hid, hid, max_feat_size * seq_len])
-
-    @property
-    def model_args(self) -> dict:
-        """Constructor arguments in the reference's ``model_args`` vocabulary (what checkpoints store)."""
-        return {"gnn": True, "ctx": self.ctx, "hid": self.hid, "layers": self.layers,
-                "max_feat_size": self.max_feat_size, "seq_len": self.seq_len, "wte_pos_enc": self.wte_pos_enc,
-                "vocab_size": self.vocab_size, "edge_types": self.edge_types, "lpe": self.lpe,
-                "upd_scale": self.upd_scale, "residual": self.residual}
+        self.config = c = config or NiNoConfig()
+        self.layer_embed = embedding(c.edge_types, c.hid)
+        self.edge_proj = MLP([c.max_feat_size * c.ctx, c.hid])
+        if c.wte_pos_enc:
+            self.wte_pos_enc_layer = embedding(c.vocab_size + 1, c.hid)
+        self.node_proj = MLP([c.lpe, c.hid])
+        self.gnn = GNN(c.hid, c.layers)
+        self.edge_out = MLP([c.hid, c.hid, c.max_feat_size * c.seq_len])
 
     # ---------------------------------------------------------------- shared pieces
     def feat_slots(self, edge_attr: Tensor) -> int:
         """F_g of slot-major (E, F_g*ctx) edge features; the model can read at most F_m slots."""
-        if edge_attr.dim() != 2 or edge_attr.shape[1] % self.ctx:
-            raise NowcastError(f"edge features must be (E, F_g*{self.ctx}), got {tuple(edge_attr.shape)}")
-        f = edge_attr.shape[1] // self.ctx
-        if not 1 <= f <= self.max_feat_size:
-            raise NowcastError(f"this NiNo model reads at most {self.max_feat_size} values per edge (kernel area), "
+        c = self.config
+        if edge_attr.dim() != 2 or edge_attr.shape[1] % c.ctx:
+            raise NowcastError(f"edge features must be (E, F_g*{c.ctx}), got {tuple(edge_attr.shape)}")
+        f = edge_attr.shape[1] // c.ctx
+        if not 1 <= f <= c.max_feat_size:
+            raise NowcastError(f"this NiNo model reads at most {c.max_feat_size} values per edge (kernel area), "
                                f"the graph has {f} (e.g. a 5x5 kernel has 25); such graphs are not supported")
         return f
 
@@ -261,26 +121,22 @@ class NiNoModel(nn.Module):
 
     def embed_nodes(self, pos: Tensor, pos_w: Tensor | None) -> Tensor:
         v = self.node_proj(pos)
-        if self.wte_pos_enc:
+        if self.config.wte_pos_enc:
             if pos_w is None:
                 raise NowcastError("this NiNo model embeds token ids: the graph must carry pos_w")
-            if pos_w.numel() and int(pos_w.max()) > self.vocab_size:
+            if pos_w.numel() and int(pos_w.max()) > self.config.vocab_size:
                 raise NowcastError(f"token id {int(pos_w.max()) - 1} is outside this model's vocabulary "
-                                   f"({self.vocab_size} tokens)")
+                                   f"({self.config.vocab_size} tokens)")
             v = v + self.wte_pos_enc_layer(pos_w)
         return v
-
-    def _check_k(self, k: int) -> None:
-        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= self.seq_len:
-            raise NowcastError(f"k must be an integer in 1..{self.seq_len}, got {k!r}")
 
     def _check_graph(self, edge_attr: Tensor, edge_index: Tensor, edge_type: Tensor, pos: Tensor) -> None:
         E = edge_attr.shape[0]
         if edge_index.shape != (2, E) or edge_type.shape != (E,):
             raise NowcastError(f"graph arrays disagree: edge_attr {tuple(edge_attr.shape)}, edge_index "
                                f"{tuple(edge_index.shape)}, edge_type {tuple(edge_type.shape)}")
-        if pos.dim() != 2 or pos.shape[1] != self.lpe:
-            raise NowcastError(f"pos must be (num_nodes, {self.lpe}), got {tuple(pos.shape)}")
+        if pos.dim() != 2 or pos.shape[1] != self.config.lpe:
+            raise NowcastError(f"pos must be (num_nodes, {self.config.lpe}), got {tuple(pos.shape)}")
         if E and not (0 <= int(edge_index.min()) and int(edge_index.max()) < pos.shape[0]):
             raise NowcastError(f"edge_index refers to nodes outside 0..{pos.shape[0] - 1}")
 
@@ -299,10 +155,11 @@ class NiNoModel(nn.Module):
             v = F.silu(conv(v, h, edge_index, deg))
             s, t = upd.node_terms(v)
             h = upd(h, s[src], t[dst])
-        delta = self.edge_out(h)[:, : f_g * self.seq_len].view(-1, f_g, self.seq_len) * self.upd_scale
-        if self.residual:
-            delta = delta + edge_attr.reshape(-1, f_g, self.ctx)[:, :, -1:]
-        return delta.reshape(-1, f_g * self.seq_len)
+        c = self.config
+        delta = self.edge_out(h)[:, : f_g * c.seq_len].view(-1, f_g, c.seq_len) * c.upd_scale
+        if c.residual:
+            delta = delta + edge_attr.reshape(-1, f_g, c.ctx)[:, :, -1:]
+        return delta.reshape(-1, f_g * c.seq_len)
 
     # ---------------------------------------------------------------- inference forward (§3.3)
     def nowcast(self, edge_attr: Tensor, edge_index: Tensor, edge_type: Tensor, pos: Tensor,
@@ -313,14 +170,14 @@ class NiNoModel(nn.Module):
         ``keep_edge_states``: keep the (E, hid) edge states between passes (faster) or recompute them (O(chunk)
         memory); None decides by ``EDGE_STATE_BUDGET``. Runs under inference mode, but the returned tensor is
         an ordinary one (callers un-scale it in place)."""
-        self._check_k(k)
+        check_k(k, self.config.seq_len)
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be positive, got {chunk_size}")
         f_g = self.feat_slots(edge_attr)
         self._check_graph(edge_attr, edge_index, edge_type, pos)
         out = torch.empty(edge_attr.shape[0], f_g, device=self.layer_embed.weight.device)
         if keep_edge_states is None:
-            keep_edge_states = edge_attr.shape[0] * self.hid * 4 <= EDGE_STATE_BUDGET
+            keep_edge_states = edge_attr.shape[0] * self.config.hid * 4 <= EDGE_STATE_BUDGET
         with torch.inference_mode():
             self._nowcast_into(out, edge_attr, edge_index, edge_type, pos, pos_w, k, chunk_size, keep_edge_states)
         return out
@@ -336,43 +193,44 @@ class NiNoModel(nn.Module):
         states and the (P,) result, memory is O(nodes + chunk). Edge states (E * hid * 4 bytes) are recomputed
         per pass unless ``keep_edge_states``; None keeps them when they fit in ``edge_state_budget`` (on a large
         GPU, GPT-2 small's 64 GB do)."""
-        self._check_k(k)
+        c = self.config
+        check_k(k, c.seq_len)
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be positive, got {chunk_size}")
-        if graph.feat_size > self.max_feat_size:
-            raise NowcastError(f"this NiNo model reads at most {self.max_feat_size} values per edge, the graph "
+        if graph.feat_size > c.max_feat_size:
+            raise NowcastError(f"this NiNo model reads at most {c.max_feat_size} values per edge, the graph "
                                f"has {graph.feat_size}")
-        if scaled.dim() != 2 or scaled.shape != (graph.n_params, self.ctx):
-            raise NowcastError(f"states must be ({graph.n_params}, {self.ctx}), got {tuple(scaled.shape)}")
-        if graph.pos is None or graph.pos.dim() != 2 or graph.pos.shape != (graph.num_nodes, self.lpe):
-            raise NowcastError(f"pos must be ({graph.num_nodes}, {self.lpe})")
+        if scaled.dim() != 2 or scaled.shape != (graph.n_params, c.ctx):
+            raise NowcastError(f"states must be ({graph.n_params}, {c.ctx}), got {tuple(scaled.shape)}")
+        if graph.pos is None or graph.pos.dim() != 2 or graph.pos.shape != (graph.num_nodes, c.lpe):
+            raise NowcastError(f"pos must be ({graph.num_nodes}, {c.lpe})")
         dev = self.layer_embed.weight.device
         out = torch.empty(graph.n_params, device=dev)
-        width = graph.feat_size * self.ctx
+        width = graph.feat_size * c.ctx
         with torch.inference_mode():
             rows = max(1, min(chunk_size, graph.num_edges))
-            source = _StreamedEdges(graph.to(dev) if graph.device != dev else graph, scaled.to(dev), out,
-                                    torch.empty(rows, width, device=dev), torch.empty(rows, graph.feat_size, device=dev),
-                                    None if scale is None else (scale[0].to(dev), scale[1].to(dev)))
+            source = StreamedEdges(graph.to(dev) if graph.device != dev else graph, scaled.to(dev), out,
+                                   torch.empty(rows, width, device=dev), torch.empty(rows, graph.feat_size, device=dev),
+                                   None if scale is None else (scale[0].to(dev), scale[1].to(dev)))
             if keep_edge_states is None:
-                keep_edge_states = graph.num_edges * self.hid * 4 <= edge_state_budget(dev)
+                keep_edge_states = graph.num_edges * c.hid * 4 <= edge_state_budget(dev)
             self._run(source, graph.feat_size, k, chunk_size, keep_edge_states)
         return out
 
     def _nowcast_into(self, out: Tensor, edge_attr: Tensor, edge_index: Tensor, edge_type: Tensor, pos: Tensor,
                       pos_w: Tensor | None, k: int, chunk_size: int, keep_edge_states: bool) -> None:
         dev = out.device
-        source = _ArrayEdges(edge_attr.to(dev, torch.float32).contiguous(), edge_index[0].to(dev),
-                             edge_index[1].to(dev), edge_type.to(dev), pos.to(dev, torch.float32),
-                             None if pos_w is None else pos_w.to(dev), out)
+        source = ArrayEdges(edge_attr.to(dev, torch.float32).contiguous(), edge_index[0].to(dev),
+                            edge_index[1].to(dev), edge_type.to(dev), pos.to(dev, torch.float32),
+                            None if pos_w is None else pos_w.to(dev), out)
         self._run(source, out.shape[1], k, chunk_size, keep_edge_states)
 
-    def _run(self, source: "_ArrayEdges | _StreamedEdges", f_g: int, k: int, chunk_size: int,
+    def _run(self, source: "ArrayEdges | StreamedEdges", f_g: int, k: int, chunk_size: int,
              keep_edge_states: bool) -> None:
         """The inference forward over any edge source (full arrays or streamed blocks)."""
-        dev = source.pos.device
-        E, N, hid = source.num_edges, source.pos.shape[0], self.hid
-        n_passes = self.layers - 1  # message-passing rounds that reach the head
+        dev, cfg = source.pos.device, self.config
+        E, N, hid = source.num_edges, source.pos.shape[0], cfg.hid
+        n_passes = cfg.layers - 1  # message-passing rounds that reach the head
 
         scratch = _Scratch.make(max(1, min(chunk_size, E)), hid, dev)
         store = torch.empty(E, hid, device=dev) if keep_edge_states and n_passes >= 2 else None
@@ -409,7 +267,7 @@ class NiNoModel(nn.Module):
             tables.append(self.gnn.edge_update[layer].node_terms(v))
 
         head_in, head_out = self.edge_out.fc[0], self.edge_out.fc[2]
-        rows = torch.arange(f_g, device=dev) * self.seq_len + (k - 1)  # slot f at horizon k
+        rows = torch.arange(f_g, device=dev) * cfg.seq_len + (k - 1)  # slot f at horizon k
         w_k, b_k = head_out.weight[rows], head_out.bias[rows]
         for c in source.chunks(chunk_size):
             src, dst = source.endpoints(c)
@@ -417,89 +275,11 @@ class NiNoModel(nn.Module):
             h = edge_states(c, src, dst, n_passes, buf)
             z = F.silu(torch.addmm(head_in.bias, h, head_in.weight.t(), out=buf.a), inplace=True)
             o = torch.addmm(b_k, z, w_k.t(), out=source.head_out(c))
-            if self.upd_scale != 1.0:
-                o.mul_(self.upd_scale)
-            if self.residual:
-                o.add_(source.newest(c, f_g, self.ctx))
+            if cfg.upd_scale != 1.0:
+                o.mul_(cfg.upd_scale)
+            if cfg.residual:
+                o.add_(source.newest(c, f_g, cfg.ctx))
             source.emit(c, o)
-
-
-class _ArrayEdges:
-    """Edges given as full (E, ...) arrays; chunks are slices, predictions land in ``out`` (E, F_g)."""
-
-    def __init__(self, attr: Tensor, src: Tensor, dst: Tensor, types: Tensor, pos: Tensor, pos_w: Tensor | None,
-                 out: Tensor) -> None:
-        self.attr, self.src, self.dst, self._types, self.pos, self.pos_w, self.out = \
-            attr, src, dst, types, pos, pos_w, out
-        self.num_edges = attr.shape[0]
-
-    def chunks(self, size: int) -> Iterator[slice]:
-        return chunks(self.num_edges, size)
-
-    def slice(self, sl: slice) -> slice:
-        return sl
-
-    def endpoints(self, sl: slice) -> tuple[Tensor, Tensor]:
-        return self.src[sl], self.dst[sl]
-
-    def types(self, sl: slice) -> Tensor:
-        return self._types[sl]
-
-    def features(self, sl: slice) -> Tensor:
-        return self.attr[sl]
-
-    def in_degree(self) -> Tensor:
-        return in_degree(self.dst, self.pos.shape[0])
-
-    def newest(self, sl: slice, f_g: int, ctx: int) -> Tensor:
-        return self.attr[sl].view(-1, f_g, ctx)[:, :, -1]
-
-    def head_out(self, sl: slice) -> Tensor:
-        return self.out[sl]
-
-    def emit(self, sl: slice, o: Tensor) -> None:
-        pass  # written in place by head_out
-
-
-class _StreamedEdges:
-    """Edges made per chunk from a StreamedGraph's blocks; predictions are scattered into the (P,) ``out``."""
-
-    def __init__(self, graph: "StreamedGraph", states: Tensor, out: Tensor, feat_buf: Tensor,
-                 head_buf: Tensor, scale: tuple[Tensor, Tensor] | None) -> None:
-        self.graph, self.states, self.out, self.feat_buf, self.head_buf = graph, states, out, feat_buf, head_buf
-        self.scale = scale
-        self.pos, self.pos_w = graph.pos.to(torch.float32), graph.pos_w
-        self.num_edges = graph.num_edges
-        self._feats: tuple[object, Tensor] | None = None  # the last chunk's features (embed and residual share)
-
-    def chunks(self, size: int):
-        return self.graph.chunks(size)
-
-    def slice(self, c) -> slice:
-        return c.sl
-
-    def endpoints(self, c) -> tuple[Tensor, Tensor]:
-        return self.graph.endpoints(c)
-
-    def types(self, c) -> Tensor:
-        return self.graph.edge_type(c)
-
-    def features(self, c) -> Tensor:
-        if self._feats is None or self._feats[0] is not c:
-            self._feats = (c, self.graph.features(self.states, c, self.feat_buf, self.scale))
-        return self._feats[1]
-
-    def in_degree(self) -> Tensor:
-        return self.graph.in_degree().to(self.pos.device)
-
-    def newest(self, c, f_g: int, ctx: int) -> Tensor:
-        return self.features(c).view(-1, f_g, ctx)[:, :, -1]
-
-    def head_out(self, c) -> Tensor:
-        return self.head_buf[: c.size]
-
-    def emit(self, c, o: Tensor) -> None:
-        self.graph.scatter(o, c, self.out)
 
 
 # ----------------------------------------------------------------------------- the nowcaster
@@ -536,9 +316,9 @@ class NiNo(ModuleNowcaster):
     def _check_graph(self, graph: "NeuralGraph | StreamedGraph | None") -> None:
         if graph is None:
             raise NowcastError(f"{self.name}: NiNo needs the model's neural graph")
-        if graph.feat_size > self.model.max_feat_size:
+        if graph.feat_size > self.model.config.max_feat_size:
             raise NowcastError(f"{self.name}: the graph has {graph.feat_size} values per edge (largest kernel "
-                               f"area) but the model reads at most {self.model.max_feat_size}; "
+                               f"area) but the model reads at most {self.model.config.max_feat_size}; "
                                "models with kernels larger than 3x3 are not supported")
         if graph.pos is None:
             raise NowcastError(f"{self.name}: NiNo needs the graph's Laplacian positional encoding (pos)")

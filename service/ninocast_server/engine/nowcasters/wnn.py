@@ -14,8 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import ModuleNowcaster, NowcastError
-from .nino import DEFAULT_CHUNK, MLP, chunks, embedding
+from .base import ModuleNowcaster, NowcastError, check_k
+from .config import WNNConfig
+from .layers import DEFAULT_CHUNK, MLP, chunks, embedding
 
 if TYPE_CHECKING:
     from ..graphs.base import NeuralGraph
@@ -24,24 +25,12 @@ if TYPE_CHECKING:
 class WNNModel(nn.Module):
     """u = edge_proj(x) + Emb_t[type]; delta = edge_mlp(u) (no activation between the two); x_new = x_last + delta."""
 
-    def __init__(self, ctx: int = 5, hid: int = 128, seq_len: int = 40, edge_types: int = 15, layers: int = 3,
-                 upd_scale: float = 1.0, residual: bool = True) -> None:
+    def __init__(self, config: WNNConfig | None = None) -> None:
         super().__init__()
-        self.ctx, self.hid, self.seq_len, self.edge_types, self.layers = ctx, hid, seq_len, edge_types, layers
-        self.upd_scale, self.residual = float(upd_scale), bool(residual)
-        self.layer_embed = embedding(edge_types, hid)
-        self.edge_proj = MLP([ctx, hid])
-        self.edge_mlp = MLP([hid] * (layers + 1) + [seq_len])  # layers=3 -> fc.0, fc.2, fc.4, fc.6
-
-    @property
-    def model_args(self) -> dict:
-        """Constructor arguments in the reference's ``model_args`` vocabulary (what checkpoints store)."""
-        return {"gnn": False, "ctx": self.ctx, "hid": self.hid, "layers": self.layers, "seq_len": self.seq_len,
-                "edge_types": self.edge_types, "upd_scale": self.upd_scale, "residual": self.residual}
-
-    def _check_k(self, k: int) -> None:
-        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= self.seq_len:
-            raise NowcastError(f"k must be an integer in 1..{self.seq_len}, got {k!r}")
+        self.config = c = config or WNNConfig()
+        self.layer_embed = embedding(c.edge_types, c.hid)
+        self.edge_proj = MLP([c.ctx, c.hid])
+        self.edge_mlp = MLP([c.hid] * (c.layers + 1) + [c.seq_len])  # layers=3 -> fc.0, fc.2, fc.4, fc.6
 
     def _hidden(self, x: Tensor, types: Tensor) -> Tensor:
         """Everything up to the output layer, for rows of ctx values."""
@@ -52,25 +41,25 @@ class WNNModel(nn.Module):
         """(E, F*ctx) slot-major features -> (E, F*T) predictions for every horizon (column f*T + t), residual
         added to each. Differentiable (the reference's version of this path is broken, §9.10)."""
         E = edge_attr.shape[0]
-        if edge_attr.dim() != 2 or edge_attr.shape[1] % self.ctx:
-            raise NowcastError(f"edge features must be (E, F*{self.ctx}), got {tuple(edge_attr.shape)}")
-        f = edge_attr.shape[1] // self.ctx
-        x = edge_attr.reshape(E * f, self.ctx)
-        delta = self.edge_mlp.fc[-1](self._hidden(x, edge_type.repeat_interleave(f))) * self.upd_scale
-        if self.residual:
+        if edge_attr.dim() != 2 or edge_attr.shape[1] % self.config.ctx:
+            raise NowcastError(f"edge features must be (E, F*{self.config.ctx}), got {tuple(edge_attr.shape)}")
+        f = edge_attr.shape[1] // self.config.ctx
+        x = edge_attr.reshape(E * f, self.config.ctx)
+        delta = self.edge_mlp.fc[-1](self._hidden(x, edge_type.repeat_interleave(f))) * self.config.upd_scale
+        if self.config.residual:
             delta = delta + x[:, -1:]
-        return delta.reshape(E, f * self.seq_len)
+        return delta.reshape(E, f * self.config.seq_len)
 
     # ---------------------------------------------------------------- inference forward (§3.4)
     def nowcast(self, x: Tensor, types: Tensor, k: int, chunk_size: int = DEFAULT_CHUNK) -> Tensor:
         """(M, ctx) scaled rows (one per weight, or per edge slot) and their edge types -> (M,) at horizon k.
 
         Runs under inference mode, but the returned tensor is an ordinary one (callers un-scale it in place)."""
-        self._check_k(k)
+        check_k(k, self.config.seq_len)
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be positive, got {chunk_size}")
-        if x.dim() != 2 or x.shape[1] != self.ctx or types.shape != (x.shape[0],):
-            raise NowcastError(f"expected (M, {self.ctx}) states and (M,) types, got {tuple(x.shape)} and "
+        if x.dim() != 2 or x.shape[1] != self.config.ctx or types.shape != (x.shape[0],):
+            raise NowcastError(f"expected (M, {self.config.ctx}) states and (M,) types, got {tuple(x.shape)} and "
                                f"{tuple(types.shape)}")
         out = torch.empty(x.shape[0], device=self.layer_embed.weight.device)
         with torch.inference_mode():
@@ -80,7 +69,7 @@ class WNNModel(nn.Module):
     def _nowcast_into(self, out: Tensor, x: Tensor, types: Tensor, k: int, chunk_size: int) -> None:
         dev = out.device
         x, types = x.to(dev, torch.float32).contiguous(), types.to(dev)
-        M, hid = x.shape[0], self.hid
+        M, hid = x.shape[0], self.config.hid
         n = max(1, min(chunk_size, M))
         a, b = torch.empty(n, hid, device=dev), torch.empty(n, hid, device=dev)  # reused by every chunk
         proj, hidden = self.edge_proj.fc[0], [m for m in self.edge_mlp.fc[:-1] if isinstance(m, nn.Linear)]
@@ -95,9 +84,9 @@ class WNNModel(nn.Module):
                 F.silu(torch.addmm(lin.bias, cur, lin.weight.t(), out=nxt), inplace=True)
                 cur, nxt = nxt, cur
             o = torch.addmm(b_k, cur, w_k.t(), out=out[sl].unsqueeze(1))
-            if self.upd_scale != 1.0:
-                o.mul_(self.upd_scale)
-            if self.residual:
+            if self.config.upd_scale != 1.0:
+                o.mul_(self.config.upd_scale)
+            if self.config.residual:
                 o.add_(x[sl, -1:])
 
 
