@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import threading
 from contextlib import asynccontextmanager
-from typing import AsyncIterator
+from typing import TYPE_CHECKING, AsyncIterator
 
 from fastapi import FastAPI
 
@@ -21,11 +21,15 @@ from ..sessions.store import SessionStore
 from ..settings import Settings, SettingsError
 from . import errors
 from .auth import Authenticator
+from .deps import Server
 from .docs import install_docs
 from .limits import RequestGuard
 from .metrics import Metrics, MetricsMiddleware
-from .routes_sessions import build_router
+from .routes_sessions import router as sessions_router
 from .routes_system import router as system_router
+
+if TYPE_CHECKING:
+    from ..engine.graphs.cache import GraphCache
 
 log = logging.getLogger("ninocast.api")
 
@@ -71,15 +75,13 @@ def create_app(settings: Settings) -> FastAPI:
 
     app = FastAPI(title="ninocast", version=ninocast.__version__, description=DESCRIPTION, lifespan=lifespan,
                   docs_url=None, redoc_url=None)
-    app.state.settings, app.state.store, app.state.registry = settings, store, registry
-    app.state.queue, app.state.auth, app.state.metrics = queue, auth, metrics
-    app.state.graphs = _graph_cache()
+    app.state.server = Server(settings, store, registry, queue, auth, metrics, _graph_cache())
     errors.install(app)
     app.add_middleware(RequestGuard, auth=auth, max_json_bytes=settings.max_json_bytes,
                        max_body_bytes=settings.max_body_bytes, body_idle_timeout_s=settings.body_idle_timeout_s)
     app.add_middleware(MetricsMiddleware, metrics=metrics)  # outermost: counts refused requests too
     app.include_router(system_router)
-    app.include_router(build_router())
+    app.include_router(sessions_router)
     install_docs(app)
     metrics.gauge("ninocast_queue_depth", "Nowcasts waiting for a worker.", lambda: queue.depth)
     metrics.gauge("ninocast_nowcasts_running", "Nowcasts on a worker now.", lambda: queue.running)
@@ -88,7 +90,7 @@ def create_app(settings: Settings) -> FastAPI:
     return app
 
 
-def _graph_cache():
+def _graph_cache() -> "GraphCache | None":
     """The engine's graph cache, or None (readyz says so) while the engine cannot be imported."""
     try:
         from ..engine.graphs import GraphCache

@@ -162,4 +162,4 @@ def require_owner(request: Request, _: HTTPAuthorizationCredentials | None = Dep
     """FastAPI dependency: the owner id of the request's API key (already checked by api.limits.RequestGuard,
     before any body was read)."""
     owner = request.scope.get("state", {}).get("owner")
-    return owner if owner is not None else request.app.state.auth.owner(request.headers.get("authorization"))
+    return owner if owner is not None else request.app.state.server.auth.owner(request.headers.get("authorization"))

@@ -6,20 +6,21 @@ import os
 import shutil
 import tempfile
 
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Depends, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
 
 from .auth import require_owner
-from .schemas import ErrorBody, Health, NotReady, NowcasterList, Ready
+from .deps import ServerDep
+from .schemas import ErrorBody, Health, NotReady, NowcasterInfo, NowcasterList, Ready
 
 router = APIRouter()
 ERR = {"model": ErrorBody, "description": "JSON {error, detail}"}
 
 
 @router.get("/healthz", tags=["ops"], operation_id="healthz", response_model=Health)
-async def healthz() -> dict[str, str]:
+async def healthz() -> Health:
     """The process answers (liveness)."""
-    return {"status": "ok"}
+    return Health(status="ok")
 
 
 @router.head("/healthz", tags=["ops"], operation_id="healthz_head", responses={200: {"description": "alive"}})
@@ -28,43 +29,41 @@ async def healthz_head() -> Response:
     return Response(status_code=200)
 
 
-@router.get("/readyz", tags=["ops"], operation_id="readyz", response_class=JSONResponse,
-            responses={200: {"model": Ready}, 503: {"model": NotReady, "description": "not ready"}})
-async def readyz(request: Request) -> JSONResponse:
+@router.get("/readyz", tags=["ops"], operation_id="readyz", response_model=Ready,
+            responses={503: {"model": NotReady, "description": "not ready"}})
+async def readyz(srv: ServerDep) -> Ready | JSONResponse:
     """Nowcasters loaded, the engine importable, the data dir writable with at least NINOCAST_MIN_FREE_DISK_BYTES
     free, the workers alive (readiness)."""
-    st = request.app.state
-    free = _free_bytes(st.store.root)
-    checks = {"nowcasters": bool(st.registry.names), "engine": st.graphs is not None,
-              "data_dir_writable": _writable(st.store.tmp_dir),
-              "disk_space": free is not None and free >= st.settings.min_free_disk_bytes,
-              "workers": st.queue.alive()}
+    free = _free_bytes(srv.store.root)
+    checks = {"nowcasters": bool(srv.registry.names), "engine": srv.graphs is not None,
+              "data_dir_writable": _writable(srv.store.tmp_dir),
+              "disk_space": free is not None and free >= srv.settings.min_free_disk_bytes,
+              "workers": srv.queue.alive()}
     if all(checks.values()):
-        return JSONResponse({"status": "ready", "checks": checks, "free_disk_bytes": free})
+        return Ready(status="ready", checks=checks, free_disk_bytes=free)
     failed = ", ".join(k for k, v in checks.items() if not v)
     detail = f"failing checks: {failed}"
     if not checks["disk_space"]:
         detail += (f"; {free} bytes free in the data dir, below NINOCAST_MIN_FREE_DISK_BYTES="
-                   f"{st.settings.min_free_disk_bytes} (uploads may fail with 507 disk_full)")
-    return JSONResponse({"error": "not_ready", "detail": detail, "checks": checks, "free_disk_bytes": free},
-                        status_code=503)
+                   f"{srv.settings.min_free_disk_bytes} (uploads may fail with 507 disk_full)")
+    body = NotReady(error="not_ready", detail=detail, checks=checks, free_disk_bytes=free)
+    return JSONResponse(body.model_dump(), status_code=503)
 
 
 @router.get("/metrics", tags=["ops"], operation_id="metrics", response_class=PlainTextResponse,
             responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}})
-async def metrics(request: Request) -> PlainTextResponse:
+async def metrics(srv: ServerDep) -> PlainTextResponse:
     """Prometheus text format."""
-    return PlainTextResponse(request.app.state.metrics.render(), media_type="text/plain; version=0.0.4")
+    return PlainTextResponse(srv.metrics.render(), media_type="text/plain; version=0.0.4")
 
 
 @router.get("/v1/nowcasters", tags=["nowcasters"], dependencies=[Depends(require_owner)],
-            operation_id="list_nowcasters", response_class=JSONResponse,
-            responses={200: {"model": NowcasterList}, 401: ERR, 500: ERR})
-async def nowcasters(request: Request) -> JSONResponse:
-    """Name, kind, size (parameters), ctx, horizon and the graph families each nowcaster supports."""
-    st = request.app.state
-    return JSONResponse({"default": st.registry.default, "devices": st.registry.devices,
-                         "nowcasters": st.registry.describe()})
+            operation_id="list_nowcasters", response_model=NowcasterList, responses={401: ERR, 500: ERR})
+async def nowcasters(srv: ServerDep) -> NowcasterList:
+    """Name, kind, size (parameters), ctx, horizon, the graph families each nowcaster supports and the scope
+    it was meta-trained on."""
+    return NowcasterList(default=srv.registry.default, devices=srv.registry.devices,
+                         nowcasters=[NowcasterInfo(**d) for d in srv.registry.describe()])
 
 
 def _free_bytes(d) -> int | None:

@@ -1,4 +1,5 @@
-"""Request bodies and the JSON views of sessions, with the examples that /docs shows."""
+"""Request bodies and every JSON answer (sessions, states, reports, nowcasters, health), with the examples /docs
+shows; the routes return these models, so the OpenAPI schema is what is sent."""
 
 from __future__ import annotations
 
@@ -70,8 +71,8 @@ class NowcastReport(BaseModel):
     verify_s: float | None = Field(None, ge=0, description="seconds the verification took")
 
 
-# ----------------------------------------------------------------------------- responses (documentation: the
-# routes return plain dicts, so fields other modules add later pass through unfiltered)
+# ----------------------------------------------------------------------------- responses (every JSON answer is
+# one of these: the routes return them, so the OpenAPI shows exactly what is sent)
 class ErrorBody(BaseModel):
     error: str = Field(description="short, stable code, e.g. session_not_found")
     detail: str = Field(description="what is wrong and where")
@@ -115,6 +116,22 @@ class NowcastEntry(BaseModel):
     total_s: float
 
 
+class StoredReport(NowcastReport):
+    """A NowcastReport as the session keeps it."""
+
+    # read back from disk: a field dropped later must not break GETs; the request's example does not apply
+    model_config = ConfigDict(extra="ignore", json_schema_extra=None)
+    step: int
+    at: float
+
+
+class Verification(BaseModel):
+    reported: int
+    accepted: int
+    rejected: int
+    skipped: int
+
+
 class SessionSummary(BaseModel):
     id: str
     name: str | None
@@ -131,20 +148,12 @@ class SessionSummary(BaseModel):
     ready: bool = Field(description="ctx states are held: a nowcast can run")
     next_k: int | None
     nowcasts_done: int
+    verification: Verification = Field(description="counts of reported, accepted, rejected, skipped nowcasts")
 
 
 class SessionDetail(SessionSummary):
     nowcasts: list[NowcastEntry] = Field(description="the newest 50 nowcasts")
-    reports: list[dict[str, Any]] = Field([], description="the newest 50 verification reports (NowcastReport + "
-                                          "step, at)")
-    verification: dict[str, int] | None = Field(None, description="counts of reported, accepted, skipped nowcasts")
-
-
-class ReportAck(BaseModel):
-    session: str
-    step: int
-    stored: bool
-    reports: int = Field(description="reports the session holds")
+    reports: list[StoredReport] = Field(description="the newest 50 verification reports")
 
 
 class CreatedSession(SessionDetail):
@@ -154,6 +163,13 @@ class CreatedSession(SessionDetail):
 
 class SessionList(BaseModel):
     sessions: list[SessionSummary]
+
+
+class ReportAck(BaseModel):
+    session: str
+    step: int
+    stored: bool
+    reports: int = Field(description="reports the session holds")
 
 
 class StateAck(BaseModel):
@@ -166,6 +182,12 @@ class StateAck(BaseModel):
     at: float
 
 
+class ScopeView(BaseModel):
+    families: list[str]
+    tasks: list[str]
+    params: list[int] | None = None
+
+
 class NowcasterInfo(BaseModel):
     name: str
     kind: str
@@ -173,6 +195,8 @@ class NowcasterInfo(BaseModel):
     horizon: int
     parameters: int
     families: list[str]
+    scope: ScopeView | None = Field(None, description="what it was meta-trained on (null: no claim)")
+    model_args: dict[str, bool | int | float] | None = Field(None, description="architecture (learned nowcasters)")
 
 
 class NowcasterList(BaseModel):
@@ -185,28 +209,34 @@ def next_k(s: Session) -> int | None:
     return k_at_step(max(s.states), s.max_train_steps, s.period) if s.states else None
 
 
-def session_view(s: Session, ttl_s: float, full: bool = True) -> dict[str, Any]:
+def session_summary(s: Session, ttl_s: float) -> SessionSummary:
+    return SessionSummary(**_fields(s, ttl_s, full=False))
+
+
+def session_detail(s: Session, ttl_s: float) -> SessionDetail:
+    return SessionDetail(**_fields(s, ttl_s, full=True), nowcasts=s.nowcasts[-50:], reports=s.reports[-50:])
+
+
+def session_created(s: Session, ttl_s: float, warnings: list[str]) -> CreatedSession:
+    return CreatedSession(**_fields(s, ttl_s, full=True), nowcasts=s.nowcasts[-50:], reports=s.reports[-50:],
+                          warnings=warnings)
+
+
+def _fields(s: Session, ttl_s: float, full: bool) -> dict[str, Any]:
     steps = sorted(s.states)
-    view: dict[str, Any] = {
-        "id": s.id, "name": s.name, "nowcaster": s.nowcaster, "ctx": s.ctx, "period": s.period,
-        "max_train_steps": s.max_train_steps, "record": s.record, "created": s.created, "last_used": s.last_used,
-        "expires_at": s.last_used + ttl_s,
-        "spec": {"family": s.spec.family, "n_params": s.spec.n_params, "n_tensors": len(s.spec.params),
-                 "fingerprint": s.spec_fingerprint[:16]},
-        "states": {"count": len(steps), "bytes": sum(s.states.values()),
-                   "steps": steps if full else steps[-s.ctx:]},
-        "ready": len(steps) >= s.ctx, "next_k": next_k(s), "nowcasts_done": s.n_nowcasts,
-    }
-    if full:
-        view["nowcasts"] = s.nowcasts[-50:]
-        view["reports"] = s.reports[-50:]
     verified = [r for r in s.reports if not r.get("skipped")]
-    view["verification"] = {"reported": len(s.reports), "accepted": sum(1 for r in verified if r["accepted"]),
-                            "rejected": sum(1 for r in verified if not r["accepted"]),
-                            "skipped": len(s.reports) - len(verified)}
-    return view
+    accepted = sum(1 for r in verified if r["accepted"])
+    return dict(
+        id=s.id, name=s.name, nowcaster=s.nowcaster, ctx=s.ctx, period=s.period, max_train_steps=s.max_train_steps,
+        record=s.record, created=s.created, last_used=s.last_used, expires_at=s.last_used + ttl_s,
+        spec=SpecSummary(family=s.spec.family, n_params=s.spec.n_params, n_tensors=len(s.spec.params),
+                         fingerprint=s.spec_fingerprint[:16]),
+        states=StatesSummary(count=len(steps), bytes=sum(s.states.values()), steps=steps if full else steps[-s.ctx:]),
+        ready=len(steps) >= s.ctx, next_k=next_k(s), nowcasts_done=s.n_nowcasts,
+        verification=Verification(reported=len(s.reports), accepted=accepted, rejected=len(verified) - accepted,
+                                  skipped=len(s.reports) - len(verified)))
 
 
-def state_ack(s: Session, step: int, size: int, new: bool) -> dict[str, Any]:
-    return {"session": s.id, "step": step, "bytes": size, "stored": new, "states_held": len(s.states),
-            "ready": len(s.states) >= s.ctx, "at": time.time()}
+def state_ack(s: Session, step: int, size: int, new: bool) -> StateAck:
+    return StateAck(session=s.id, step=step, bytes=size, stored=new, states_held=len(s.states),
+                    ready=len(s.states) >= s.ctx, at=time.time())

@@ -164,6 +164,13 @@ def check_finite(path: Path, header: Header, spec: ModelSpec) -> None:
                     raise ServiceError(422, "nonfinite_values", f"tensor {p.name!r} contains NaN or Inf")
 
 
+def validate_state(path: Path, spec: ModelSpec) -> None:
+    """Trust nothing in an upload until its header, names, shapes, dtypes and values check out (4xx otherwise)."""
+    header = parse_header(path, header_limit(spec))
+    check_against_spec(header, spec)
+    check_finite(path, header, spec)
+
+
 def load_states(paths: Sequence[Path], spec: ModelSpec, keep_16bit: bool = False) -> Tensor:
     """(P, len(paths)) float32 states, oldest first, in the contiguous layout the engine expects.
 
