@@ -6,6 +6,7 @@ folder (spec fixtures + the published checkpoints); the rest runs on small rando
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from functools import lru_cache
@@ -20,6 +21,7 @@ from ninocast_server.engine.nowcasters.base import NowcastError
 from ninocast_server.engine.nowcasters.checkpoint import (CheckpointError, load_nowcaster, load_official,
                                                           model_from_args, save_nowcaster)
 from ninocast_server.engine.nowcasters.config import NiNoConfig, WNNConfig
+from ninocast_server.engine.nowcasters.layers import init_weights
 from ninocast_server.engine.nowcasters.linefit import Linefit
 from ninocast_server.engine.nowcasters.nino import NiNo, NiNoModel
 from ninocast_server.engine.nowcasters.scaling import scale_states
@@ -297,6 +299,33 @@ def test_save_load_roundtrip(tmp_path, kind):
         assert torch.equal(loaded.model.nowcast(attr, ei, et, pos, pw, 3), model.nowcast(attr, ei, et, pos, pw, 3))
     else:
         assert torch.equal(loaded.model.nowcast(attr, et, 3), model.nowcast(attr, et, 3))
+
+
+NON_DEFAULT = {"nino": NiNoConfig(ctx=3, hid=8, layers=2, seq_len=7, edge_types=6, upd_scale=0.5, residual=False,
+                                   max_feat_size=4, wte_pos_enc=False, vocab_size=20, lpe=4),
+               "wnn": WNNConfig(ctx=3, hid=8, layers=2, seq_len=7, edge_types=6, upd_scale=0.5, residual=False)}
+
+
+@pytest.mark.parametrize("kind", ["nino", "wnn"])
+def test_every_config_field_survives_both_checkpoint_formats(tmp_path, kind):
+    """The architecture is one list (config.py): each field, set away from its default, comes back from our
+    directory format and from a reference-style .pt, so a field the checkpoint code forgot would fail here."""
+    config = NON_DEFAULT[kind]
+    assert all(getattr(config, f.name) != f.default for f in dataclasses.fields(config))
+    model = (NiNoModel if kind == "nino" else WNNModel)(config)
+    init_weights(model)
+    assert load_nowcaster(str(save_nowcaster(model, tmp_path / "dir"))).model.config == config
+    pt = _save_pt(tmp_path / "ref.pt", {"state_dict": model.state_dict(), "model_args": config.model_args()})
+    loaded = load_official(pt)
+    assert loaded.config == config and type(loaded) is type(model)
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in model.state_dict().items())
+
+
+def test_nino_config_refuses_one_layer(tmp_path):
+    with pytest.raises(ValueError, match="layers >= 2"):
+        NiNoConfig(layers=1)
+    with pytest.raises(CheckpointError, match="layers >= 2"):
+        model_from_args({"gnn": True, "layers": 1})
 
 
 def test_official_roundtrip_and_name(tmp_path):

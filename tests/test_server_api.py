@@ -176,3 +176,57 @@ def test_default_nowcaster_is_the_bundled_nino(tmp_path):
             assert not torch.allclose(want, reference_nowcast(Linefit(), spec, flat_states(spec, states), k))
     finally:
         server.stop()
+
+
+def _undocumented(value: object, schema: dict, spec: dict, where: str) -> list[str]:
+    """Fields of ``value`` its OpenAPI schema does not declare, and declared required fields it lacks."""
+    while "$ref" in schema or "anyOf" in schema:
+        if "$ref" in schema:
+            schema = spec["components"]["schemas"][schema["$ref"].rsplit("/", 1)[1]]
+        else:  # X | None: the branch that fits the value
+            options = [s for s in schema["anyOf"] if (s.get("type") == "null") == (value is None)]
+            schema = options[0]
+    problems: list[str] = []
+    if isinstance(value, dict) and "properties" in schema:
+        props = schema["properties"]
+        problems += [f"{where}.{k} is not documented" for k in value if k not in props]
+        problems += [f"{where}.{k} is required but missing" for k in schema.get("required", []) if k not in value]
+        for k, v in value.items():
+            if k in props:
+                problems += _undocumented(v, props[k], spec, f"{where}.{k}")
+    elif isinstance(value, list) and "items" in schema:
+        for i, v in enumerate(value):
+            problems += _undocumented(v, schema["items"], spec, f"{where}[{i}]")
+    return problems
+
+
+def test_json_answers_hold_exactly_their_documented_fields(alice, server):
+    """Every JSON answer is its route's response model: nothing sent that /openapi.json does not show (the
+    listing's verification counts and the catalogue's scope and model_args once were), nothing required left out."""
+    spec_json, states = training_states(seed=5, n=5)
+    oa = httpx.get(server.url + "/openapi.json").json()
+
+    def check(r: httpx.Response, path: str, method: str) -> None:
+        schema = oa["paths"][path][method]["responses"][str(r.status_code)]["content"]["application/json"]["schema"]
+        assert _undocumented(r.json(), schema, oa, f"{method.upper()} {path}") == []
+
+    r = alice.post("/v1/sessions", json={"spec": spec_json, "ctx": 5})
+    check(r, "/v1/sessions", "post")
+    sid = r.json()["id"]
+    upload_all(alice, sid, states[:4])
+    check(alice.put(f"/v1/sessions/{sid}/states/5000", content=encode(states[4]), headers=OCTET),
+          "/v1/sessions/{session_id}/states/{step}", "put")
+    assert alice.post(f"/v1/sessions/{sid}/nowcast", json={"k": 2}).status_code == 200
+    check(alice.post(f"/v1/sessions/{sid}/nowcasts/5000/report", json={"k": 2, "accepted": True, "alpha": 1.0,
+                                                                        "tried": [[1.0, 0.5]]}),
+          "/v1/sessions/{session_id}/nowcasts/{step}/report", "post")
+    check(alice.get("/v1/sessions"), "/v1/sessions", "get")
+    r = alice.get(f"/v1/sessions/{sid}")
+    assert r.json()["reports"][0]["step"] == 5000 and r.json()["verification"]["accepted"] == 1
+    check(r, "/v1/sessions/{session_id}", "get")
+    r = alice.get("/v1/nowcasters")
+    nino = next(n for n in r.json()["nowcasters"] if n["kind"] == "nino")
+    assert nino["model_args"]["gnn"] is True and nino["scope"]["families"]
+    check(r, "/v1/nowcasters", "get")
+    check(httpx.get(server.url + "/readyz"), "/readyz", "get")
+    check(httpx.get(server.url + "/healthz"), "/healthz", "get")
