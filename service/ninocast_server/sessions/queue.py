@@ -28,7 +28,6 @@ class Job:
     run: Callable[[str], Any]  # called on a worker thread with the worker's device
     cost: int  # estimated peak bytes, counted against the memory budget until the job ends
     future: Future = field(default_factory=Future)
-    enqueued: float = field(default_factory=time.perf_counter)
 
 
 class ComputeQueue:

@@ -252,9 +252,6 @@ class SessionStore:
         except OSError as e:  # e.g. a full disk: the history is kept in memory, the nowcast was answered
             log.warning("cannot rewrite the record of session %s: %s", s.id, e)
 
-    def touch(self, s: Session) -> None:
-        s.last_used = time.time()
-
     # ------------------------------------------------------------------ expiry
     def expire(self, now: float | None = None) -> list[str]:
         """Delete sessions idle longer than the TTL; their ids."""

@@ -18,7 +18,7 @@ from typing import Any, Callable
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect, Request
 
-from .errors import ServiceError, quota_exceeded  # noqa: F401 (quota_exceeded: re-exported)
+from .errors import ServiceError
 
 WRITE_BYTES = 1 << 20
 
