@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
 
 from ninocast.schedule import k_at_step
 
@@ -185,7 +185,16 @@ class StateAck(BaseModel):
 class ScopeView(BaseModel):
     families: list[str]
     tasks: list[str]
-    params: list[int] | None = None
+    params: list[int] | None = Field(None, min_length=2, max_length=2,
+                                     description="[min, max] parameter count; absent: no bound")
+
+    @model_serializer(mode="wrap")
+    def _absent_params(self, handler: SerializerFunctionWrapHandler):  # no return type: keeps the schema
+        """As in the nowcaster's config.json: no bound is no key."""
+        out = handler(self)
+        if out.get("params") is None:
+            out.pop("params", None)
+        return out
 
 
 class NowcasterInfo(BaseModel):

@@ -33,4 +33,4 @@ def check_graph_spec(spec: ModelSpec, max_feat_size: int | None = None) -> None:
 def check_spec_for(spec: ModelSpec, nowcaster: Any) -> None:
     """``check_graph_spec`` for a nowcaster that reads graphs (NiNo: also its values per edge); others read none."""
     if getattr(nowcaster, "needs_graph", False):
-        check_graph_spec(spec, getattr(getattr(nowcaster, "model", None), "max_feat_size", None))
+        check_graph_spec(spec, getattr(nowcaster, "max_feat_size", None))

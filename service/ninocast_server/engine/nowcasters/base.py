@@ -53,6 +53,7 @@ class Nowcaster(ABC):
     horizon: int = 40  # the largest k it can predict
     needs_graph: bool = False  # predict() wants the spec's NeuralGraph
     needs_lpe: bool = False  # ... with its Laplacian positional encoding
+    max_feat_size: int | None = None  # the most values per graph edge (kernel area) it reads; None: any
     reads_16bit: bool = False  # predict() takes bf16 / fp16 states as they are (else the runner makes float32)
     scratch_states: bool = False  # predict() takes overwrite_states= (older subclasses do not: never passed)
     families: tuple[str, ...] = FAMILIES  # what it can run on

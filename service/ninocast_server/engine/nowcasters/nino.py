@@ -295,6 +295,7 @@ class NiNo(ModuleNowcaster):
                  keep_edge_states: bool | None = None) -> None:
         super().__init__(model, name, chunk_size)
         self.keep_edge_states = keep_edge_states
+        self.max_feat_size = model.config.max_feat_size
 
     def predict(self, states: Tensor, k: int, spec: ModelSpec, graph: "NeuralGraph | StreamedGraph | None", *,
                 overwrite_states: bool = False) -> Tensor:
@@ -316,9 +317,9 @@ class NiNo(ModuleNowcaster):
     def _check_graph(self, graph: "NeuralGraph | StreamedGraph | None") -> None:
         if graph is None:
             raise NowcastError(f"{self.name}: NiNo needs the model's neural graph")
-        if graph.feat_size > self.model.config.max_feat_size:
+        if graph.feat_size > self.max_feat_size:
             raise NowcastError(f"{self.name}: the graph has {graph.feat_size} values per edge (largest kernel "
-                               f"area) but the model reads at most {self.model.config.max_feat_size}; "
+                               f"area) but the model reads at most {self.max_feat_size}; "
                                "models with kernels larger than 3x3 are not supported")
         if graph.pos is None:
             raise NowcastError(f"{self.name}: NiNo needs the graph's Laplacian positional encoding (pos)")
