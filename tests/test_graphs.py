@@ -417,15 +417,21 @@ def test_lpe_disconnected_graph(dense_max_nodes):
 
 
 def test_lpe_restores_blas_threads():
-    from ninocast_server.engine.graphs.lpe import _openblas_controls
+    import scipy.sparse.linalg  # noqa: F401 - scipy's own OpenBLAS too
+    from threadpoolctl import threadpool_info, threadpool_limits
 
-    before = [get() for get, _ in _openblas_controls()]
-    with single_threaded_blas():
-        assert all(get() == 1 for get, _ in _openblas_controls())
-        with single_threaded_blas():  # nested / concurrent users: only the last one out restores
-            pass
-        assert all(get() == 1 for get, _ in _openblas_controls())
-    assert [get() for get, _ in _openblas_controls()] == before
+    def blas_threads() -> list[int]:
+        return [lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"]
+
+    with threadpool_limits(limits=2, user_api="blas"):  # more than one, so that pinning to one shows
+        before = blas_threads()
+        assert before and all(t == 2 for t in before), before
+        with single_threaded_blas():
+            assert all(t == 1 for t in blas_threads())
+            with single_threaded_blas():  # nested / concurrent users: only the last one out restores
+                pass
+            assert all(t == 1 for t in blas_threads())
+        assert blas_threads() == before
 
 
 def test_lpe_small_graph_is_padded():
