@@ -3,9 +3,7 @@ the worked examples of Appendix A, subgraph pieces, the Laplacian encoding and e
 
 from __future__ import annotations
 
-import json
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,35 +13,18 @@ from ninocast.spec import ModelSpec, SpecError
 from ninocast.topology import Link, Topology
 from ninocast_server.engine.graphs import build_graph, split_blocks
 from ninocast_server.engine.graphs.lpe import SIGN_TIE_RTOL, laplacian, laplacian_pe, single_threaded_blas
-
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-FIXTURES = SHARED / "spec" / "fixtures"
-GOLDEN = SHARED / "reference" / "golden"
-FIXTURE_FAMILY = {"fm16": "generic", "gpt2_tiny": "gpt2", "llama_tiny": "llama"}
-GOLDEN_CASES = ("mlp", "cnn", "gpt2", "llama")
+from shared_data import FIXTURE_FAMILY, GOLDEN_CASES, fixture, golden
 
 
 # ----------------------------------------------------------------------------------------------- helpers
-def _need(path: Path) -> Path:
-    if not path.exists():
-        pytest.skip(f"../shared not present: {path} is missing (reference material beside the repository)")
-    return path
-
-
 def load_fixture(case: str) -> tuple[ModelSpec, dict, dict]:
-    meta = json.loads(_need(FIXTURES / f"{case}.json").read_text())
-    arrays = dict(np.load(_need(FIXTURES / f"{case}.npz")))
-    kw = meta["graph_kwargs"]
-    spec = ModelSpec(FIXTURE_FAMILY[case], tuple((n, tuple(s)) for n, s in meta["model_dict"]),
-                     kw.get("num_heads"), kw.get("num_key_value_heads"))
-    return spec, meta, arrays
+    spec, meta, arrays = fixture(case)
+    return spec, meta, dict(arrays)
 
 
 def load_golden(case: str) -> tuple[ModelSpec, dict, dict]:
-    from safetensors.numpy import load_file
-
-    meta = json.loads(_need(GOLDEN / f"{case}.json").read_text())
-    return ModelSpec.from_json(meta["spec"]), meta, load_file(str(_need(GOLDEN / f"{case}.safetensors")))
+    meta, arrays = golden(case)
+    return ModelSpec.from_json(meta["spec"]), meta, arrays
 
 
 def scale_per_tensor(spec: ModelSpec, states: torch.Tensor) -> torch.Tensor:

@@ -11,11 +11,11 @@ import pytest
 import torch
 from safetensors.torch import load
 
-schemathesis = pytest.importorskip("schemathesis", reason="schemathesis is a dev dependency (pip install -e '.[dev]')")
-from hypothesis import HealthCheck, Phase, settings  # noqa: E402  (hypothesis comes with schemathesis)
-from hypothesis import strategies as st  # noqa: E402
+import schemathesis
+from hypothesis import HealthCheck, Phase, settings  # hypothesis comes with schemathesis
+from hypothesis import strategies as st
 
-from server_utils import Server, encode  # noqa: E402
+from server_utils import Server, encode
 
 FUZZ_SPEC = {"family": "generic", "params": [["0.weight", [3, 2]], ["0.bias", [3]]]}
 

@@ -9,16 +9,14 @@ import os
 import socket
 import struct
 import subprocess
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import httpx
 import pytest
 import torch
 
-from server_utils import OCTET, Server, assert_error, cli_cmd, encode, server_env, serve_cmd, training_states
+from server_utils import OCTET, Server, assert_error, cli_cmd, encode, server_env, serve_cmd
 
 QUOTA = 5_000_000
 BIG = [["w", [250_000]]]  # a 1,000,000-byte float32 state
@@ -417,7 +415,8 @@ def test_head_and_405_allow(srv, alice):
         assert_error(r, 405, "method_not_allowed")
         assert r.headers["allow"] == "GET, POST"
     r = alice.request("PATCH", "/v1/sessions/abc")
-    assert_error(r, 405) and r.headers["allow"] == "DELETE, GET"
+    assert_error(r, 405)
+    assert r.headers["allow"] == "DELETE, GET"
     assert httpx.post(srv.url + "/healthz", timeout=5).headers["allow"] == "GET, HEAD"
 
 

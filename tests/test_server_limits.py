@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import time
 
-import pytest
 from server_utils import OCTET, assert_error, encode, training_states
 
 

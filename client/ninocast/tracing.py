@@ -551,7 +551,7 @@ class _Trace(TorchFunctionMode):
             return self.set(out, Mixed("cat of different layers' outputs along positions"))
         for t, v in zip(parts, vals):
             if isinstance(v, ParamRef):
-                self.embed_param(v, g, f"cat")
+                self.embed_param(v, g, "cat")
         self.set(out, Feat(g, f.axes, f.version))
 
     def embed_param(self, p: ParamRef, g: int, where: str) -> None:
