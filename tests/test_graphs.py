@@ -3,6 +3,7 @@ the worked examples of Appendix A, subgraph pieces, the Laplacian encoding and e
 
 from __future__ import annotations
 
+import json
 import time
 
 import numpy as np
@@ -413,6 +414,31 @@ def test_lpe_restores_blas_threads():
                 pass
             assert all(t == 1 for t in blas_threads())
         assert blas_threads() == before
+
+
+@pytest.mark.filterwarnings("ignore:.*torch.jit:DeprecationWarning")  # PyG's import, with this torch
+def test_pyg_export_carries_the_graph_and_the_states(tmp_path, capsys):
+    from ninocast.cli import main
+
+    spec = ModelSpec("generic", (("0.weight", (16, 8)), ("0.bias", (16,)), ("2.weight", (4, 16)), ("2.bias", (4,))))
+    g = build_graph(spec)
+    states = torch.randn(spec.n_params, 5, generator=torch.Generator().manual_seed(0))
+    d = g.to_pyg(states)
+    assert d.validate(raise_on_error=True) and (d.num_nodes, d.num_edges) == (g.num_nodes, g.num_edges)
+    for name in ("edge_index", "edge_type", "pos", "pos_w", "param_slot", "virtual_edges"):
+        assert torch.equal(getattr(d, name), getattr(g, name)), name
+    assert int(d.edge_index[0].eq(d.edge_index[1]).sum()) == g.num_nodes  # the self-loops
+    per_state = d.edge_attr.view(g.num_edges, d.feat_size, 5)  # slot-major, as the nowcaster reads them
+    for s in range(5):
+        assert torch.equal(g.to_vector(per_state[:, :, s]), states[:, s])
+    assert "pos" not in build_graph(spec, with_lpe=False).to_pyg() and "edge_attr" not in g.to_pyg()
+
+    (tmp_path / "s.json").write_text(json.dumps(spec.to_json()))
+    assert main(["graph", str(tmp_path / "s.json"), "--pyg", str(tmp_path / "g.pt")]) == 0
+    saved = torch.load(tmp_path / "g.pt", weights_only=False)
+    assert torch.equal(saved.edge_index, g.edge_index) and torch.equal(saved.pos, g.pos)
+    assert main(["graph", str(tmp_path / "s.json"), "--pyg", str(tmp_path / "no" / "g.pt")]) == 2
+    assert "--pyg" in capsys.readouterr().err
 
 
 def test_lpe_small_graph_is_padded():
