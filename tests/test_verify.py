@@ -42,7 +42,7 @@ def params(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
-def train(model: nn.Module, opt, steps: int = STEPS, lr_scale: float = 1.0) -> list[float]:
+def train(model: nn.Module, opt, steps: int = STEPS) -> list[float]:
     """The README's loop; returns the probe loss right before and right after each nowcast call."""
     around = []
     for s in range(steps):

@@ -81,7 +81,6 @@ ELEMENTWISE = {
     "__rtruediv__", "where", "tanh_", "sigmoid_", "gelu_", "threshold", "glu_never",
 }
 ADD = {"__add__", "__radd__", "add", "add_", "__iadd__"}
-SUB = {"__sub__", "__rsub__", "sub", "sub_", "__isub__"}
 MUL = {"__mul__", "__rmul__", "mul", "mul_", "__imul__"}
 REDUCE = {"mean", "var", "std", "sum", "norm", "amax", "amin", "logsumexp", "var_mean", "std_mean"}
 CAT = {"cat", "concat", "concatenate"}
