@@ -12,6 +12,7 @@ import torch
 
 from ninocast.spec import ModelSpec, SpecError
 from ninocast.topology import Link, Topology
+from ninocast_server.bench.engine import llama_bench_spec
 from ninocast_server.engine.graphs import build_graph, split_blocks
 from ninocast_server.engine.graphs.lpe import SIGN_TIE_RTOL, laplacian, laplacian_pe, single_threaded_blas
 from shared_data import FIXTURE_FAMILY, GOLDEN_CASES, fixture, golden
@@ -52,19 +53,7 @@ def gpt2_spec(layers=2, d=6, heads=2, vocab=5, positions=3, inner=24, with_final
 
 
 def llama_spec(layers=2, d=12, inner=24, heads=6, kv=2, vocab=15, tied=False) -> ModelSpec:
-    dq, dkv = d, d // heads * kv
-    params = [("model.embed_tokens.weight", (vocab, d))]
-    for b in range(layers):
-        p = f"model.layers.{b}."
-        params += [(p + "self_attn.q_proj.weight", (dq, d)), (p + "self_attn.k_proj.weight", (dkv, d)),
-                   (p + "self_attn.v_proj.weight", (dkv, d)), (p + "self_attn.o_proj.weight", (d, dq)),
-                   (p + "mlp.gate_proj.weight", (inner, d)), (p + "mlp.up_proj.weight", (inner, d)),
-                   (p + "mlp.down_proj.weight", (d, inner)), (p + "input_layernorm.weight", (d,)),
-                   (p + "post_attention_layernorm.weight", (d,))]
-    params.append(("model.norm.weight", (d,)))
-    if not tied:
-        params.append(("lm_head.weight", (vocab, d)))
-    return ModelSpec("llama", tuple(params), heads, kv)
+    return llama_bench_spec(layers, d, heads, kv, inner, vocab, tied=tied)
 
 
 def edges_of(g, name: str) -> list[tuple[int, int]]:
@@ -428,9 +417,7 @@ def test_pyg_export_carries_the_graph_and_the_states(tmp_path, capsys):
     for name in ("edge_index", "edge_type", "pos", "pos_w", "param_slot", "virtual_edges"):
         assert torch.equal(getattr(d, name), getattr(g, name)), name
     assert int(d.edge_index[0].eq(d.edge_index[1]).sum()) == g.num_nodes  # the self-loops
-    per_state = d.edge_attr.view(g.num_edges, d.feat_size, 5)  # slot-major, as the nowcaster reads them
-    for s in range(5):
-        assert torch.equal(g.to_vector(per_state[:, :, s]), states[:, s])
+    assert torch.equal(d.edge_attr, g.edge_features(states))  # what the nowcaster reads (round trip: below)
     assert "pos" not in build_graph(spec, with_lpe=False).to_pyg() and "edge_attr" not in g.to_pyg()
 
     (tmp_path / "s.json").write_text(json.dumps(spec.to_json()))

@@ -5,6 +5,7 @@ processes on gloo, a real server). Period 20, ctx 5: snapshots every 4 optimizer
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -311,7 +312,10 @@ def test_train_end_deletes_the_session_unless_recorded(tmp_path):
 
 def test_readme_lightning_example_matches_the_integrations_extra():
     """The README's Lightning example imports what ``pip install 'ninocast[integrations]'`` installs."""
-    import tomllib
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # the server extra's TOML reader before 3.11
+        import tomli as tomllib
 
     root = Path(__file__).resolve().parents[1]
     extra = tomllib.loads((root / "pyproject.toml").read_text())["project"]["optional-dependencies"]["integrations"]
