@@ -120,7 +120,7 @@ def load_settings(config: str | os.PathLike | None = None, **overrides: Any) -> 
     if config:
         path = Path(config)
         if not path.is_file():  # the TOML source would silently skip a missing file
-            raise SettingsError(f"settings file {path} does not exist")
+            raise SettingsError(f"settings file {path} " + ("is not a file" if path.exists() else "does not exist"))
         try:
             sources = (_TomlSource(Settings, toml_file=path),)
         except (OSError, ValueError) as e:  # ValueError: tomllib's (tomli's on 3.10) TOMLDecodeError
