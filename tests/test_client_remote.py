@@ -350,6 +350,22 @@ def test_client_typed_errors_carry_the_servers_detail(srv, api_key):
         assert e.value.status is None and "ConnectError" in str(e.value)
 
 
+def test_the_optimizers_session_settings_reach_the_server(srv, api_key):
+    """One SessionSettings from the optimizer's arguments; a run length set before the session exists is sent."""
+    opt = wrap(make_model(), server=srv.url, api_key=api_key[1], nowcaster="linefit", session_name="opt-settings",
+               record=True)
+    opt.set_max_train_steps(123)
+    opt.check()
+    sid = opt.backend.session_id
+    opt.close()  # record=True: the session is kept
+    with NowcastClient(srv.url, api_key=api_key[1]) as c:
+        got = c.get_session(sid)
+        c.delete_session(sid)
+    want = {"nowcaster": "linefit", "ctx": CTX, "period": PERIOD, "max_train_steps": 123, "name": "opt-settings",
+            "record": True}
+    assert {key: got[key] for key in want} == want
+
+
 def test_session_settings_match_the_servers_schema():
     from dataclasses import MISSING, fields
 
