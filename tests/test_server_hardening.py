@@ -51,8 +51,7 @@ def alice(srv, keys):
 def healthy_after(request):
     yield
     if "srv" in request.fixturenames:
-        srv = request.getfixturevalue("srv")
-        assert httpx.get(srv.url + "/healthz", timeout=20).status_code == 200
+        assert request.getfixturevalue("srv").healthy(timeout=20)
 
 
 # ---------------------------------------------------------------------------- raw HTTP
@@ -201,7 +200,7 @@ def test_idle_half_sent_headers_are_closed_and_others_served(srv, alice):
         sid = session(alice, [["w", [3]]])  # legitimate clients are served meanwhile
         assert alice.put(f"/v1/sessions/{sid}/states/1", content=encode({"w": torch.ones(3)}),
                          headers=OCTET).status_code == 201
-        assert httpx.get(srv.url + "/healthz", timeout=5).status_code == 200
+        assert srv.healthy()
         deadline = time.monotonic() + 10  # header_timeout_s = 1
         for i, s in enumerate(idle):
             if i % 3:
@@ -238,12 +237,7 @@ def test_header_size_and_connection_caps(srv):
         for s in held:
             s.close()
     deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(srv.url + "/healthz", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
+    while not srv.healthy(timeout=2) and time.monotonic() < deadline:
         time.sleep(0.1)
 
 
