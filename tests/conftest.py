@@ -1,4 +1,5 @@
-"""Shared fixtures: one real server with two API keys for the server tests (see server_utils.py)."""
+"""Shared fixtures: one real server with two API keys for the server tests (see server_utils.py), and in-process
+apps (TestClient) with their own settings."""
 
 from __future__ import annotations
 
@@ -24,3 +25,25 @@ def server(tmp_path_factory, api_keys) -> Server:
                  max_params_per_session=100_000, max_sessions_per_key=50).start()
     yield srv
     srv.stop()
+
+
+@pytest.fixture()
+def make_client(tmp_path):
+    """make(**settings) -> a started TestClient on a fresh in-process app (each with its own data folder)."""
+    from fastapi.testclient import TestClient
+
+    from ninocast_server.api import create_app
+    from ninocast_server.settings import load_settings
+
+    clients = []
+
+    def make(**settings) -> TestClient:
+        app = create_app(load_settings(data_dir=tmp_path / f"data{len(clients)}", device="cpu", **settings))
+        c = TestClient(app)
+        c.__enter__()
+        clients.append(c)
+        return c
+
+    yield make
+    for c in clients:
+        c.__exit__(None, None, None)

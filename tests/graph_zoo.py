@@ -191,7 +191,6 @@ ZOO: dict[str, Case] = {
     "gpt2-traced": Case(lambda: _hf("gpt2"), None, "refused", "used by addmm outside a recognised layer",
                         family="generic"),
 }
-HF_CASES = {"bert", "vit", "qwen2-gqa", "gpt2", "llama", "llama-traced", "gpt2-traced"}
 
 
 # ----------------------------------------------------------------------------------------------- the oracle

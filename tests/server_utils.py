@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 import torch
 from safetensors.torch import save
 
@@ -87,12 +86,9 @@ def flat_states(spec_json: dict, states: list[dict[str, torch.Tensor]]) -> torch
 
 
 def reference_nowcast(nowcaster: Any, spec_json: dict, states: torch.Tensor, k: int) -> torch.Tensor:
-    """What the engine answers in-process for the same request (skips while the engine is not importable)."""
-    try:
-        from ninocast_server.engine.runner import nowcast
-    except ImportError as e:
-        pytest.skip(f"engine not importable yet: {e}")
+    """What the engine answers in-process for the same request."""
     from ninocast.spec import ModelSpec
+    from ninocast_server.engine.runner import nowcast
 
     return nowcast(nowcaster, ModelSpec.from_json(spec_json), states, k)
 

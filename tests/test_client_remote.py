@@ -350,6 +350,55 @@ def test_client_typed_errors_carry_the_servers_detail(srv, api_key):
         assert e.value.status is None and "ConnectError" in str(e.value)
 
 
+def test_the_optimizers_session_settings_reach_the_server(srv, api_key):
+    """One SessionSettings from the optimizer's arguments; a run length set before the session exists is sent."""
+    opt = wrap(make_model(), server=srv.url, api_key=api_key[1], nowcaster="linefit", session_name="opt-settings",
+               record=True)
+    opt.set_max_train_steps(123)
+    opt.check()
+    sid = opt.backend.session_id
+    opt.close()  # record=True: the session is kept
+    with NowcastClient(srv.url, api_key=api_key[1]) as c:
+        got = c.get_session(sid)
+        c.delete_session(sid)
+    want = {"nowcaster": "linefit", "ctx": CTX, "period": PERIOD, "max_train_steps": 123, "name": "opt-settings",
+            "record": True}
+    assert {key: got[key] for key in want} == want
+
+
+def test_session_settings_match_the_servers_schema():
+    from dataclasses import MISSING, fields
+
+    from ninocast import SessionSettings
+    from ninocast_server.api.schemas import CreateSession
+
+    ours = {f.name: (None if f.default is MISSING else f.default) for f in fields(SessionSettings)}
+    theirs = {name: f.default for name, f in CreateSession.model_fields.items()}
+    theirs["spec"] = None  # required on both sides
+    assert ours == theirs
+
+
+def test_session_settings_reach_the_server_and_float64_states_travel_as_float32(srv, api_key):
+    from ninocast import SessionSettings
+
+    model = make_model().double()
+    spec = ModelSpec.from_module(model)
+    settings = SessionSettings(spec, nowcaster="linefit", ctx=3, period=30, max_train_steps=90, name="settings",
+                               record=True)
+    with NowcastClient(srv.url, api_key=api_key[1], retries=0) as c:
+        sid = c.create_session(settings)["id"]
+        got = c.get_session(sid)
+        for field in ("nowcaster", "ctx", "period", "max_train_steps", "name", "record"):
+            assert got[field] == getattr(settings, field), field
+        with pytest.raises(TypeError, match="ctx"):
+            c.create_session(settings, ctx=4)
+        for step in (10, 20, 30):  # a float64 model's state: the client sends it as float32, as the optimizer does
+            c.put_state(sid, step, {n: p.detach() * step for n, p in model.named_parameters()})
+        out = c.nowcast(sid, k=1, dtype="uploaded")
+        assert {t.dtype for t in out.values()} == {torch.float32}
+        c.delete_session(sid)
+
+
 def test_busy_5xx_and_invalid_answers_fall_back_and_are_counted():
     """Scripted answers (httpx MockTransport): 503 busy, 500, a non-safetensors body, tensors of the wrong
     shape -- one per period; each is counted by kind and the call steps the base optimizer instead."""

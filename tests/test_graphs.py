@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,37 +12,21 @@ import torch
 
 from ninocast.spec import ModelSpec, SpecError
 from ninocast.topology import Link, Topology
+from ninocast_server.bench.engine import llama_bench_spec
 from ninocast_server.engine.graphs import build_graph, split_blocks
 from ninocast_server.engine.graphs.lpe import SIGN_TIE_RTOL, laplacian, laplacian_pe, single_threaded_blas
-
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-FIXTURES = SHARED / "spec" / "fixtures"
-GOLDEN = SHARED / "reference" / "golden"
-FIXTURE_FAMILY = {"fm16": "generic", "gpt2_tiny": "gpt2", "llama_tiny": "llama"}
-GOLDEN_CASES = ("mlp", "cnn", "gpt2", "llama")
+from shared_data import FIXTURE_FAMILY, GOLDEN_CASES, fixture, golden
 
 
 # ----------------------------------------------------------------------------------------------- helpers
-def _need(path: Path) -> Path:
-    if not path.exists():
-        pytest.skip(f"../shared not present: {path} is missing (reference material beside the repository)")
-    return path
-
-
 def load_fixture(case: str) -> tuple[ModelSpec, dict, dict]:
-    meta = json.loads(_need(FIXTURES / f"{case}.json").read_text())
-    arrays = dict(np.load(_need(FIXTURES / f"{case}.npz")))
-    kw = meta["graph_kwargs"]
-    spec = ModelSpec(FIXTURE_FAMILY[case], tuple((n, tuple(s)) for n, s in meta["model_dict"]),
-                     kw.get("num_heads"), kw.get("num_key_value_heads"))
-    return spec, meta, arrays
+    spec, meta, arrays = fixture(case)
+    return spec, meta, dict(arrays)
 
 
 def load_golden(case: str) -> tuple[ModelSpec, dict, dict]:
-    from safetensors.numpy import load_file
-
-    meta = json.loads(_need(GOLDEN / f"{case}.json").read_text())
-    return ModelSpec.from_json(meta["spec"]), meta, load_file(str(_need(GOLDEN / f"{case}.safetensors")))
+    meta, arrays = golden(case)
+    return ModelSpec.from_json(meta["spec"]), meta, arrays
 
 
 def scale_per_tensor(spec: ModelSpec, states: torch.Tensor) -> torch.Tensor:
@@ -70,19 +53,7 @@ def gpt2_spec(layers=2, d=6, heads=2, vocab=5, positions=3, inner=24, with_final
 
 
 def llama_spec(layers=2, d=12, inner=24, heads=6, kv=2, vocab=15, tied=False) -> ModelSpec:
-    dq, dkv = d, d // heads * kv
-    params = [("model.embed_tokens.weight", (vocab, d))]
-    for b in range(layers):
-        p = f"model.layers.{b}."
-        params += [(p + "self_attn.q_proj.weight", (dq, d)), (p + "self_attn.k_proj.weight", (dkv, d)),
-                   (p + "self_attn.v_proj.weight", (dkv, d)), (p + "self_attn.o_proj.weight", (d, dq)),
-                   (p + "mlp.gate_proj.weight", (inner, d)), (p + "mlp.up_proj.weight", (inner, d)),
-                   (p + "mlp.down_proj.weight", (d, inner)), (p + "input_layernorm.weight", (d,)),
-                   (p + "post_attention_layernorm.weight", (d,))]
-    params.append(("model.norm.weight", (d,)))
-    if not tied:
-        params.append(("lm_head.weight", (vocab, d)))
-    return ModelSpec("llama", tuple(params), heads, kv)
+    return llama_bench_spec(layers, d, heads, kv, inner, vocab, tied=tied)
 
 
 def edges_of(g, name: str) -> list[tuple[int, int]]:
@@ -417,15 +388,44 @@ def test_lpe_disconnected_graph(dense_max_nodes):
 
 
 def test_lpe_restores_blas_threads():
-    from ninocast_server.engine.graphs.lpe import _openblas_controls
+    import scipy.sparse.linalg  # noqa: F401 - scipy's own OpenBLAS too
+    from threadpoolctl import threadpool_info, threadpool_limits
 
-    before = [get() for get, _ in _openblas_controls()]
-    with single_threaded_blas():
-        assert all(get() == 1 for get, _ in _openblas_controls())
-        with single_threaded_blas():  # nested / concurrent users: only the last one out restores
-            pass
-        assert all(get() == 1 for get, _ in _openblas_controls())
-    assert [get() for get, _ in _openblas_controls()] == before
+    def blas_threads() -> list[int]:
+        return [lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"]
+
+    with threadpool_limits(limits=2, user_api="blas"):  # more than one, so that pinning to one shows
+        before = blas_threads()
+        assert before and all(t == 2 for t in before), before
+        with single_threaded_blas():
+            assert all(t == 1 for t in blas_threads())
+            with single_threaded_blas():  # nested / concurrent users: only the last one out restores
+                pass
+            assert all(t == 1 for t in blas_threads())
+        assert blas_threads() == before
+
+
+@pytest.mark.filterwarnings("ignore:.*torch.jit:DeprecationWarning")  # PyG's import, with this torch
+def test_pyg_export_carries_the_graph_and_the_states(tmp_path, capsys):
+    from ninocast.cli import main
+
+    spec = ModelSpec("generic", (("0.weight", (16, 8)), ("0.bias", (16,)), ("2.weight", (4, 16)), ("2.bias", (4,))))
+    g = build_graph(spec)
+    states = torch.randn(spec.n_params, 5, generator=torch.Generator().manual_seed(0))
+    d = g.to_pyg(states)
+    assert d.validate(raise_on_error=True) and (d.num_nodes, d.num_edges) == (g.num_nodes, g.num_edges)
+    for name in ("edge_index", "edge_type", "pos", "pos_w", "param_slot", "virtual_edges"):
+        assert torch.equal(getattr(d, name), getattr(g, name)), name
+    assert int(d.edge_index[0].eq(d.edge_index[1]).sum()) == g.num_nodes  # the self-loops
+    assert torch.equal(d.edge_attr, g.edge_features(states))  # what the nowcaster reads (round trip: below)
+    assert "pos" not in build_graph(spec, with_lpe=False).to_pyg() and "edge_attr" not in g.to_pyg()
+
+    (tmp_path / "s.json").write_text(json.dumps(spec.to_json()))
+    assert main(["graph", str(tmp_path / "s.json"), "--pyg", str(tmp_path / "g.pt")]) == 0
+    saved = torch.load(tmp_path / "g.pt", weights_only=False)
+    assert torch.equal(saved.edge_index, g.edge_index) and torch.equal(saved.pos, g.pos)
+    assert main(["graph", str(tmp_path / "s.json"), "--pyg", str(tmp_path / "no" / "g.pt")]) == 2
+    assert "--pyg" in capsys.readouterr().err
 
 
 def test_lpe_small_graph_is_padded():

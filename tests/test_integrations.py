@@ -5,6 +5,7 @@ processes on gloo, a real server). Period 20, ctx 5: snapshots every 4 optimizer
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -84,8 +85,6 @@ def hf_probe():
 
 
 def test_hugging_face_trainer_callback_and_resume(tmp_path):
-    pytest.importorskip("transformers")
-    pytest.importorskip("accelerate", reason="transformers.Trainer needs accelerate")
     from ninocast.integrations.hf import NowcastCallback
 
     # max_train_steps: the Trainer's
@@ -119,8 +118,6 @@ def test_hugging_face_trainer_callback_and_resume(tmp_path):
 
 
 def test_hugging_face_callback_with_a_user_built_optimizer(tmp_path):
-    pytest.importorskip("transformers")
-    pytest.importorskip("accelerate", reason="transformers.Trainer needs accelerate")
     from transformers import Trainer, TrainingArguments
 
     from ninocast.integrations.hf import NowcastCallback
@@ -143,19 +140,9 @@ def test_hugging_face_callback_with_a_user_built_optimizer(tmp_path):
 
 
 # ---------------------------------------------------------------------------- PyTorch Lightning
-def _lightning():
-    try:
-        import lightning.pytorch as pl
-    except ModuleNotFoundError:
-        pl = pytest.importorskip("pytorch_lightning", reason="PyTorch Lightning is not installed "
-                                 "(pip install 'ninocast[integrations]')")
-    return pl
-
-
 @pytest.mark.filterwarnings("ignore:.*LeafSpec")  # Lightning's own deprecation warning with this torch
 def test_lightning_callback_matches_the_plain_loop_and_resumes(tmp_path):
-    pl = _lightning()
-    from ninocast.integrations.lightning import NowcastCallback
+    from ninocast.integrations.lightning import NowcastCallback, pl  # pl: the Lightning package it subclasses
 
     class Module(pl.LightningModule):
         def __init__(self, seed=0):
@@ -279,13 +266,11 @@ def test_ddp_two_gloo_processes_rank0_talks_and_broadcasts(tmp_path):
 def test_train_end_deletes_the_session_unless_recorded(tmp_path):
     """Hugging Face and Lightning runs against a real server: ``on_train_end`` closes the wrapper, which
     deletes the run's session (a sweep of many runs must not fill the server); ``record=True`` keeps it."""
-    pytest.importorskip("transformers")
-    pytest.importorskip("accelerate", reason="transformers.Trainer needs accelerate")
-    pl = _lightning()
     from transformers import Trainer, TrainingArguments
 
     from ninocast.integrations.hf import NowcastCallback as HFCallback
     from ninocast.integrations.lightning import NowcastCallback as PLCallback
+    from ninocast.integrations.lightning import pl
     from server_utils import Server
 
     class Module(pl.LightningModule):
@@ -327,7 +312,10 @@ def test_train_end_deletes_the_session_unless_recorded(tmp_path):
 
 def test_readme_lightning_example_matches_the_integrations_extra():
     """The README's Lightning example imports what ``pip install 'ninocast[integrations]'`` installs."""
-    import tomllib
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # the server extra's TOML reader before 3.11
+        import tomli as tomllib
 
     root = Path(__file__).resolve().parents[1]
     extra = tomllib.loads((root / "pyproject.toml").read_text())["project"]["optional-dependencies"]["integrations"]

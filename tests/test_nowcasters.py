@@ -12,11 +12,11 @@ import os
 from functools import lru_cache
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 from ninocast.spec import ModelSpec
+from ninocast_server.engine.graphs import build_graph
 from ninocast_server.engine.nowcasters.base import NowcastError
 from ninocast_server.engine.nowcasters.checkpoint import (CheckpointError, load_nowcaster, load_official,
                                                           model_from_args, save_nowcaster)
@@ -26,12 +26,10 @@ from ninocast_server.engine.nowcasters.linefit import Linefit
 from ninocast_server.engine.nowcasters.nino import NiNo, NiNoModel
 from ninocast_server.engine.nowcasters.scaling import scale_states
 from ninocast_server.engine.nowcasters.wnn import WNN, WNNModel
+import shared_data
+from shared_data import FIXTURE_FAMILY, checkpoint
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-FIXTURES = SHARED / "spec" / "fixtures"
-CKPTS = SHARED / "reference" / "checkpoints"
-CASES = ("fm16", "gpt2_tiny", "llama_tiny")
-FAMILY = {"fm16": "generic", "gpt2_tiny": "gpt2", "llama_tiny": "llama"}
+CASES = tuple(FIXTURE_FAMILY)
 KS = (1, 17, 40)
 MLP_CKPTS = ("nino_mlp", "nino_mlp_h32")
 EDGE_TOL = {"nino_no_posw": 5e-6, "nino_mlp": 1e-6, "nino_mlp_h32": 1e-6}
@@ -47,36 +45,24 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-def need_shared() -> None:
-    if not (FIXTURES.is_dir() and CKPTS.is_dir()):
-        pytest.skip(f"reference fixtures/checkpoints not found under {SHARED}")
-
-
 @lru_cache(maxsize=None)
 def fixture(case: str) -> tuple[dict, dict[str, torch.Tensor]]:
-    meta = json.loads((FIXTURES / f"{case}.json").read_text())
-    with np.load(FIXTURES / f"{case}.npz") as z:
-        arrays = {k: torch.from_numpy(z[k]) for k in z.files}
-    return meta, arrays
+    """(case JSON, arrays as tensors) of a reference fixture."""
+    _, meta, arrays = shared_data.fixture(case)
+    return meta, {k: torch.from_numpy(v.copy()) for k, v in arrays.items()}
 
 
 @lru_cache(maxsize=None)
 def official(name: str):
-    return load_nowcaster(str(CKPTS / f"{name}.pt"))
+    return load_nowcaster(str(checkpoint(name)))
 
 
 def fixture_spec(case: str) -> ModelSpec:
-    meta, _ = fixture(case)
-    return ModelSpec(family=FAMILY[case], params=[(n, tuple(s)) for n, s in meta["model_dict"]],
-                     **meta["graph_kwargs"])
+    return shared_data.fixture(case)[0]
 
 
 def fixture_graph(case: str):
     """The graph builder's graph with the reference LPE injected; it must reproduce the fixture's arrays."""
-    try:
-        from ninocast_server.engine.graphs import build_graph
-    except ImportError as e:
-        pytest.skip(f"graph builder not importable yet ({e})")
     _, t = fixture(case)
     graph = build_graph(fixture_spec(case), pos=t["pos"])
     assert torch.equal(graph.edge_index, t["edge_index"]) and torch.equal(graph.edge_type, t["edge_type"])
@@ -116,7 +102,6 @@ def random_wnn(seed: int = 0, **kw) -> WNNModel:
 
 # ----------------------------------------------------------------------------- reference numerics
 def test_official_checkpoints_load_strictly():
-    need_shared()
     counts = {"nino_no_posw": (NiNo, 549_992), "nino_mlp": (WNN, 57_384), "nino_mlp_h32": (WNN, 5_160)}
     for name, (cls, n) in counts.items():
         m = official(name)
@@ -126,7 +111,6 @@ def test_official_checkpoints_load_strictly():
 
 @pytest.mark.parametrize("case", CASES)
 def test_nino_edge_predictions_match_reference(case):
-    need_shared()
     _, t = fixture(case)
     model = official("nino_no_posw").model
     args = t["edge_attr"], t["edge_index"], t["edge_type"], t["pos"], t["pos_w"]
@@ -142,7 +126,6 @@ def test_nino_edge_predictions_match_reference(case):
 @pytest.mark.parametrize("ckpt", MLP_CKPTS)
 @pytest.mark.parametrize("case", CASES)
 def test_wnn_edge_predictions_match_reference(ckpt, case):
-    need_shared()
     _, t = fixture(case)
     model = official(ckpt).model
     E, f = t["edge_attr"].shape[0], t["edge_attr"].shape[1] // 5
@@ -158,7 +141,6 @@ def test_wnn_edge_predictions_match_reference(ckpt, case):
 @pytest.mark.parametrize("case", CASES)
 def test_full_nowcast_matches_reference_params(ckpt, case):
     """Raw states -> scale -> nowcaster -> unscale; WNN runs per parameter, not per edge."""
-    need_shared()
     _, t = fixture(case)
     graph, spec, nowcaster = fixture_graph(case), fixture_spec(case), official(ckpt)
     for k in KS:
@@ -168,7 +150,6 @@ def test_full_nowcast_matches_reference_params(ckpt, case):
 
 @pytest.mark.parametrize("ckpt", MLP_CKPTS)
 def test_wnn_per_parameter_equals_per_edge(ckpt):
-    need_shared()
     _, t = fixture("fm16")
     graph, nowcaster = fixture_graph("fm16"), official(ckpt)
     scaled, _, _ = scale_states(t["states"], fixture_spec("fm16"))
@@ -183,7 +164,6 @@ def test_wnn_per_parameter_equals_per_edge(ckpt):
 # ----------------------------------------------------------------------------- purity and limits
 def test_nino_forward_never_modifies_the_model():
     """The reference truncates edge_proj in place on F_g < F_m; here fm16 (F_g 9) -> gpt2 (F_g 1) -> fm16."""
-    need_shared()
     nino = official("nino_no_posw")
     before = {k: v.clone() for k, v in nino.model.state_dict().items()}
     runs = []
@@ -202,10 +182,6 @@ def test_kernels_larger_than_max_feat_size_are_refused():
         model.nowcast(attr, ei, et, pos, pw, 1)
     with pytest.raises(NowcastError, match="at most 9"):
         model(attr, ei, et, pos, pw)
-    try:
-        from ninocast_server.engine.graphs import build_graph
-    except ImportError:
-        return
     spec = ModelSpec(family="generic", params=[("c.weight", (4, 2, 5, 5)), ("c.bias", (4,)), ("fc.weight", (3, 4))])
     graph = build_graph(spec, with_lpe=False)
     graph.pos = torch.zeros(graph.num_nodes, 8)
@@ -259,7 +235,6 @@ def test_nino_training_forward_slices_equal_inference(layers):
 
 
 def test_nino_training_forward_matches_reference_fixture():
-    need_shared()
     _, t = fixture("gpt2_tiny")
     model = official("nino_no_posw").model
     out = model(t["edge_attr"], t["edge_index"], t["edge_type"], t["pos"], t["pos_w"]).detach()
@@ -329,8 +304,7 @@ def test_nino_config_refuses_one_layer(tmp_path):
 
 
 def test_official_roundtrip_and_name(tmp_path):
-    need_shared()
-    src = CKPTS / "nino_mlp_h32.pt"
+    src = checkpoint("nino_mlp_h32")
     out = save_nowcaster(load_nowcaster(str(src)), tmp_path / "h32", source={"sha256": "389e4d51"})
     loaded = load_nowcaster(str(out))
     assert loaded.name == "nino_mlp_h32" and loaded.kind == "wnn"

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import struct
 
-import httpx
 import pytest
 import torch
 
@@ -28,7 +27,7 @@ def session(alice):
 @pytest.fixture(autouse=True)
 def healthy_after(server):
     yield
-    assert httpx.get(server.url + "/healthz", timeout=5).status_code == 200
+    assert server.healthy()
 
 
 def put(c, sid, body, step=1, headers=OCTET):

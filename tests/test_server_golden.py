@@ -3,44 +3,23 @@ official nino_no_posw checkpoint from its models dir; the answer equals the engi
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import pytest
 import torch
-from safetensors.numpy import load_file
 from safetensors.torch import load
 
+from ninocast.spec import ModelSpec
+from ninocast_server.engine import runner
+from ninocast_server.engine.nowcasters.checkpoint import load_nowcaster, save_nowcaster
 from server_utils import OCTET, Server, encode, flatten_answer
-
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-CHECKPOINT = SHARED / "reference" / "checkpoints" / "nino_no_posw.pt"
-GOLDEN = SHARED / "reference" / "golden"
+from shared_data import checkpoint, golden
 
 
-@pytest.fixture(scope="module")
-def engine():
-    if not CHECKPOINT.exists() or not (GOLDEN / "gpt2.json").exists():
-        pytest.skip(f"reference material absent under {SHARED}")
-    try:
-        from ninocast_server.engine import runner
-        from ninocast_server.engine.graphs import build_graph  # noqa: F401 - the graph builder must exist
-        from ninocast_server.engine.nowcasters.checkpoint import load_nowcaster, save_nowcaster
-    except ImportError as e:
-        pytest.skip(f"engine pieces not importable yet: {e}")
-    return runner, load_nowcaster, save_nowcaster
-
-
-def test_gpt2_nino_no_posw_over_http(engine, tmp_path, api_keys):
-    import json
-
-    from ninocast.spec import ModelSpec
-
-    runner, load_nowcaster, save_nowcaster = engine
+def test_gpt2_nino_no_posw_over_http(tmp_path, api_keys):
     models = tmp_path / "models"
-    save_nowcaster(load_nowcaster(str(CHECKPOINT), name="nino_no_posw"), models / "nino_no_posw")
-    spec_json = json.loads((GOLDEN / "gpt2.json").read_text())["spec"]
+    save_nowcaster(load_nowcaster(str(checkpoint("nino_no_posw")), name="nino_no_posw"), models / "nino_no_posw")
+    meta, arrays = golden("gpt2")
+    spec_json = meta["spec"]
     spec = ModelSpec.from_json(spec_json)
-    states = torch.from_numpy(load_file(str(GOLDEN / "gpt2.safetensors"))["states"]).float()
+    states = torch.from_numpy(arrays["states"]).float()
     assert states.shape == (spec.n_params, 5)
     k = 7
     want = runner.nowcast(load_nowcaster(str(models / "nino_no_posw")), spec, states, k)

@@ -9,16 +9,14 @@ import os
 import socket
 import struct
 import subprocess
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import httpx
 import pytest
 import torch
 
-from server_utils import OCTET, Server, assert_error, cli_cmd, encode, server_env, serve_cmd, training_states
+from server_utils import OCTET, Server, assert_error, cli_cmd, encode, server_env, serve_cmd
 
 QUOTA = 5_000_000
 BIG = [["w", [250_000]]]  # a 1,000,000-byte float32 state
@@ -53,8 +51,7 @@ def alice(srv, keys):
 def healthy_after(request):
     yield
     if "srv" in request.fixturenames:
-        srv = request.getfixturevalue("srv")
-        assert httpx.get(srv.url + "/healthz", timeout=20).status_code == 200
+        assert request.getfixturevalue("srv").healthy(timeout=20)
 
 
 # ---------------------------------------------------------------------------- raw HTTP
@@ -203,7 +200,7 @@ def test_idle_half_sent_headers_are_closed_and_others_served(srv, alice):
         sid = session(alice, [["w", [3]]])  # legitimate clients are served meanwhile
         assert alice.put(f"/v1/sessions/{sid}/states/1", content=encode({"w": torch.ones(3)}),
                          headers=OCTET).status_code == 201
-        assert httpx.get(srv.url + "/healthz", timeout=5).status_code == 200
+        assert srv.healthy()
         deadline = time.monotonic() + 10  # header_timeout_s = 1
         for i, s in enumerate(idle):
             if i % 3:
@@ -240,12 +237,7 @@ def test_header_size_and_connection_caps(srv):
         for s in held:
             s.close()
     deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(srv.url + "/healthz", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
+    while not srv.healthy(timeout=2) and time.monotonic() < deadline:
         time.sleep(0.1)
 
 
@@ -417,7 +409,8 @@ def test_head_and_405_allow(srv, alice):
         assert_error(r, 405, "method_not_allowed")
         assert r.headers["allow"] == "GET, POST"
     r = alice.request("PATCH", "/v1/sessions/abc")
-    assert_error(r, 405) and r.headers["allow"] == "DELETE, GET"
+    assert_error(r, 405)
+    assert r.headers["allow"] == "DELETE, GET"
     assert httpx.post(srv.url + "/healthz", timeout=5).headers["allow"] == "GET, HEAD"
 
 

@@ -4,29 +4,7 @@ from __future__ import annotations
 
 import time
 
-import pytest
-from fastapi.testclient import TestClient
-
 from server_utils import OCTET, assert_error, encode, training_states
-
-
-@pytest.fixture()
-def make_client(tmp_path):
-    from ninocast_server.api import create_app
-    from ninocast_server.settings import load_settings
-
-    clients = []
-
-    def make(**limits) -> TestClient:
-        app = create_app(load_settings(data_dir=tmp_path / f"data{len(clients)}", device="cpu", **limits))
-        c = TestClient(app)
-        c.__enter__()
-        clients.append(c)
-        return c
-
-    yield make
-    for c in clients:
-        c.__exit__(None, None, None)
 
 
 def test_sessions_per_key_and_disk_quota(make_client):

@@ -55,6 +55,28 @@ def test_settings_precedence_and_open_mode(tmp_path, monkeypatch):
         load_settings(host="0.0.0.0", keys_file=tmp_path / "k.json", open_mode=True)
     assert load_settings(host="0.0.0.0", open_mode=True).is_open
     assert not load_settings(host="0.0.0.0", keys_file=tmp_path / "k.json").is_open
+    monkeypatch.delenv("NINOCAST_QUEUE_SIZE")
+    cfg.write_text('NINOCAST_PORT = 9003\nQueue_Size = 5\n')  # the variable's name works in the file too
+    assert (load_settings(cfg).port, load_settings(cfg).queue_size) == (9003, 5)
+    monkeypatch.setenv("NINOCAST_CONFIG", str(cfg))
+    assert load_settings().port == 9003 and load_settings().host == "127.0.0.1"  # defaults under the file
+
+
+@pytest.mark.parametrize("text, mentions", [
+    ('port = "eighty"\n', "NINOCAST_PORT"),  # a wrong type names the setting and the value
+    ('queue_size = 0\n', "NINOCAST_QUEUE_SIZE"),
+    ('open_mode = "maybe"\n', "NINOCAST_OPEN_MODE"),
+    ('port = 8000\nport = 8001\n', "ninocast.toml"),  # not TOML: the file is named
+    ('[limits]\nqueue_size = 3\n', "unknown setting 'limits'"),
+])
+def test_toml_values_are_checked(tmp_path, text, mentions):
+    from ninocast_server.settings import SettingsError, load_settings
+
+    cfg = tmp_path / "ninocast.toml"
+    cfg.write_text(text)
+    with pytest.raises(SettingsError) as e:
+        load_settings(cfg)
+    assert mentions in str(e.value)
 
 
 def test_keys_cli_prints_only_the_key(tmp_path):

@@ -13,6 +13,8 @@ from ninocast.spec import ModelSpec
 from ninocast_server.sessions.errors import ServiceError
 from ninocast_server.sessions.queue import ComputeQueue
 from ninocast_server.sessions.safetensors_io import encode
+from server_utils import OCTET, training_states
+from server_utils import encode as encode_states
 
 
 def test_queue_is_round_robin_across_keys():
@@ -124,3 +126,47 @@ def test_superseded_states_are_renamed_then_removed_at_start_up(tmp_path):
     again = SessionStore(tmp_path / "data", 10, 3600, 10)
     again.open()
     assert sorted(again.get("o", s.id).states) == [2, 3] and not garbage[0].exists()
+
+
+def _samples(text: str) -> dict[tuple, float]:
+    """{(sample name, sorted label items): value} of a Prometheus text page."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for fam in text_string_to_metric_families(text) for s in fam.samples}
+
+
+def test_metrics_count_requests_per_app(make_client):
+    a, b = make_client(), make_client()  # two apps in one process: each counts only its own requests
+    spec, states = training_states(seed=3, n=1)
+    body = encode_states(states[0])
+    for _ in range(3):
+        assert a.get("/healthz").status_code == 200
+    sid = a.post("/v1/sessions", json={"spec": spec}).json()["id"]
+    assert a.put(f"/v1/sessions/{sid}/states/1", content=body, headers=OCTET).status_code == 201
+    put_route = (("route", "/v1/sessions/{session_id}/states/{step}"),)
+    got = _samples(a.get("/metrics").text)
+    assert got[("ninocast_requests_total", (("method", "GET"), ("route", "/healthz"), ("status", "200")))] == 3
+    assert got[("ninocast_requests_total", (("method", "PUT"),) + put_route + (("status", "201"),))] == 1
+    assert got[("ninocast_request_bytes_total", put_route)] == len(body)
+    assert got[("ninocast_response_bytes_total", put_route)] > 0
+    assert got[("ninocast_sessions_active", ())] == 1 and got[("ninocast_disk_used_bytes", ())] > 0
+    assert got[("ninocast_queue_depth", ())] == 0
+    other = _samples(b.get("/metrics").text)
+    assert not [k for k in other if k[0] == "ninocast_requests_total" and ("route", "/healthz") in k[1]]
+    assert other[("ninocast_sessions_active", ())] == 0
+
+
+def test_metrics_nowcast_histogram():
+    from ninocast_server.api.metrics import Metrics
+
+    m = Metrics()
+    m.observe_nowcast("linefit", "cpu", 0.3)
+    m.observe_nowcast("linefit", "cpu", 7.0)
+    got = _samples(m.render())
+    lab = (("device", "cpu"), ("nowcaster", "linefit"))
+    bucket = {le: got[("ninocast_nowcast_seconds_bucket", tuple(sorted(lab + (("le", le),))))]
+              for le in ("0.25", "0.5", "5.0", "10.0", "+Inf")}
+    assert bucket == {"0.25": 0, "0.5": 1, "5.0": 1, "10.0": 2, "+Inf": 2}
+    assert got[("ninocast_nowcast_seconds_count", lab)] == 2
+    assert abs(got[("ninocast_nowcast_seconds_sum", lab)] - 7.3) < 1e-9

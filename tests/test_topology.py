@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from graph_zoo import HF_CASES, ZOO, ResNet, check_dataflow
+from graph_zoo import ZOO, ResNet, check_dataflow
 from ninocast.spec import ModelSpec, SpecError
 from ninocast.topology import Link, Topology, chain_topology, is_plain_chain
 from ninocast.tracing import example_input, trace_topology
@@ -20,8 +20,6 @@ from server_utils import assert_error
 
 
 def _build(name: str):
-    if name in HF_CASES:
-        pytest.importorskip("transformers", reason="transformers not installed")
     torch.manual_seed(0)
     case = ZOO[name]
     model = case.build()

@@ -42,7 +42,7 @@ def params(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
-def train(model: nn.Module, opt, steps: int = STEPS, lr_scale: float = 1.0) -> list[float]:
+def train(model: nn.Module, opt, steps: int = STEPS) -> list[float]:
     """The README's loop; returns the probe loss right before and right after each nowcast call."""
     around = []
     for s in range(steps):
@@ -316,8 +316,6 @@ def test_bench_speedup_verify_smoke(tmp_path: Path):
 
 # ---------------------------------------------------------------------------- framework callbacks
 def test_hugging_face_callback_probes_the_first_eval_batch(tmp_path):
-    pytest.importorskip("transformers")
-    pytest.importorskip("accelerate", reason="transformers.Trainer needs accelerate")
     from transformers import Trainer, TrainingArguments
 
     from ninocast.integrations.hf import NowcastCallback
@@ -347,10 +345,7 @@ def test_hugging_face_callback_probes_the_first_eval_batch(tmp_path):
 @pytest.mark.filterwarnings("ignore:.*LeafSpec")
 @pytest.mark.parametrize("probe", ["eval_batch", "closure"])
 def test_lightning_callback_verifies_with_the_val_batch_or_the_closure(tmp_path, probe):
-    from test_integrations import _lightning
-
-    pl = _lightning()
-    from ninocast.integrations.lightning import NowcastCallback
+    from ninocast.integrations.lightning import NowcastCallback, pl  # pl: the Lightning package it subclasses
 
     class Module(pl.LightningModule):
         def __init__(self):

@@ -10,6 +10,7 @@ from typing import Any, Protocol
 import torch
 
 from .flat import flatten, unflatten
+from .session_settings import SessionSettings
 from .spec import ModelSpec
 from .transport import (InvalidResponse, NotFound, NowcastAPIError, NowcastClient, RequestRejected,
                         ServerUnavailable)
@@ -47,14 +48,11 @@ class RemoteBackend:
 
     streams_states = True  # snapshots go to the server in the background, as they are taken
 
-    def __init__(self, url: str, spec: ModelSpec, *, api_key: str | None, nowcaster: str | None, ctx: int,
-                 period: int, max_train_steps: int, name: str | None, record: bool, timeout: float,
+    def __init__(self, url: str, settings: SessionSettings, *, api_key: str | None, timeout: float,
                  retries: int) -> None:
         # a busy server's Retry-After must not hold a training loop for long: wait at most 5 s per retry
         self.client = NowcastClient(url, api_key=api_key, timeout=timeout, retries=retries, max_retry_wait=5.0)
-        self.spec = spec
-        self.session_args = dict(nowcaster=nowcaster, ctx=ctx, period=period, max_train_steps=max_train_steps,
-                                 name=name, record=record)
+        self.settings = settings  # replaced (not changed) when the run's length changes before the session exists
         self.session_id: str | None = None
         self.acked: set[int] = set()  # steps the current session acknowledged
         self.last_info: dict[str, Any] = {}
@@ -68,7 +66,7 @@ class RemoteBackend:
         if self.closed:
             raise ServerUnavailable("the optimizer was closed: no new session")
         if self.session_id is None:
-            created = self.client.create_session(self.spec, **self.session_args, deadline=deadline)
+            created = self.client.create_session(self.settings, deadline=deadline)
             with self._lock:
                 self.session_id, self.acked = created["id"], set()
             for line in created.get("warnings") or []:

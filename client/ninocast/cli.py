@@ -218,6 +218,8 @@ def _add_graph_parser(sub: argparse._SubParsersAction) -> None:
                    "the spec (repeatable); its tensors pass through nowcasts unchanged")
     s.add_argument("--spec-out", metavar="FILE.json", help="also write the spec (with its topology) here")
     s.add_argument("--json", action="store_true", help="print the summary as JSON")
+    s.add_argument("--pyg", metavar="FILE.pt", help="also save the graph, with its Laplacian encoding, as a PyTorch "
+                   "Geometric Data object (torch.load(FILE, weights_only=False))")
     s.set_defaults(func=_lazy("ninocast_server.engine.graph_cli", "run_graph"))
 
 

@@ -20,6 +20,8 @@ STATE_DTYPES: dict[str, torch.dtype] = {"F32": torch.float32, "BF16": torch.bflo
 ACCEPTED_DTYPES = tuple(STATE_DTYPES.values())
 ACCEPTED_NAMES = "float32, bfloat16 or float16"
 SAFETENSORS_NAMES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}  # the API's dtype names
+# What a nowcast's answer may be asked in (POST .../nowcast ``dtype``): an accepted dtype, or each tensor's own.
+NOWCAST_DTYPES = (*SAFETENSORS_NAMES, "uploaded")
 
 
 def state_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -41,6 +41,7 @@ from __future__ import annotations
 import time
 import warnings
 from collections import Counter
+from dataclasses import replace
 from typing import Any, Callable, Mapping
 
 import torch
@@ -49,6 +50,7 @@ from torch import nn
 from .backends import Backend, LocalBackend, RemoteBackend
 from .flat import StateError, check_state, state_dtype
 from .schedule import MAX_HORIZON, k_at_step
+from .session_settings import SessionSettings
 from .spec import ModelSpec
 from .transport import AuthError, DeadlineExceeded, NowcastAPIError, RequestRejected, check_url
 from .verify import Verify, as_verify, report_body, verify_jump
@@ -148,9 +150,9 @@ class NowcastOptimizer(torch.optim.Optimizer):
         self.backend: Backend | None = None
         if self._rank0:
             if server is not None:
-                self.backend = RemoteBackend(server, self.spec, api_key=api_key, nowcaster=nowcaster, ctx=ctx,
-                                             period=period, max_train_steps=max_train_steps, name=session_name,
-                                             record=record, timeout=timeout, retries=retries)
+                settings = SessionSettings(self.spec, nowcaster=nowcaster, ctx=ctx, period=period,
+                                           max_train_steps=max_train_steps, name=session_name, record=record)
+                self.backend = RemoteBackend(server, settings, api_key=api_key, timeout=timeout, retries=retries)
             else:
                 self.backend = LocalBackend(self.spec, nowcaster or "default", device=device)
         self._worker: BackendWorker | None = None
@@ -215,7 +217,7 @@ class NowcastOptimizer(torch.optim.Optimizer):
             raise ValueError(f"max_train_steps must be positive, got {max_train_steps}")
         self.max_train_steps = int(max_train_steps)
         if isinstance(self.backend, RemoteBackend):
-            self.backend.session_args["max_train_steps"] = self.max_train_steps
+            self.backend.settings = replace(self.backend.settings, max_train_steps=self.max_train_steps)
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         s = self.step_count

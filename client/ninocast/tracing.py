@@ -81,7 +81,6 @@ ELEMENTWISE = {
     "__rtruediv__", "where", "tanh_", "sigmoid_", "gelu_", "threshold", "glu_never",
 }
 ADD = {"__add__", "__radd__", "add", "add_", "__iadd__"}
-SUB = {"__sub__", "__rsub__", "sub", "sub_", "__isub__"}
 MUL = {"__mul__", "__rmul__", "mul", "mul_", "__imul__"}
 REDUCE = {"mean", "var", "std", "sum", "norm", "amax", "amin", "logsumexp", "var_mean", "std_mean"}
 CAT = {"cat", "concat", "concatenate"}
@@ -551,7 +550,7 @@ class _Trace(TorchFunctionMode):
             return self.set(out, Mixed("cat of different layers' outputs along positions"))
         for t, v in zip(parts, vals):
             if isinstance(v, ParamRef):
-                self.embed_param(v, g, f"cat")
+                self.embed_param(v, g, "cat")
         self.set(out, Feat(g, f.axes, f.version))
 
     def embed_param(self, p: ParamRef, g: int, where: str) -> None:

@@ -15,10 +15,9 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from .flat import SAFETENSORS_NAMES, STATE_DTYPES
+from .flat import state_dtype
+from .session_settings import SessionSettings
 from .spec import ModelSpec
-
-DTYPE_NAMES = {STATE_DTYPES[st]: name for name, st in SAFETENSORS_NAMES.items()}
 
 
 def check_url(url: str) -> str:
@@ -196,15 +195,15 @@ class NowcastClient:
         """The catalogue as served: ``{"default": name, "devices": [...], "nowcasters": [{name, kind, ...}]}``."""
         return self._json("GET", "/v1/nowcasters")
 
-    def create_session(self, spec: ModelSpec, nowcaster: str | None = None, ctx: int | None = None,
-                       period: int | None = None, max_train_steps: int | None = None, name: str | None = None,
-                       record: bool = False, deadline: float | None = None) -> dict:
-        body: dict[str, Any] = {"spec": spec.to_json(), "record": record}
-        for key, val in (("nowcaster", nowcaster), ("ctx", ctx), ("period", period),
-                         ("max_train_steps", max_train_steps), ("name", name)):
-            if val is not None:
-                body[key] = val
-        return self._json("POST", "/v1/sessions", json=body, deadline=deadline)
+    def create_session(self, settings: SessionSettings | ModelSpec, deadline: float | None = None,
+                       **fields: Any) -> dict:
+        """Create a session: from ``settings``, or from a spec and SessionSettings fields as keywords
+        (``nowcaster=``, ``ctx=``, ``period=``, ``max_train_steps=``, ``name=``, ``record=``)."""
+        if isinstance(settings, ModelSpec):
+            settings = SessionSettings(settings, **fields)
+        elif fields:
+            raise TypeError(f"give the session's fields in its SessionSettings, not as keywords: {sorted(fields)}")
+        return self._json("POST", "/v1/sessions", json=settings.to_json(), deadline=deadline)
 
     def get_session(self, session_id: str, deadline: float | None = None) -> dict:
         """Settings, the steps held, the nowcasts done and their timings (GET /v1/sessions/{id})."""
@@ -275,5 +274,6 @@ class Chunked:
 
 
 def encode_state(tensors: Mapping[str, torch.Tensor]) -> bytes:
-    """Named tensors -> safetensors bytes (contiguous CPU copies only where needed)."""
-    return st_save({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()})
+    """Named tensors -> safetensors bytes (contiguous CPU copies only where needed), each in the dtype it travels
+    in (``ninocast.flat.state_dtype``: float64 as float32, as NowcastOptimizer's snapshots are)."""
+    return st_save({k: v.detach().to("cpu", dtype=state_dtype(v.dtype)).contiguous() for k, v in tensors.items()})

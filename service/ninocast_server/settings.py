@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import ipaddress
 import os
-import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
 from . import DEFAULT_NOWCASTER
 
@@ -98,18 +97,11 @@ class Settings(BaseSettings):
         return init_settings, env_settings
 
 
-class _DictSource(PydanticBaseSettingsSource):
-    """The TOML file's values, lowest priority above the defaults."""
+class _TomlSource(TomlConfigSettingsSource):
+    """The TOML file's values, lowest priority above the defaults; keys may carry the NINOCAST_ prefix, any case."""
 
-    def __init__(self, settings_cls: type[BaseSettings], values: dict[str, Any]) -> None:
-        super().__init__(settings_cls)
-        self.values = values
-
-    def get_field_value(self, field, field_name):  # pragma: no cover - __call__ is used instead
-        return self.values.get(field_name), field_name, False
-
-    def __call__(self) -> dict[str, Any]:
-        return dict(self.values)
+    def _read_file(self, file_path: Path) -> dict[str, Any]:
+        return {k.lower().removeprefix("ninocast_"): v for k, v in super()._read_file(file_path).items()}
 
 
 def is_loopback(host: str) -> bool:
@@ -124,24 +116,24 @@ def is_loopback(host: str) -> bool:
 def load_settings(config: str | os.PathLike | None = None, **overrides: Any) -> Settings:
     """Settings from flags (overrides, None = unset) > environment > TOML file (config or NINOCAST_CONFIG)."""
     config = config or os.environ.get(ENV_PREFIX + "CONFIG") or None
-    toml: dict[str, Any] = {}
+    sources: tuple[PydanticBaseSettingsSource, ...] = ()
     if config:
         path = Path(config)
+        if not path.is_file():  # the TOML source would silently skip a missing file
+            raise SettingsError(f"settings file {path} " + ("is not a file" if path.exists() else "does not exist"))
         try:
-            toml = tomllib.loads(path.read_text())
-        except FileNotFoundError:
-            raise SettingsError(f"settings file {path} does not exist") from None
-        except (OSError, tomllib.TOMLDecodeError) as e:
+            sources = (_TomlSource(Settings, toml_file=path),)
+        except (OSError, ValueError) as e:  # ValueError: tomllib's (tomli's on 3.10) TOMLDecodeError
             raise SettingsError(f"settings file {path}: {e}") from None
-        toml = {k.lower().removeprefix("ninocast_"): v for k, v in toml.items()}
-    class _WithToml(Settings):
+
+    class _WithFile(Settings):
         @classmethod
         def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings,
                                        file_secret_settings) -> tuple[PydanticBaseSettingsSource, ...]:
-            return init_settings, env_settings, _DictSource(settings_cls, toml)
+            return (init_settings, env_settings) + sources
 
     try:
-        return _WithToml(**{k: v for k, v in overrides.items() if v is not None})
+        return _WithFile(**{k: v for k, v in overrides.items() if v is not None})
     except ValidationError as e:
         raise SettingsError(format_errors(e, config)) from None
 

@@ -94,6 +94,14 @@ class ServerProcess:
         self.stop()
         raise RuntimeError(f"server not ready after {timeout}s:\n{self.log.read_text()[-3000:]}")
 
+    def healthy(self, timeout: float = 5.0) -> bool:
+        """``GET /healthz`` answers 200 within ``timeout`` seconds (a test's check that a bad request left the
+        server serving)."""
+        try:
+            return httpx.get(self.url + "/healthz", timeout=timeout).status_code == 200
+        except httpx.HTTPError:
+            return False
+
     def kill(self) -> None:
         """SIGKILL: no shutdown handlers, no flushing."""
         if self.proc and self.proc.poll() is None:

@@ -8,6 +8,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
 
+from ninocast.flat import NOWCAST_DTYPES
 from ninocast.schedule import k_at_step
 
 from ..sessions.store import Session
@@ -47,7 +48,7 @@ class NowcastRequest(BaseModel):
 
     k: int | None = Field(None, description="horizon in snapshot intervals (1..the nowcaster's horizon, 40 for "
                           "NiNo); default: the session's schedule position at its newest step")
-    dtype: Literal["float32", "bfloat16", "float16", "uploaded"] = Field(
+    dtype: Literal[NOWCAST_DTYPES] = Field(  # type: ignore[valid-type]
         "float32", description="dtype of the returned tensors; 'uploaded': each tensor's dtype in the newest state")
 
 

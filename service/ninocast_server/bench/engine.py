@@ -68,8 +68,8 @@ def gpt2_bench_spec(layers: int, d: int, heads: int, vocab: int = 50257, positio
     return ModelSpec("gpt2", tuple(params), num_heads=heads)
 
 
-def llama_bench_spec(layers: int, d: int, heads: int, kv: int, inner: int, vocab: int):
-    """HF LlamaForCausalLM's tensors with tied embeddings (no lm_head), grouped-query attention."""
+def llama_bench_spec(layers: int, d: int, heads: int, kv: int, inner: int, vocab: int, tied: bool = True):
+    """HF LlamaForCausalLM's tensors, grouped-query attention; tied embeddings (no lm_head) unless ``tied=False``."""
     from ninocast.spec import ModelSpec
 
     dkv = d // heads * kv
@@ -82,6 +82,8 @@ def llama_bench_spec(layers: int, d: int, heads: int, kv: int, inner: int, vocab
                    (h + "mlp.down_proj.weight", (d, inner)), (h + "input_layernorm.weight", (d,)),
                    (h + "post_attention_layernorm.weight", (d,))]
     params += [("model.norm.weight", (d,))]
+    if not tied:
+        params += [("lm_head.weight", (vocab, d))]
     return ModelSpec("llama", tuple(params), num_heads=heads, num_key_value_heads=kv)
 
 

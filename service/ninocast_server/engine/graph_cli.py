@@ -102,12 +102,19 @@ def run_graph(args: argparse.Namespace) -> int:
         else:
             model, example = load_model(args.target, args.input)
             spec = ModelSpec.from_module(model, example_input=example, leave_out=args.leave_out or ())
-        graph = build_graph(spec, with_lpe=False)
+        graph = build_graph(spec, with_lpe=bool(args.pyg))
     except (GraphCommandError, SpecError, OSError) as e:
         raise CommandError(f"no neural graph: {e}") from None
     s = summary(spec, graph)
     if args.spec_out:
         Path(args.spec_out).write_text(json.dumps(spec.to_json()))
+    if args.pyg:
+        import torch
+
+        try:
+            torch.save(graph.to_pyg(), args.pyg)
+        except (OSError, RuntimeError) as e:  # torch.save: RuntimeError for a missing folder
+            raise CommandError(f"--pyg {args.pyg}: {e}") from None
     print(json.dumps(s, indent=1) if args.json else render(s))
     return 0
 

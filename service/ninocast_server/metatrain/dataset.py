@@ -325,13 +325,3 @@ def baseline_predictions(batch: Batch, horizon: int, kind: str) -> Tensor:
     else:
         raise ValueError(f"unknown baseline {kind!r}")
     return pred.reshape(E, -1)
-
-
-def per_horizon_l1(pred: Tensor, batch: Batch, horizon: int) -> Tensor:
-    """(T,) masked mean absolute error per horizon (NaN where no entry has that horizon)."""
-    E = pred.shape[0]
-    diff = (pred - batch.target).abs().view(E, -1, horizon)
-    m = batch.mask.view(E, -1, horizon)
-    num = (diff * m).sum(dim=(0, 1))
-    den = m.sum(dim=(0, 1))
-    return torch.where(den > 0, num / den.clamp(min=1), torch.full_like(num, math.nan))

@@ -257,8 +257,6 @@ class LanguageTask(Task):
         return {"val_ppl": float(torch.tensor(loss).exp()), "val_loss": loss}
 
 
-KJVLanguageTask = LanguageTask  # the first round's name
-
 
 def language_task(name: str) -> LanguageTask:
     return LanguageTask(name, LM_CONFIGS[name])

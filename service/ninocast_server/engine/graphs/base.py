@@ -4,9 +4,13 @@ the model's flat parameter vector and per-edge features (NINO_SPEC §2.1, §2.4)
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from torch_geometric.data import Data
 
 SELF_LOOP_VALUE = 2.0  # written in scaled units on every self-loop (§2.4)
 VIRTUAL_VALUE = 1.0  # residual and head edges (types 10, 11)
@@ -58,3 +62,22 @@ class NeuralGraph:
         return NeuralGraph(move(self.edge_index), move(self.edge_type), move(self.pos_w), self.num_nodes,
                            self.feat_size, move(self.param_slot), move(self.virtual_edges),
                            dict(self.edge_ranges), move(self.pos))
+
+    def to_pyg(self, states: Tensor | None = None) -> "Data":
+        """The graph as a PyTorch Geometric ``Data``, to inspect it or feed it to PyG's own tools.
+
+        Fields: ``edge_index``, ``edge_type``, ``num_nodes``, ``pos`` (the LPE, when computed), ``pos_w``,
+        ``param_slot``, ``virtual_edges``, ``feat_size``, ``edge_ranges``; with ``states`` (P, S), also
+        ``edge_attr``: the (E, F_g * S) edge features the nowcaster reads (``edge_features``, unscaled). The
+        engine itself does not use PyG (its chunked message passing needs no ``Data``); the import is here, so
+        that only an export pays for it."""
+        from torch_geometric.data import Data
+
+        data = Data(edge_index=self.edge_index, edge_type=self.edge_type, num_nodes=self.num_nodes, pos_w=self.pos_w,
+                    param_slot=self.param_slot, virtual_edges=self.virtual_edges, feat_size=self.feat_size,
+                    edge_ranges=dict(self.edge_ranges))
+        if self.pos is not None:
+            data.pos = self.pos
+        if states is not None:
+            data.edge_attr = self.edge_features(states)
+        return data

@@ -28,13 +28,13 @@ eigenvalue and the next eigenvalue instead (Llama fixtures, column 7); this modu
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import threading
 import warnings
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
+from threadpoolctl import threadpool_limits
 
 from .generic import EdgeBlock
 
@@ -121,55 +121,31 @@ def laplacian(edge_index: torch.Tensor, num_nodes: int):  # -> scipy.sparse.csc_
 
 @contextlib.contextmanager
 def single_threaded_blas() -> Iterator[None]:
-    """Run OpenBLAS (numpy's and scipy's copies) on one thread inside the block, as threadpoolctl would.
+    """Run the BLAS libraries loaded in this process (numpy's and scipy's OpenBLAS) on one thread inside the block.
 
     The eigensolvers make many thin BLAS calls; OpenBLAS's threads spin and, on cores shared with other
     work, make ARPACK 5-20x slower (measured: 1.0 s vs 0.05 s inside ARPACK on the 52k-node graph). One
     thread also makes the floating-point reductions, hence ``pos``, independent of the machine's core count.
-    Linux only (found through /proc/self/maps); elsewhere, or if the symbols are missing, a no-op."""
-    global _blas_users, _blas_saved
+    threadpoolctl sets the limit; the count of users here keeps concurrent or nested blocks from restoring the
+    threads while another block still runs (threadpoolctl's own context manager would restore at its exit)."""
+    global _blas_users, _blas_limits
     with _blas_lock:
         if _blas_users == 0:
-            _blas_saved = [(setter, getter()) for getter, setter in _openblas_controls()]
-            for setter, _ in _blas_saved:
-                setter(1)
+            _blas_limits = threadpool_limits(limits=1, user_api="blas")
         _blas_users += 1
     try:
         yield
     finally:
         with _blas_lock:
             _blas_users -= 1
-            if _blas_users == 0:
-                for setter, threads in _blas_saved:
-                    setter(threads)
+            if _blas_users == 0 and _blas_limits is not None:
+                _blas_limits.restore_original_limits()
+                _blas_limits = None
 
 
 _blas_lock = threading.Lock()
 _blas_users = 0
-_blas_saved: list = []
-
-
-def _openblas_controls() -> list:
-    """(get_num_threads, set_num_threads) of every OpenBLAS loaded in this process."""
-    try:
-        with open("/proc/self/maps") as f:
-            paths = {line.split()[-1] for line in f if "openblas" in line.lower() and "/" in line}
-    except OSError:
-        return []
-    controls = []
-    for path in sorted(paths):
-        try:
-            lib = ctypes.CDLL(path)
-        except OSError:
-            continue
-        for prefix, suffix in (("scipy_", "64_"), ("scipy_", ""), ("", "64_"), ("", "")):
-            get = getattr(lib, f"{prefix}openblas_get_num_threads{suffix}", None)
-            put = getattr(lib, f"{prefix}openblas_set_num_threads{suffix}", None)
-            if get is not None and put is not None:
-                get.restype, put.argtypes = ctypes.c_int, [ctypes.c_int]
-                controls.append((get, put))
-                break
-    return controls
+_blas_limits: threadpool_limits | None = None
 
 
 def fix_signs(pos: np.ndarray) -> None:
