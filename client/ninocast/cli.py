@@ -194,6 +194,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "verified only (labelled NAME+v), 'both' unverified and verified (default off)")
     b.add_argument("--verify-tolerance", type=float, default=0.0, metavar="X",
                    help="with --verify: accept a jump whose probe loss rises by at most X (relative; default 0)")
+    b.add_argument("--graph", choices=["auto", "traced", "both"], default="auto",
+                   help="the nowcasters' graphs: 'traced' builds every spec with its traced topology "
+                   "(ModelSpec.from_module(graph='traced'), labelled NAME@traced) even where a hand-written layout "
+                   "exists (GPT-2, Llama, chains), 'both' runs each nowcaster both ways (default auto)")
     b.add_argument("--final-nowcast", choices=["skip", "keep"], default="skip",
                    help="NowcastOptimizer's rule for the budget's last nowcast (default skip: a normal step)")
     b.add_argument("--quick", action="store_true", help="smoke run in seconds (digits + linefit, tiny budget)")
