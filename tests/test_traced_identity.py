@@ -14,7 +14,7 @@ from ninocast.spec import ModelSpec
 from ninocast.topology import Topology, TopologyError, check_topology
 from ninocast_server.engine.graphs import build_graph
 from ninocast_server.engine.graphs.stream import build_streamed, layout_edges
-from shared_data import golden
+from shared_data import CHECKPOINTS, golden, need
 
 tf = pytest.importorskip("transformers")
 
@@ -137,3 +137,42 @@ def test_streamed_graph_of_a_traced_spec_is_its_graph():
     assert layout_edges(spec) == g.num_edges
     assert s.num_nodes == g.num_nodes and torch.equal(s.pos, g.pos)
     assert torch.equal(s.materialise().edge_index, g.edge_index)
+
+
+@pytest.mark.parametrize("case", ["gpt2", "llama"])
+def test_nino_nowcasts_through_traced_graphs_are_the_hand_written_ones(case):
+    """Same graph, same nowcast: the official checkpoint on the golden states, bit for bit (LPE injected as
+    test_golden does, so the reference's numbers apply too)."""
+    from ninocast_server.engine import nowcast
+    from ninocast_server.engine.graphs import GraphCache
+    from ninocast_server.engine.nowcasters.checkpoint import load_nowcaster
+
+    meta, arrays = golden(case)
+    hand = ModelSpec.from_json(meta["spec"])
+    traced = ModelSpec.from_module(golden_model(case)[0], graph="traced")
+    nino = load_nowcaster(str(need(CHECKPOINTS / "nino_no_posw.pt")))
+    states = torch.from_numpy(arrays["states"])
+    pos = torch.from_numpy(arrays["graph.pos"])
+    outs = []
+    for spec in (hand, traced):
+        cache = GraphCache()
+        cache.put(spec, build_graph(spec, pos=pos), with_lpe=True)
+        outs.append(nowcast(nino, spec, states, 7, graph_cache=cache))
+    assert torch.equal(outs[0], outs[1])
+    assert float((outs[1] - torch.from_numpy(arrays["nino_no_posw.k7"])).abs().max()) < 2e-5
+
+
+def test_bench_speedup_traced_graph_runs_equal_the_hand_written(tmp_path):
+    """``--graph both``: NAME and NAME@traced train identically (digits-cnn, official NiNo, a short budget)."""
+    from ninocast.cli import main
+
+    need(CHECKPOINTS / "nino_no_posw.pt")
+    out = tmp_path / "bench"
+    assert main(["bench", "speedup", "--task", "digits-cnn", "--nowcasters", "nino", "--seeds", "1000",
+                 "--max-steps", "300", "--no-early-stop", "--graph", "both", "--no-progress", "--out", str(out)]) == 0
+    runs = {r["method"]: r for r in map(json.loads, (out / "runs.jsonl").read_text().splitlines())}
+    assert set(runs) == {"adamw", "nino", "nino@traced"}
+    hand, traced = runs["nino"], runs["nino@traced"]
+    assert (hand["graph"], traced["graph"]) == ("auto", "traced") and hand["n_nowcasts"] >= 2
+    assert traced["curve"] == hand["curve"] and traced["nowcast_steps"] == hand["nowcast_steps"]
+    assert traced["curve"] != runs["adamw"]["curve"]
