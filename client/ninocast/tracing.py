@@ -947,8 +947,10 @@ def trace_topology(module: nn.Module, example: Any = None, leave_out: Sequence[s
     tracer = _Trace(module, leave_out, llama)
     hooks = []
     modes = {m: m.training for m in module.modules()}
-    for m in module.modules():
-        if is_leaf(m, llama):
+    for prefix, m in module.named_modules():
+        # a Llama block with tensors left out is traced layer by layer (its data flow), not as the reference's unit
+        whole = llama and not any(tracer.left_out(n) for n, _ in m.named_parameters(prefix=prefix))
+        if is_leaf(m, whole):
             hooks.append(m.register_forward_pre_hook(tracer.pre_hook, with_kwargs=True))
             hooks.append(m.register_forward_hook(tracer.post_hook, with_kwargs=True))
     module.eval()
