@@ -246,7 +246,8 @@ class _Trace(TorchFunctionMode):
         if pname is not None and self.left_out(pname):
             return
         if role in ("bias", "norm"):
-            self.groups[self.find(options.get("at", dst))].aux += 1
+            at = options.get("at", -1)
+            self.groups[self.find(dst if at == -1 else at)].aux += 1
         lk = Link(pname, role, src, dst, offset, rows, dst_offset, **options)
         if lk.role not in ("res", "head"):
             name = block_names(0, lk, [("", 0)])[0]
@@ -437,11 +438,10 @@ class _Trace(TorchFunctionMode):
         for role, dst in (("query", q), ("key", q), ("value", v)):
             off, rows = sl.get(role, (0, 0))
             self.link(names[role], role, x, dst, off, rows, name=bl.get(role), stored=stored)
-            if role != "key":
-                weight_block = self.links[-1] if self.links and self.links[-1].role == role else None
-                base = module_prefix(block_names(0, weight_block, [("", 0)])[0]) + "." if weight_block else ""
+            if role != "key":  # heads sit with their part's weight (§2.3.3): "c_attn.q.head", "q_proj.head"
+                block = block_names(0, Link(names[role], role, x, dst, off, rows, name=bl.get(role)), [("", 0)])[0]
                 self.link(None, "head", h, dst, 0, heads if role == "query" else kv,
-                          name=f"{base}head" if base else None)
+                          name=module_prefix(block) + ".head")
             if names.get(role + "_bias"):
                 self.link(names[role + "_bias"], "bias", -1, x if role == "key" else dst, off, rows,
                           name=bl.get(role + "_bias"), at=q if role == "value" else -1)
