@@ -10,7 +10,8 @@ heads, the token ids of an embedding) and *links*, one per (slice of a) paramete
 * ``token``, ``pos``: an embedding stored (rows, d): row ``r`` connects token/position neuron ``r`` of ``src``
   to the ``d`` neurons of ``dst`` (also class tokens and learned position tables of any shape (..., d));
 * ``bias``, ``norm``: a 1-D tensor (or its slice) gets one auxiliary node with an edge to each neuron of ``dst``
-  (a bias slice: to its ``rows`` neurons from ``dst_offset``, e.g. the key part of a fused attention bias on the attention input, where the key edges end);
+  (a bias slice: to its ``rows`` neurons from ``dst_offset``, e.g. the key part of a fused attention bias, on
+  the attention input where the key edges end);
 * ``res``: a virtual one-to-one connection (residual, concatenation) from ``rows`` neurons of ``src`` starting at
   ``offset`` to those of ``dst`` starting at ``dst_offset``; ``head``: head node ``h`` of ``src`` to the ``h``-th
   of ``rows`` (default: all of ``src``) equal slices of ``dst``.
