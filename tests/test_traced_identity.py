@@ -14,6 +14,7 @@ from ninocast.spec import ModelSpec
 from ninocast.topology import Topology, TopologyError, check_topology
 from ninocast_server.engine.graphs import build_graph
 from ninocast_server.engine.graphs.stream import build_streamed, layout_edges
+from server_utils import assert_error
 from shared_data import CHECKPOINTS, golden, need
 
 tf = pytest.importorskip("transformers")
@@ -176,3 +177,16 @@ def test_bench_speedup_traced_graph_runs_equal_the_hand_written(tmp_path):
     assert (hand["graph"], traced["graph"]) == ("auto", "traced") and hand["n_nowcasts"] >= 2
     assert traced["curve"] == hand["curve"] and traced["nowcast_steps"] == hand["nowcast_steps"]
     assert traced["curve"] != runs["adamw"]["curve"]
+
+
+def test_server_takes_traced_transformer_specs_and_checks_their_options(server, api_keys):
+    """The topology travels in the spec JSON: a traced GPT-2 opens a NiNo session; a bad link option is a 422."""
+    spec = ModelSpec.from_module(gpt2(d=8, layers=1, heads=2, vocab=7, positions=4), graph="traced").to_json()
+    bad = json.loads(json.dumps(spec))
+    next(lk for lk in bad["topology"]["links"] if len(lk) == 8 and "stored" in lk[7])[7]["stored"] = "sideways"
+    with server.client(api_keys["alice"]) as c:
+        r = c.post("/v1/sessions", json={"spec": spec, "nowcaster": "ninocast-nino"})
+        assert r.status_code == 201, r.text
+        c.delete(f"/v1/sessions/{r.json()['id']}")
+        assert_error(c.post("/v1/sessions", json={"spec": bad, "nowcaster": "ninocast-nino"}), 422, "invalid_spec",
+                     "stored must be 'in_out' or 'out_in'")
