@@ -173,7 +173,7 @@ def is_leaf(m: nn.Module, llama: bool = False) -> bool:
 
 def is_hf_llama(module: nn.Module) -> bool:
     """Is there a Hugging Face Llama in the module tree? Its blocks and token embedding then follow the
-    reference's Llama graph (NINO_SPEC §2.6.3-2.6.4), the graph the official checkpoints were trained on."""
+    reference's Llama graph (NINO_SPEC §2.6.3-2.6.4), the graph the reference nowcasts Llama through."""
     return any(getattr(getattr(m, "config", None), "model_type", None) == "llama" for m in module.modules())
 
 
@@ -517,8 +517,8 @@ class _Trace(TorchFunctionMode):
         """A Hugging Face Llama decoder layer, wired as the reference's Llama graph (NINO_SPEC §2.6.3) with its
         quirks (§2.6.4): norms on the block output, a separate up-projection input copy U, the output projection
         reading the dq nodes that end at the last value node, value head h on head node h. This is the graph the
-        official checkpoints were trained on; it is not the block's data flow (that is what the tracer gives
-        other decoder layers, e.g. Qwen2's)."""
+        reference nowcasts Llama through (the hand-written layout's); it is not the block's data flow (that is
+        what the tracer gives other decoder layers, e.g. Qwen2's)."""
         p = {n: m.get_submodule(n) for n in LLAMA_BLOCK_PARTS}
         q, k, v, o = (p[f"self_attn.{n}_proj"] for n in "qkvo")
         gate, up, down = (p[f"mlp.{n}_proj"] for n in ("gate", "up", "down"))
