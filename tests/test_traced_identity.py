@@ -190,3 +190,20 @@ def test_server_takes_traced_transformer_specs_and_checks_their_options(server, 
         c.delete(f"/v1/sessions/{r.json()['id']}")
         assert_error(c.post("/v1/sessions", json={"spec": bad, "nowcaster": "ninocast-nino"}), 422, "invalid_spec",
                      "stored must be 'in_out' or 'out_in'")
+
+
+def test_graph_command_traces_gpt2_on_request(tmp_path, capsys, monkeypatch):
+    """``ninocast graph --traced`` shows (and writes) the traced spec of a GPT-2; without it, the family's."""
+    from ninocast.cli import main
+
+    (tmp_path / "small_gpt2.py").write_text("import transformers as tf\n\ndef build():\n    return tf.GPT2LMHeadModel("
+                                            "tf.GPT2Config(n_embd=8, n_layer=1, n_head=2, vocab_size=11, "
+                                            "n_positions=8))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert main(["graph", "small_gpt2:build", "--json"]) == 0
+    hand = json.loads(capsys.readouterr().out)
+    assert main(["graph", "small_gpt2:build", "--traced", "--json", "--spec-out", str(tmp_path / "s.json")]) == 0
+    traced = json.loads(capsys.readouterr().out)
+    assert hand["family"] == "gpt2" and traced["family"] == "generic" and "traced" in traced["graph"]
+    assert (traced["nodes"], traced["edges"]) == (hand["nodes"], hand["edges"])
+    assert ModelSpec.load(str(tmp_path / "s.json")).topology is not None

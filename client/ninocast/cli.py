@@ -221,6 +221,8 @@ def _add_graph_parser(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--leave-out", action="append", metavar="NAME", help="leave this parameter or module out of "
                    "the spec (repeatable); its tensors pass through nowcasts unchanged")
     s.add_argument("--spec-out", metavar="FILE.json", help="also write the spec (with its topology) here")
+    s.add_argument("--traced", action="store_true", help="trace GPT-2, Llama and plain chains too (their specs "
+                   "then carry the topology; the graph is the hand-written one, docs/graphs.md)")
     s.add_argument("--json", action="store_true", help="print the summary as JSON")
     s.set_defaults(func=_lazy("ninocast_server.engine.graph_cli", "run_graph"))
 
