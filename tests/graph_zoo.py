@@ -158,6 +158,7 @@ class Case:
     build: Callable[[], nn.Module]
     example: Callable[[], Any] | None  # None: from_module guesses
     expect: str  # "traced" | "chain" (no topology, generic graph) | "family" (hand-written) | "refused"
+    #            | "reference" (traced into the reference's layout, quirks included: the hand-written graph)
     refusal: str = ""  # words the refusal must contain
     family: str = "auto"  # "generic": trace even GPT-2 / Llama
 
@@ -187,9 +188,8 @@ ZOO: dict[str, Case] = {
     "qwen2-gqa": Case(lambda: _hf("qwen2"), None, "traced"),
     "gpt2": Case(lambda: _hf("gpt2"), None, "family"),
     "llama": Case(lambda: _hf("llama"), None, "family"),
-    "llama-traced": Case(lambda: _hf("llama"), None, "traced", family="generic"),
-    "gpt2-traced": Case(lambda: _hf("gpt2"), None, "refused", "used by addmm outside a recognised layer",
-                        family="generic"),
+    "llama-traced": Case(lambda: _hf("llama"), None, "reference", family="generic"),
+    "gpt2-traced": Case(lambda: _hf("gpt2"), None, "traced", family="generic"),
 }
 
 
@@ -205,7 +205,7 @@ def _layer_of(model: nn.Module, param: str, consumer: bool) -> tuple[nn.Module, 
             return None if consumer else (parent, -1)
     if isinstance(owner, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
         return owner, 1
-    if isinstance(owner, (nn.Linear, nn.Embedding, nn.MultiheadAttention)):
+    if isinstance(owner, (nn.Linear, nn.Embedding, nn.MultiheadAttention)) or type(owner).__name__ == "Conv1D":
         return owner, -1
     return None
 

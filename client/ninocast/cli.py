@@ -194,6 +194,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "verified only (labelled NAME+v), 'both' unverified and verified (default off)")
     b.add_argument("--verify-tolerance", type=float, default=0.0, metavar="X",
                    help="with --verify: accept a jump whose probe loss rises by at most X (relative; default 0)")
+    b.add_argument("--graph", choices=["auto", "traced", "both"], default="auto",
+                   help="the nowcasters' graphs: 'traced' builds every spec with its traced topology "
+                   "(ModelSpec.from_module(graph='traced'), labelled NAME@traced) even where a hand-written layout "
+                   "exists (GPT-2, Llama, chains), 'both' runs each nowcaster both ways (default auto)")
     b.add_argument("--final-nowcast", choices=["skip", "keep"], default="skip",
                    help="NowcastOptimizer's rule for the budget's last nowcast (default skip: a normal step)")
     b.add_argument("--quick", action="store_true", help="smoke run in seconds (digits + linefit, tiny budget)")
@@ -217,6 +221,8 @@ def _add_graph_parser(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--leave-out", action="append", metavar="NAME", help="leave this parameter or module out of "
                    "the spec (repeatable); its tensors pass through nowcasts unchanged")
     s.add_argument("--spec-out", metavar="FILE.json", help="also write the spec (with its topology) here")
+    s.add_argument("--traced", action="store_true", help="trace GPT-2, Llama and plain chains too (their specs "
+                   "then carry the topology; the graph is the hand-written one, docs/graphs.md)")
     s.add_argument("--json", action="store_true", help="print the summary as JSON")
     s.add_argument("--pyg", metavar="FILE.pt", help="also save the graph, with its Laplacian encoding, as a PyTorch "
                    "Geometric Data object (torch.load(FILE, weights_only=False))")

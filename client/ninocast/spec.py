@@ -157,6 +157,7 @@ class ModelSpec:
         include: Collection[str] | None = None,
         example_input: Any = None,
         leave_out: Sequence[str] = (),
+        graph: str = "auto",
     ) -> "ModelSpec":
         """Describe an ``nn.Module``: its parameters (only the names in ``include`` when given, e.g. those an
         optimizer updates) that a neural graph can place.
@@ -170,7 +171,15 @@ class ModelSpec:
         Any other model's graph is traced from one forward pass on ``example_input`` (guessed when None,
         ``ninocast.tracing``); a model whose graph cannot be derived faithfully raises SpecError naming the
         layer. ``leave_out`` (parameter names or module prefixes) keeps tensors out of the spec: they then pass
-        through nowcasts unchanged."""
+        through nowcasts unchanged.
+
+        ``graph="traced"`` traces every model, GPT-2, Llama and plain chains included, and keeps the topology in
+        the spec, so the server builds the graph from it (for GPT-2, Llama, MLPs and the paper's ConvNets the
+        same graph as their hand-written layouts, docs/graphs.md)."""
+        if graph not in ("auto", "traced"):
+            raise SpecError(f"graph must be 'auto' or 'traced', got {graph!r}")
+        if graph == "traced":
+            family = "generic"
         all_params = [(n, tuple(p.shape)) for n, p in module.named_parameters()]
         params = [(n, s) for n, s in all_params if include is None or n in include]
         prefix, config = find_hf_model(module)
@@ -205,7 +214,7 @@ class ModelSpec:
             placed = [(n, s) for n, s in params if n in kept]
             internal = {*left_out, *untouched}  # scalars and tensors the optimizer does not update: no user choice
             asked = tuple(x for x in topology.left_out if x[0] not in internal)
-            if not asked and is_plain_chain(dataclasses.replace(topology, left_out=()), placed):
+            if not asked and graph == "auto" and is_plain_chain(dataclasses.replace(topology, left_out=()), placed):
                 topology = None  # exactly what a generic spec means without one: the JSON stays as before
         if left_out:
             warnings.warn(f"ninocast: {len(left_out)} parameter(s) left out of the {family} spec (no place in its "

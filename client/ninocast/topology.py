@@ -10,7 +10,8 @@ heads, the token ids of an embedding) and *links*, one per (slice of a) paramete
 * ``token``, ``pos``: an embedding stored (rows, d): row ``r`` connects token/position neuron ``r`` of ``src``
   to the ``d`` neurons of ``dst`` (also class tokens and learned position tables of any shape (..., d));
 * ``bias``, ``norm``: a 1-D tensor (or its slice) gets one auxiliary node with an edge to each neuron of ``dst``
-  (a bias slice: to its ``rows`` neurons from ``dst_offset``, e.g. a key bias on the key neurons of a query group);
+  (a bias slice: to its ``rows`` neurons from ``dst_offset``, e.g. the key part of a fused attention bias, on
+  the attention input where the key edges end);
 * ``res``: a virtual one-to-one connection (residual, concatenation) from ``rows`` neurons of ``src`` starting at
   ``offset`` to those of ``dst`` starting at ``dst_offset``; ``head``: head node ``h`` of ``src`` to the ``h``-th
   of ``rows`` (default: all of ``src``) equal slices of ``dst``.
@@ -22,7 +23,21 @@ graphs) is::
      "links": [["conv1.weight", "conv", 0, 1], ["conv1.bias", "bias", -1, 1], [null, "res", 1, 4, 0, 16, 0], ...],
      "tokens": 2, "left_out": [["rnn.weight_ih_l0", "recurrent layer rnn"]]}
 
-a link being ``[param, role, src, dst]`` optionally followed by ``offset, rows, dst_offset`` (0: whole tensor).
+a link being ``[param, role, src, dst]`` optionally followed by ``offset, rows, dst_offset`` (0: whole tensor)
+and then by an object of options, each of which only changes how the link is laid out in the graph:
+
+* ``"name"``: the name of its edge block (edges are grouped by the module part of block names, §2.3.3; a fused
+  tensor's slices are named like the reference's virtual tensors, e.g. ``h.0.attn.c_attn.q.weight``, and a
+  residual sits with the layer it bypasses, ``h.0.attn.c_attn.v.res``);
+* ``"stored": "in_out"``: a 2-D weight stored (in, out) (Hugging Face ``Conv1D``); ``offset``/``rows`` then
+  count columns. ``"out_in"`` on an embedding reads the (rows, d) table as if stored (out = rows, in = d): the
+  reference's Llama token-embedding reading (NINO_SPEC §2.6.4 quirk 6);
+* ``"at"``: the group whose auxiliary block holds a bias/norm node (default ``dst``; the reference puts a value
+  bias before the query neurons, §2.6.2);
+* ``"src_offset"``: a weight's sources are the ``in`` consecutive neurons from neuron ``src_offset`` of ``src``
+  on, running into the groups laid out after it (the reference's Llama output projection under grouped-query
+  attention, §2.6.4 quirk 1).
+
 This module is torch-free: the tracer that writes topologies is ``ninocast.tracing``.
 """
 
@@ -39,6 +54,7 @@ EMBED_ROLES = ("token", "pos")
 AUX_ROLES = ("bias", "norm")
 VIRTUAL_ROLES = ("res", "head")
 ROLES = WEIGHT_ROLES + EMBED_ROLES + AUX_ROLES + VIRTUAL_ROLES
+LINK_OPTIONS = ("name", "stored", "at", "src_offset")
 
 
 class TopologyError(ValueError):
@@ -54,12 +70,29 @@ class Link:
     offset: int = 0  # first row of the tensor (weights, 1-D) / first src neuron (res)
     rows: int = 0  # rows (or neurons) covered; 0: the whole tensor / group
     dst_offset: int = 0  # res: first dst neuron
+    name: str | None = None  # edge-block name (default: the tensor's, or "<dst group>.res<i>" / ".head<h>")
+    stored: str | None = None  # "in_out": a weight stored (in, out); "out_in": an embedding read as (out, in)
+    at: int = -1  # bias / norm: the group whose auxiliary block holds the node (-1: dst)
+    src_offset: int = 0  # weights: first source neuron inside src (the window may run into later groups)
+
+    def options(self) -> dict[str, Any]:
+        opts: dict[str, Any] = {"name": self.name, "stored": self.stored,
+                                "at": None if self.at == -1 else self.at, "src_offset": self.src_offset or None}
+        return {k: v for k, v in opts.items() if v is not None}
 
     def to_json(self) -> list[Any]:
         out: list[Any] = [self.param, self.role, self.src, self.dst]
-        if self.offset or self.rows or self.dst_offset:
+        opts = self.options()
+        if self.offset or self.rows or self.dst_offset or opts:
             out += [self.offset, self.rows, self.dst_offset]
+        if opts:
+            out.append(opts)
         return out
+
+    @property
+    def transposed(self) -> bool:
+        """A weight stored (in, out): rows/offset count its columns (outputs)."""
+        return self.stored == "in_out" and self.role in WEIGHT_ROLES
 
 
 @dataclass(frozen=True)
@@ -94,14 +127,15 @@ class Topology:
             groups.append((g[0], g[1]))
         links = []
         for i, raw in enumerate(_list(obj.get("links"), "links")):
-            if not (isinstance(raw, (list, tuple)) and len(raw) in (4, 7)):
+            if not (isinstance(raw, (list, tuple)) and len(raw) in (4, 7, 8)):
                 raise TopologyError(f"spec.topology.links[{i}] must be [param, role, src, dst(, offset, rows, "
-                                    f"dst_offset)], got {raw!r}"[:300])
+                                    f"dst_offset(, options))], got {raw!r}"[:300])
+            opts = raw[7] if len(raw) == 8 else {}
             if not (raw[0] is None or isinstance(raw[0], str)) or not isinstance(raw[1], str) \
-                    or not all(_is_int(v) for v in raw[2:]):
+                    or not all(_is_int(v) for v in raw[2:7]):
                 raise TopologyError(f"spec.topology.links[{i}]: param must be a string or null, role a string, "
                                     f"the rest integers, got {raw!r}"[:300])
-            links.append(Link(*raw))
+            links.append(Link(*raw[:7], **_link_options(opts, i)))
         tokens = obj.get("tokens")
         if tokens is not None and not _is_int(tokens):
             raise TopologyError(f"spec.topology.tokens must be a group index, got {tokens!r}")
@@ -111,6 +145,25 @@ class Topology:
                 raise TopologyError(f"spec.topology.left_out[{i}] must be [name, reason], got {item!r}"[:300])
             left_out.append((item[0], item[1]))
         return cls(tuple(groups), tuple(links), tokens, tuple(left_out))
+
+
+def _link_options(opts: Any, i: int) -> dict[str, Any]:
+    where = f"spec.topology.links[{i}]"
+    if not isinstance(opts, Mapping):
+        raise TopologyError(f"{where}: the 8th entry must be an object of options, got {opts!r}"[:300])
+    unknown = set(opts) - set(LINK_OPTIONS)
+    if unknown:
+        raise TopologyError(f"{where}: unknown options {sorted(unknown)}; expected some of {LINK_OPTIONS}")
+    name = opts.get("name")
+    if name is not None and not (isinstance(name, str) and 0 < len(name) <= 300):
+        raise TopologyError(f"{where}: name must be a non-empty string of at most 300 characters")
+    stored = opts.get("stored")
+    if stored not in (None, "in_out", "out_in"):
+        raise TopologyError(f"{where}: stored must be 'in_out' or 'out_in', got {stored!r}"[:300])
+    for key in ("at", "src_offset"):
+        if key in opts and not (_is_int(opts[key]) and opts[key] >= 0):
+            raise TopologyError(f"{where}: {key} must be a non-negative integer, got {opts[key]!r}"[:300])
+    return {"name": name, "stored": stored, "at": opts.get("at", -1), "src_offset": opts.get("src_offset", 0)}
 
 
 def _list(v: Any, what: str) -> list:
@@ -143,13 +196,14 @@ def check_topology(topo: Topology, params: Sequence[tuple[str, tuple[int, ...]]]
             raise TopologyError(f"{where}: src {lk.src} / dst {lk.dst} is not a group index")
         if min(lk.offset, lk.rows, lk.dst_offset) < 0:
             raise TopologyError(f"{where}: offset, rows and dst_offset must not be negative")
+        _check_options(lk, shapes, sizes, where)
         if lk.role in VIRTUAL_ROLES:
             _check_virtual(lk, sizes, where)
             continue
         if lk.param is None or lk.param not in shapes:
             raise TopologyError(f"{where}: {lk.param!r} is not a tensor of the spec")
         shape = shapes[lk.param]
-        first = shape[0] if lk.role not in EMBED_ROLES else math.prod(shape)
+        first = shape[1] if lk.transposed else shape[0] if lk.role not in EMBED_ROLES else math.prod(shape)
         rows = lk.rows or first
         if lk.offset + rows > first or (lk.role in EMBED_ROLES and (lk.offset or lk.rows)):
             raise TopologyError(f"{where}: rows [{lk.offset}, {lk.offset + rows}) outside {list(shape)}")
@@ -170,6 +224,46 @@ def check_topology(topo: Topology, params: Sequence[tuple[str, tuple[int, ...]]]
         if name in shapes:
             raise TopologyError(f"{name}: listed as left out but the spec has it")
     _check_size(topo, params, sizes)
+    seen: set[str] = set()
+    for i, lk in enumerate(topo.links):
+        for name in block_names(i, lk, topo.groups):
+            if name in seen:
+                raise TopologyError(f"spec.topology.links[{i}]: a second edge block named {name!r}")
+            seen.add(name)
+
+
+def module_prefix(name: str) -> str:
+    """The module a tensor belongs to: its name up to the last '.' ('' for a top-level name)."""
+    return name.rsplit(".", 1)[0] if "." in name else ""
+
+
+def block_names(i: int, lk: Link, groups: Sequence[tuple[str, int]]) -> list[str]:
+    """The edge-block names link ``i`` becomes (one per head for ``head``): what orders edges by module."""
+    if lk.role == "res":
+        return [lk.name or f"{groups[lk.dst][0]}.res{i}"]
+    if lk.role == "head":
+        base = lk.name or f"{groups[lk.dst][0]}.head"
+        return [f"{base}{h}" for h in range(lk.rows or groups[lk.src][1])]
+    if lk.name:
+        return [lk.name]
+    return [str(lk.param) if not (lk.offset or lk.rows) else f"{lk.param}[{lk.offset}:{lk.offset + lk.rows}]"]
+
+
+def _check_options(lk: Link, shapes: Mapping[str, tuple[int, ...]], sizes: list[int], where: str) -> None:
+    shape = shapes.get(lk.param or "", ())
+    if lk.stored == "in_out" and not (lk.role in WEIGHT_ROLES and len(shape) == 2):
+        raise TopologyError(f"{where}: stored 'in_out' is for 2-D weights (fc, query, key, value)")
+    if lk.stored == "out_in" and not (lk.role in EMBED_ROLES and len(shape) == 2):
+        raise TopologyError(f"{where}: stored 'out_in' is for 2-D embedding tables")
+    if lk.at != -1 and not (lk.role in AUX_ROLES and lk.at < len(sizes)):
+        raise TopologyError(f"{where}: 'at' places bias / norm nodes and must be a group index")
+    if lk.src_offset:
+        if lk.role not in ("fc", "query", "value") or len(shape) != 2:
+            raise TopologyError(f"{where}: src_offset is for 2-D fc / query / value weights")
+        n_in = shape[0] if lk.transposed else shape[1]
+        if lk.src_offset + n_in > sum(sizes[lk.src:]):
+            raise TopologyError(f"{where}: {n_in} sources from neuron {lk.src_offset} of group {lk.src} run past "
+                                "the last group")
 
 
 def _check_size(topo: Topology, params: Sequence[tuple[str, tuple[int, ...]]], sizes: list[int]) -> None:
@@ -220,8 +314,9 @@ def _check_shape(lk: Link, shape: tuple[int, ...], rows: int, sizes: list[int], 
         raise TopologyError(f"{where}: kernel {list(shape[2:])} has {math.prod(shape[2:])} values per edge; NiNo "
                             f"reads at most {MAX_KERNEL_AREA}")
     out_ok = rows <= sizes[lk.dst] if lk.role == "key" else rows == sizes[lk.dst]
-    if shape[1] != sizes[lk.src] or not out_ok:
-        raise TopologyError(f"{where}: {rows} x {shape[1]} rows/inputs do not connect group {lk.src} "
+    n_in = shape[0] if lk.transposed else shape[1]
+    if (n_in != sizes[lk.src] and not lk.src_offset) or not out_ok:
+        raise TopologyError(f"{where}: {rows} x {n_in} rows/inputs do not connect group {lk.src} "
                             f"({sizes[lk.src]}) to group {lk.dst} ({sizes[lk.dst]})")
 
 

@@ -13,6 +13,7 @@ the graph is never guessed.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
@@ -21,7 +22,7 @@ import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from .topology import MAX_KERNEL_AREA, Link, Topology
+from .topology import MAX_KERNEL_AREA, Link, Topology, block_names, module_prefix
 
 LEAVE_OUT_HINT = "ModelSpec.from_module(model, leave_out=[{names}]) builds a spec without it; those tensors then " \
                  "pass through nowcasts unchanged"
@@ -128,9 +129,51 @@ def attention_heads(m: nn.Module) -> int | None:
     return v if isinstance(v, int) and v > 0 else None
 
 
-def is_leaf(m: nn.Module) -> bool:
+def is_conv1d(m: nn.Module) -> bool:
+    """Hugging Face ``Conv1D`` (GPT-2's linear layer): ``weight`` stored (in, out), ``bias`` (out)."""
+    w = getattr(m, "weight", None)
+    return type(m).__name__ == "Conv1D" and isinstance(w, nn.Parameter) and w.dim() == 2 \
+        and getattr(m, "nf", None) == w.shape[1]
+
+
+def fused_attention_parts(m: nn.Module) -> tuple[nn.Module, nn.Module] | None:
+    """(c_attn, c_proj) of GPT-2-style self-attention: one Conv1D computing [q | k | v], one output Conv1D."""
+    c_attn, c_proj = getattr(m, "c_attn", None), getattr(m, "c_proj", None)
+    if c_attn is None or c_proj is None or not (is_conv1d(c_attn) and is_conv1d(c_proj)):
+        return None
+    d = c_attn.weight.shape[0]
+    if getattr(m, "is_cross_attention", False) or c_attn.weight.shape[1] != 3 * d:
+        return None
+    return c_attn, c_proj
+
+
+LLAMA_BLOCK_PARTS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                     "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+
+def is_llama_block(m: nn.Module) -> bool:
+    """A Hugging Face Llama decoder layer of the form the reference's Llama graph knows (no biases)."""
+    if not type(m).__name__.endswith("DecoderLayer"):
+        return False
+    try:
+        parts = [m.get_submodule(n) for n in LLAMA_BLOCK_PARTS]
+        norms = [m.get_submodule(n) for n in ("input_layernorm", "post_attention_layernorm")]
+    except AttributeError:
+        return False
+    return all(isinstance(x, nn.Linear) and x.bias is None for x in parts) and all(is_rms_norm(x) for x in norms) \
+        and len(list(m.parameters())) == len(parts) + len(norms)
+
+
+def is_leaf(m: nn.Module, llama: bool = False) -> bool:
     return isinstance(m, (nn.Linear, nn.Embedding, nn.MultiheadAttention) + CONVS + NORMS + tuple(REFUSED)) \
-        or is_rms_norm(m) or attention_parts(m) is not None
+        or is_rms_norm(m) or attention_parts(m) is not None or is_conv1d(m) or fused_attention_parts(m) is not None \
+        or (llama and is_llama_block(m))
+
+
+def is_hf_llama(module: nn.Module) -> bool:
+    """Is there a Hugging Face Llama in the module tree? Its blocks and token embedding then follow the
+    reference's Llama graph (NINO_SPEC §2.6.3-2.6.4), the graph the reference nowcasts Llama through."""
+    return any(getattr(getattr(m, "config", None), "model_type", None) == "llama" for m in module.modules())
 
 
 # ----------------------------------------------------------------------------------------- groups
@@ -140,14 +183,17 @@ class _Group:
     size: int
     parent: int
     readers: int = 0  # layers / residuals that read these neurons
+    last_reader: str = ""  # edge-block name of the last weight that read them (a residual around it sits there)
     aux: int = 0  # bias / norm tensors applied on them
     version: int = 0  # bumped when the neurons start to hold a different value (a residual sum)
 
 
 # ----------------------------------------------------------------------------------------- the tracer
 class _Trace(TorchFunctionMode):
-    def __init__(self, module: nn.Module, leave_out: Sequence[str]) -> None:
+    def __init__(self, module: nn.Module, leave_out: Sequence[str], llama: bool = False) -> None:
         super().__init__()
+        self.llama = llama  # Llama blocks and token embedding follow the reference's graph (§2.6.3-2.6.4)
+        self.block_used: set[str] = set()
         self.module = module
         self.names = {id(p): n for n, p in module.named_parameters()}
         self.leave_out = tuple(leave_out)
@@ -194,12 +240,30 @@ class _Trace(TorchFunctionMode):
                                "a neural graph gives every weight one place. " + _hint([pname]))
 
     def link(self, pname: str | None, role: str, src: int, dst: int, offset: int = 0, rows: int = 0,
-             dst_offset: int = 0) -> None:
+             dst_offset: int = 0, **options: Any) -> None:
+        """Add a link (``options``: ``Link``'s name / stored / at / src_offset)."""
         if pname is not None and self.left_out(pname):
             return
         if role in ("bias", "norm"):
-            self.groups[self.find(dst)].aux += 1
-        self.links.append(Link(pname, role, src, dst, offset, rows, dst_offset))
+            at = options.get("at", -1)
+            self.groups[self.find(dst if at == -1 else at)].aux += 1
+        lk = Link(pname, role, src, dst, offset, rows, dst_offset, **options)
+        if lk.role not in ("res", "head"):
+            name = block_names(0, lk, [("", 0)])[0]
+            self.block_used.add(name)
+            if role in ("fc", "conv", "query", "key", "value"):
+                self.groups[self.find(src)].last_reader = name
+        self.links.append(lk)
+
+    def res_name(self, g: int) -> str | None:
+        """A residual around a layer sits with that layer's edges (§2.3.3), as the reference's ``v.res`` and
+        ``mlp.c_fc.res`` do: named after the module of the last weight that read its source."""
+        last = self.groups[self.find(g)].last_reader
+        name = module_prefix(last) + ".res" if last else None
+        if name is None or name in self.block_used:
+            return None
+        self.block_used.add(name)
+        return name
 
     def read(self, g: int) -> None:
         self.groups[self.find(g)].readers += 1
@@ -246,7 +310,14 @@ class _Trace(TorchFunctionMode):
         self.read(g)
         return g
 
-    def weight_links(self, m: nn.Module, layer: str, role: str, src: int, dst: int) -> None:
+    def tied(self, m: nn.Module) -> bool:
+        """An output layer without bias whose weight is the token embedding's (GPT-2's lm_head)."""
+        w, b = getattr(m, "weight", None), getattr(m, "bias", None)
+        return id(w) in self.names and self.used.get(self.names[id(w)], "").startswith("embedding ") \
+            and (b is None or id(b) not in self.names)
+
+    def weight_links(self, m: nn.Module, layer: str, role: str, src: int, dst: int, stored: str | None = None) \
+            -> None:
         where = f"{layer}#{self.calls}"
         for pname_attr in ("weight", "bias"):
             p = getattr(m, pname_attr, None)
@@ -255,8 +326,10 @@ class _Trace(TorchFunctionMode):
                 if pname_attr == "weight" and role == "fc" and self.used.get(pname, "").startswith("embedding "):
                     continue  # an output layer tied to the token embedding: placed once, as the embedding (§2.6.2)
                 self.use(pname, where)
-                self.link(pname, role if pname_attr == "weight" else "bias", -1 if pname_attr == "bias" else src,
-                          dst)
+                if pname_attr == "weight":
+                    self.link(pname, role, src, dst, stored=stored)
+                else:
+                    self.link(pname, "bias", -1, dst)
 
     def on_leaf(self, m: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
         self.calls += 1
@@ -271,29 +344,38 @@ class _Trace(TorchFunctionMode):
                 raise TraceRefused(f"{layer} ({type(m).__name__}) {why}. " + _hint([layer]))
         if any(self.left_out(n) and not n.endswith(".bias") for n in own):
             raise TraceRefused(f"{layer}: leave out all of its weights or none")
-        x = args[0] if args else next(iter(kwargs.values()), None)
-        if isinstance(m, nn.Linear):
-            src = self.features(layer, x, -1, m.in_features)
-            dst = self.new_group(layer, m.out_features)
-            self.weight_links(m, layer, "fc", src, dst)
+        x = args[0] if args else kwargs.get("hidden_states", next(iter(kwargs.values()), None))
+        if isinstance(m, nn.Linear) or is_conv1d(m):
+            n_in, n_out = (m.in_features, m.out_features) if isinstance(m, nn.Linear) else tuple(m.weight.shape)
+            src = self.features(layer, x, -1, n_in)
+            if self.tied(m):  # placed once, as the embedding: no output neurons of its own (§2.6.2)
+                return self.set(out, Mixed(f"the outputs of {layer}, tied to the token embedding"))
+            dst = self.new_group(layer, n_out)
+            self.weight_links(m, layer, "fc", src, dst, None if isinstance(m, nn.Linear) else "in_out")
             self.set(out, Feat(dst, (out.dim() - 1,), 0))
         elif isinstance(m, CONVS):
             self.conv(m, layer, x, out)
         elif isinstance(m, NORMS) or is_rms_norm(m):
             self.norm(m, layer, x, out)
         elif isinstance(m, nn.Embedding):
-            role = "pos" if "pos" in layer.rsplit(".", 1)[-1].lower() else "token"
+            short = layer.rsplit(".", 1)[-1].lower()
+            role = "pos" if "pos" in short or short == "wpe" else "token"
             tok = self.new_group(f"{layer} ids", m.num_embeddings)
             dst = self.new_group(layer, m.embedding_dim)
             self.use(self.names[id(m.weight)], f"embedding {layer}#{self.calls}")
-            self.link(self.names[id(m.weight)], role, tok, dst)
+            quirk = self.llama and role == "token" and short == "embed_tokens"  # §2.6.4 quirk 6
+            self.link(self.names[id(m.weight)], role, tok, dst, stored="out_in" if quirk else None)
             if role == "token" and self.tokens is None:
                 self.tokens = tok
             self.set(out, Feat(dst, (out.dim() - 1,), 0))
         elif isinstance(m, nn.MultiheadAttention):
             self.torch_attention(m, layer, args, kwargs, out)
-        else:
+        elif fused_attention_parts(m) is not None:
+            self.fused_attention(m, layer, x, out)
+        elif attention_parts(m) is not None:
             self.hf_attention(m, layer, x, out)
+        else:
+            self.llama_block(m, layer, x, out)
 
     def conv(self, m: nn.Module, layer: str, x: Tensor, out: Tensor) -> None:
         area = math.prod(m.kernel_size)
@@ -337,26 +419,31 @@ class _Trace(TorchFunctionMode):
         self.set(out, Feat(g, (axis,), version))
 
     def attention(self, layer: str, x: int, heads: int, dq: int, dkv: int,
-                  names: dict[str, str | None], slices: dict[str, tuple[int, int]] | None = None) -> int:
+                  names: dict[str, str | None], slices: dict[str, tuple[int, int]] | None = None,
+                  blocks: dict[str, str] | None = None, stored: str | None = None) -> int:
         """NiNo's attention wiring (§2.6.1) between the input group ``x``: query X -> Q, key Q -> X (backwards),
-        value X -> V, head nodes -> Q and V; returns the group the output projection reads."""
-        sl = slices or {}
+        value X -> V, head nodes -> Q and V; returns the group the output projection reads. Laid out as the
+        reference's GPT-2 graph (§2.6.2): head nodes before Q and V, each part's weight, heads and bias in turn,
+        the key bias on X (where the key edges end), the value bias in the auxiliary block before Q. ``slices``:
+        (offset, rows) of each part in a fused tensor, ``blocks``: edge-block names of its parts."""
+        sl, bl = slices or {}, blocks or {}
         if dq % heads or dkv % (dq // heads) or dkv > dq:
             raise TraceRefused(f"{layer}: {dq} query and {dkv} key/value features do not split into {heads} heads")
         hd = dq // heads
         kv = dkv // hd
-        q, v, h = self.new_group(f"{layer}.q", dq), self.new_group(f"{layer}.v", dkv), self.new_group(
-            f"{layer}.heads", heads)
+        h, q, v = self.new_group(f"{layer}.heads", heads), self.new_group(f"{layer}.q", dq), self.new_group(
+            f"{layer}.v", dkv)
         self.read(x)
         for role, dst in (("query", q), ("key", q), ("value", v)):
             off, rows = sl.get(role, (0, 0))
-            self.link(names[role], role, x, dst, off, rows)
-            if role != "key":
-                self.link(None, "head", h, dst, 0, heads if role == "query" else kv)
-        for role, dst in (("query", q), ("key", q), ("value", v)):  # a key bias sits on the key (= query) nodes
+            self.link(names[role], role, x, dst, off, rows, name=bl.get(role), stored=stored)
+            if role != "key":  # heads sit with their part's weight (§2.3.3): "c_attn.q.head", "q_proj.head"
+                block = block_names(0, Link(names[role], role, x, dst, off, rows, name=bl.get(role)), [("", 0)])[0]
+                self.link(None, "head", h, dst, 0, heads if role == "query" else kv,
+                          name=module_prefix(block) + ".head")
             if names.get(role + "_bias"):
-                off, rows = sl.get(role, (0, 0))
-                self.link(names[role + "_bias"], "bias", -1, dst, off, rows)
+                self.link(names[role + "_bias"], "bias", -1, x if role == "key" else dst, off, rows,
+                          name=bl.get(role + "_bias"), at=q if role == "value" else -1)
         if dkv == dq:
             return v
         ctx = self.new_group(f"{layer}.context", dq)  # grouped-query attention: value heads serve several queries
@@ -383,13 +470,93 @@ class _Trace(TorchFunctionMode):
             if p:
                 self.use(p, where)
         slices = {"query": (0, d), "key": (d, d), "value": (2 * d, d)}
+        blocks = {f"{role}{part}": f"{layer}.in_proj.{role[0]}.{part[1:] or 'weight'}"
+                  for role in ("query", "key", "value") for part in ("", "_bias")}
         src = self.attention(layer, x, m.num_heads, d, d, {"query": w, "key": w, "value": w, "query_bias": b,
-                                                           "key_bias": b, "value_bias": b}, slices)
+                                                           "key_bias": b, "value_bias": b}, slices, blocks)
         self.read(src)
         dst = self.new_group(f"{layer}.out_proj", d)
         self.weight_links(m.out_proj, f"{layer}.out_proj", "fc", src, dst)
         outs = _tensors(out)
         self.set(outs[0], Feat(dst, (outs[0].dim() - 1,), 0))
+        for t in outs[1:]:
+            self.set(t, Mixed(f"the attention weights of {layer}"))
+
+    def fused_attention(self, m: nn.Module, layer: str, x: Tensor, out: Any) -> None:
+        """GPT-2-style self-attention: the fused ``c_attn`` (stored (in, out)) is split into q, k, v slices named
+        as the reference's virtual tensors (``c_attn.q.weight``...), then ``c_proj`` reads the values."""
+        parts = fused_attention_parts(m)
+        heads = attention_heads(m)
+        assert parts is not None
+        if heads is None:
+            raise TraceRefused(f"{layer}: attention module without num_heads / num_attention_heads")
+        c_attn, c_proj = parts
+        d = c_attn.weight.shape[0]
+        g = self.features(layer, x, -1, d)
+        self.groups[g].readers -= 1
+        w, b = self.names[id(c_attn.weight)], self.names[id(c_attn.bias)]
+        for n in (w, b):
+            self.use(n, f"{layer}#{self.calls}")
+        base = self.qualname.get(id(c_attn), f"{layer}.c_attn")
+        blocks = {f"{role}{part}": f"{base}.{role[0]}.{part[1:] or 'weight'}"
+                  for role in ("query", "key", "value") for part in ("", "_bias")}
+        slices = {"query": (0, d), "key": (d, d), "value": (2 * d, d)}
+        src = self.attention(layer, g, heads, d, d, {"query": w, "key": w, "value": w, "query_bias": b,
+                                                     "key_bias": b, "value_bias": b}, slices, blocks, "in_out")
+        oname = self.qualname.get(id(c_proj), f"{layer}.c_proj")
+        self.read(src)
+        dst = self.new_group(oname, c_proj.weight.shape[1])
+        self.weight_links(c_proj, oname, "fc", src, dst, "in_out")
+        outs = _tensors(out)
+        self.set(outs[0], Feat(dst, (outs[0].dim() - 1,), 0))
+        for t in outs[1:]:
+            self.set(t, Mixed(f"the attention weights of {layer}"))
+
+    def llama_block(self, m: nn.Module, layer: str, x: Tensor, out: Any) -> None:
+        """A Hugging Face Llama decoder layer, wired as the reference's Llama graph (NINO_SPEC §2.6.3) with its
+        quirks (§2.6.4): norms on the block output, a separate up-projection input copy U, the output projection
+        reading the dq nodes that end at the last value node, value head h on head node h. This is the graph the
+        reference nowcasts Llama through (the hand-written layout's); it is not the block's data flow (that is
+        what the tracer gives other decoder layers, e.g. Qwen2's)."""
+        p = {n: m.get_submodule(n) for n in LLAMA_BLOCK_PARTS}
+        q, k, v, o = (p[f"self_attn.{n}_proj"] for n in "qkvo")
+        gate, up, down = (p[f"mlp.{n}_proj"] for n in ("gate", "up", "down"))
+        heads = attention_heads(m.self_attn)
+        d, dq, dkv, f = q.in_features, q.out_features, k.out_features, gate.out_features
+        if heads is None or dq % heads or dkv % (dq // heads) or dkv > dq:
+            raise TraceRefused(f"{layer}: {dq} query and {dkv} key/value features do not split into {heads} heads")
+        kv = dkv // (dq // heads)
+        src = self.features(layer, x, -1, d)
+        where = f"{layer}#{self.calls}"
+        for _, t in m.named_parameters(prefix=layer):
+            self.use(self.names[id(t)], where)
+        name = lambda lin: self.names[id(lin.weight)]  # noqa: E731
+        pre = lambda lin: module_prefix(name(lin))  # noqa: E731
+        h, qg, vg = self.new_group(f"{layer}.heads", heads), self.new_group(f"{pre(q)}", dq), \
+            self.new_group(f"{pre(v)}", dkv)
+        mg, ug = self.new_group(f"{layer}.attn_out", d), self.new_group(f"{layer}.up_input", d)
+        hid, nxt = self.new_group(f"{pre(gate)}", f), self.new_group(f"{layer}.out", d)
+        self.link(name(q), "query", src, qg)
+        self.link(None, "head", h, qg, 0, heads, name=f"{pre(q)}.head")
+        self.link(name(k), "key", src, qg)
+        self.link(name(v), "value", src, vg)
+        self.link(None, "head", h, vg, 0, kv, name=f"{pre(v)}.head")
+        self.link(None, "res", src, mg, name=f"{pre(v)}.res")
+        if dkv == dq:
+            self.link(name(o), "fc", vg, mg)
+        else:  # quirk 1: the dq node ids ending at the last value node
+            self.link(name(o), "fc", qg, mg, src_offset=dkv)
+        self.link(name(gate), "fc", mg, hid)
+        self.link(None, "res", mg, nxt, name=f"{pre(gate)}.res")
+        self.link(name(up), "fc", ug, hid)  # quirk 4: U feeds only up_proj and its residual
+        self.link(None, "res", ug, nxt, name=f"{pre(up)}.res")
+        self.link(name(down), "fc", hid, nxt)
+        for norm in ("input_layernorm", "post_attention_layernorm"):  # quirk 5: both on the block output
+            self.link(self.names[id(m.get_submodule(norm).weight)], "norm", -1, nxt)
+        for g in (src, mg, ug, hid):
+            self.read(g)
+        outs = _tensors(out)
+        self.set(outs[0], Feat(nxt, (outs[0].dim() - 1,), 0))
         for t in outs[1:]:
             self.set(t, Mixed(f"the attention weights of {layer}"))
 
@@ -519,13 +686,13 @@ class _Trace(TorchFunctionMode):
         if unread:  # the sum is held by the neurons only this addition reads
             s = unread[0]
             other = gb if s == ga else ga
+            self.link(None, "res", other, s, name=self.res_name(other))
             self.read(other)
-            self.link(None, "res", other, s)
             return self.set(out, Feat(s, ax_a, self.bump(s)))
         s = self.new_group(f"{A.name} + {B.name}", A.size)
         for g in (ga, gb):
+            self.link(None, "res", g, s, name=self.res_name(g))
             self.read(g)
-            self.link(None, "res", g, s)
         self.set(out, Feat(s, ax_a, 0))
 
     def cat(self, args: tuple, kwargs: dict, out: Tensor) -> None:
@@ -636,15 +803,16 @@ class _Trace(TorchFunctionMode):
             more = f" (and {len(unused) - 5} more)" if len(unused) > 5 else ""
             raise TraceRefused(f"parameters {unused[:5]}{more} are not used by the forward pass on the example input, "
                                "so they have no place in the graph. " + _hint(unused[:5]))
-        roots: dict[int, int] = {}
-        groups = []
-        for i, g in enumerate(self.groups):
-            if g.parent == i:
-                roots[i] = len(groups)
-                groups.append((g.name, g.size))
+        # a set of neurons several branches write (word + position embeddings) is laid out where its last
+        # writer's would be: after the position ids, as the reference's GPT-2 graph has it (§2.6.2)
+        last = {}
+        for i in range(len(self.groups)):
+            last[self.find(i)] = i
+        order = sorted(last, key=lambda r: last[r])
+        roots = {r: k for k, r in enumerate(order)}
+        groups = [(self.groups[r].name, self.groups[r].size) for r in order]
         idx = lambda g: -1 if g == -1 else roots[self.find(g)]  # noqa: E731
-        links = tuple(Link(lk.param, lk.role, idx(lk.src), idx(lk.dst), lk.offset, lk.rows, lk.dst_offset)
-                      for lk in self.links)
+        links = tuple(dataclasses.replace(lk, src=idx(lk.src), dst=idx(lk.dst), at=idx(lk.at)) for lk in self.links)
         left = tuple((n, "leave_out " + repr(next(p for p in self.leave_out if n == p or n.startswith(p + "."))))
                      for n, _ in self.module.named_parameters() if self.left_out(n))
         return Topology(tuple(groups), links, None if self.tokens is None else idx(self.tokens), left)
@@ -774,11 +942,14 @@ def trace_topology(module: nn.Module, example: Any = None, leave_out: Sequence[s
     guessed = example is None
     if guessed:
         example = example_input(module)
-    tracer = _Trace(module, leave_out)
+    llama = is_hf_llama(module)
+    tracer = _Trace(module, leave_out, llama)
     hooks = []
     modes = {m: m.training for m in module.modules()}
-    for m in module.modules():
-        if is_leaf(m):
+    for prefix, m in module.named_modules():
+        # a Llama block with tensors left out is traced layer by layer (its data flow), not as the reference's unit
+        whole = llama and not any(tracer.left_out(n) for n, _ in m.named_parameters(prefix=prefix))
+        if is_leaf(m, whole):
             hooks.append(m.register_forward_pre_hook(tracer.pre_hook, with_kwargs=True))
             hooks.append(m.register_forward_hook(tracer.post_hook, with_kwargs=True))
     module.eval()

@@ -37,6 +37,7 @@ QUICK = {"max_steps": 240, "period": 60, "eval_every": 10, "seeds": "1000,2000"}
 DIGITS_QUICK = {"max_steps": 1000, "period": 100, "eval_every": 10}  # digits: its whole budget
 PROBE_SEED_OFFSET = 7919  # --verify's probe: the first batch of an independent shuffle of the training data
 VERIFIED = "+v"  # label suffix of a verified nowcaster's runs
+TRACED = "@traced"  # label suffix of runs whose spec carries the traced topology (--graph traced / both)
 
 
 # ---------------------------------------------------------------------------------------------- methods
@@ -82,11 +83,13 @@ def eval_points(max_steps: int, period: int, eval_every: int, before_nowcast: bo
 def run_one(task, method: str, ref: str | None, seed: int, *, max_steps: int, period: int, eval_every: int,
             early_stop: bool = True, server: str | None = None, api_key: str | None = None,
             progress: bool = True, verify: bool = False, final_nowcast: str = "skip",
-            verify_tolerance: float = 0.0) -> dict[str, Any]:
+            verify_tolerance: float = 0.0, graph: str = "auto") -> dict[str, Any]:
     """Train one (task, method, seed); returns the run record (see module doc).
 
     ``verify``: every nowcast is checked on a fixed probe batch (the task's training loss on the first batch of
-    an independent shuffle of the training data, never the test data the metric uses)."""
+    an independent shuffle of the training data, never the test data the metric uses). ``graph="traced"``: the
+    spec carries the model's traced topology (``ModelSpec.from_module(model, graph="traced")``), so the graph is
+    built from it even where a hand-written layout exists."""
     import torch
     from tqdm import tqdm
 
@@ -99,6 +102,10 @@ def run_one(task, method: str, ref: str | None, seed: int, *, max_steps: int, pe
 
         kw: dict[str, Any] = dict(period=period, ctx=task.ctx, max_train_steps=max_steps, nowcaster=ref,
                                   final_nowcast=final_nowcast)
+        if graph == "traced":
+            from ninocast import ModelSpec
+
+            kw["spec"] = ModelSpec.from_module(model, graph="traced")
         if verify:
             from ninocast import Verify
 
@@ -187,7 +194,7 @@ def run_one(task, method: str, ref: str | None, seed: int, *, max_steps: int, pe
         "eval_s": round(eval_s, 3), "n_nowcasts": len(nowcasts), "nowcast_steps": nowcast_steps,
         "nowcast_k": [n["k"] for n in nowcasts], "failures": dict(getattr(opt, "failures", {}) or {}),
         "verify": verify, "verify_tolerance": verify_tolerance if verify else None, "final_nowcast": final_nowcast,
-        "rejected_steps": rejected_steps, "decisions": decisions,
+        "rejected_steps": rejected_steps, "decisions": decisions, "graph": graph if ref is not None else None,
         "verify_s": round(sum(n.get("verify_s") or 0.0 for n in decisions), 3),
         "probe_passes": sum(n.get("probe_passes") or 0 for n in decisions), "pre_final_metric": pre_final,
         "server": server, "curve": curve, "threads": torch.get_num_threads(),
@@ -459,6 +466,11 @@ def run_bench_speedup(args: argparse.Namespace) -> int:
         verified = [(label + VERIFIED, ref) for label, ref in methods[1:]]
         methods = methods[:1] + (verified if args.verify == "on" else
                                  [m for pair in zip(methods[1:], verified) for m in pair])
+    graph = getattr(args, "graph", "auto")
+    if graph != "auto":  # NAME@traced: the same nowcaster on the graph built from the traced topology
+        traced = [(label + TRACED, ref) for label, ref in methods[1:]]
+        methods = methods[:1] + (traced if graph == "traced" else
+                                 [m for pair in zip(methods[1:], traced) for m in pair])
     for label, ref in methods[1:]:
         if ref and not args.server and ref != "linefit" and not Path(ref).exists():
             raise CommandError(f"nowcaster {ref!r} not found (local mode needs 'linefit', "
@@ -490,7 +502,7 @@ def run_bench_speedup(args: argparse.Namespace) -> int:
                 plan.append((task, label, ref, seed, max_steps, period, eval_every))
     config = {"argv": sys.argv, "tasks": {t.name: t.info() for t in {id(p[0]): p[0] for p in plan}.values()},
               "methods": dict(methods), "verify": args.verify, "verify_tolerance": args.verify_tolerance,
-              "final_nowcast": args.final_nowcast,
+              "final_nowcast": args.final_nowcast, "graph": graph,
               "probe": f"task.loss on the first batch of task.batches(seed + {PROBE_SEED_OFFSET})", "seeds": seeds, "server": args.server, "threads": torch.get_num_threads(),
               "torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
               "cpus": os.cpu_count(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
@@ -504,7 +516,8 @@ def run_bench_speedup(args: argparse.Namespace) -> int:
                       early_stop=not args.no_early_stop, server=args.server,
                       api_key=args.api_key or os.environ.get("NINOCAST_API_KEY"),
                       progress=not args.no_progress, verify=label.endswith(VERIFIED),
-                      final_nowcast=args.final_nowcast, verify_tolerance=args.verify_tolerance)
+                      final_nowcast=args.final_nowcast, verify_tolerance=args.verify_tolerance,
+                      graph="traced" if label.endswith(TRACED) else "auto")
         runs.append(run)
         with open(jsonl, "a") as f:
             f.write(json.dumps(run) + "\n")

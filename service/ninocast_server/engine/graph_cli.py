@@ -101,7 +101,8 @@ def run_graph(args: argparse.Namespace) -> int:
             spec = ModelSpec.load(args.target)
         else:
             model, example = load_model(args.target, args.input)
-            spec = ModelSpec.from_module(model, example_input=example, leave_out=args.leave_out or ())
+            spec = ModelSpec.from_module(model, example_input=example, leave_out=args.leave_out or (),
+                                         graph="traced" if getattr(args, "traced", False) else "auto")
         graph = build_graph(spec, with_lpe=bool(args.pyg))
     except (GraphCommandError, SpecError, OSError) as e:
         raise CommandError(f"no neural graph: {e}") from None

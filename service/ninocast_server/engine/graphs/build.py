@@ -31,7 +31,7 @@ def build_graph(spec: ModelSpec, *, with_lpe: bool = True, pos: torch.Tensor | N
     """The neural graph of ``spec``. ``pos`` (N, lpe), when given, is used verbatim (exact tests, cached LPE);
     otherwise the LPE is computed when ``with_lpe`` and left None when not."""
     check_graph_spec(spec)
-    layout = traced_layout(spec) if spec.topology is not None else LAYOUTS[spec.family](spec)
+    layout = spec_layout(spec)
     graph = assemble(layout, spec.n_params)
     if pos is not None:
         pos = torch.as_tensor(pos)
@@ -41,6 +41,11 @@ def build_graph(spec: ModelSpec, *, with_lpe: bool = True, pos: torch.Tensor | N
     elif with_lpe:
         graph.pos = layout_pe(layout, graph)
     return graph
+
+
+def spec_layout(spec: ModelSpec) -> GraphLayout:
+    """The edge blocks of ``spec``: from its traced topology when it carries one, else its family's layout."""
+    return traced_layout(spec) if spec.topology is not None else LAYOUTS[spec.family](spec)
 
 
 def layout_pe(layout: GraphLayout, graph: NeuralGraph) -> torch.Tensor:

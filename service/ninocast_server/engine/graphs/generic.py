@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Iterable
 
 from ninocast.spec import ModelSpec
+from ninocast.topology import module_prefix
 
 # edge type ids (§2.2)
 T_FC, T_BIAS, T_CONV, T_NORM, T_TOKEN, T_POS = 1, 2, 3, 4, 5, 6
@@ -68,11 +69,6 @@ class GraphLayout:
     blocks: list[EdgeBlock]
     feat_size: int = 1
     token_nodes: tuple[int, int] | None = None  # (first id, vocabulary size): these nodes get pos_w = v + 1
-
-
-def module_prefix(name: str) -> str:
-    """The module a tensor belongs to: its name up to the last '.' ('' for a top-level name)."""
-    return name.rsplit(".", 1)[0] if "." in name else ""
 
 
 def order_by_module(blocks: Iterable[EdgeBlock]) -> list[EdgeBlock]:

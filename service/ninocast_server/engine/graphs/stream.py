@@ -190,17 +190,17 @@ def _local_to_flat(p: ParamMap, local: Tensor) -> Tensor:
 
 def build_streamed(spec: ModelSpec, *, with_lpe: bool = True) -> StreamedGraph:
     """The streamed graph of ``spec``, its LPE computed from the blocks (node-sized work)."""
-    from .build import LAYOUTS
+    from .build import spec_layout
     from .lpe import laplacian_pe_blocks
 
-    layout = LAYOUTS[spec.family](spec)
+    layout = spec_layout(spec)
     pos = laplacian_pe_blocks(layout.blocks, layout.num_nodes) if with_lpe else None
     return StreamedGraph(layout, spec.n_params, pos, [p.start for p in spec.layout])
 
 
 def layout_edges(spec: ModelSpec) -> int:
     """Number of edges of the spec's graph (self-loops included), from its layout alone."""
-    from .build import LAYOUTS
+    from .build import spec_layout
 
-    layout = LAYOUTS[spec.family](spec)
+    layout = spec_layout(spec)
     return sum(b.num_edges for b in layout.blocks) + layout.num_nodes

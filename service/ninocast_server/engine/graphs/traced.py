@@ -1,9 +1,11 @@
 """The neural graph of a spec that carries a traced topology (``ninocast.topology``): the same edge blocks,
 edge types, features and self-loops as the hand-written families, laid out from the topology's groups.
 
-Nodes: group by group, each group's auxiliary nodes (one per bias / norm link into it, in link order) right
-before its neurons -- for a plain chain exactly the numbering of NINO_SPEC §2.3.2, so a traced MLP or ConvNet
-gets the generic graph edge for edge. Edges: one block per link, grouped by module as in §2.3.3.
+Nodes: group by group, each group's auxiliary nodes (one per bias / norm link placed at it -- its ``dst`` unless
+the link says ``at`` -- in link order) right before its neurons: for a plain chain exactly the numbering of
+NINO_SPEC §2.3.2, so a traced MLP or ConvNet gets the generic graph edge for edge. Edges: one block per link,
+named by ``topology.block_names`` and grouped by module as in §2.3.3; with the reference's block names and
+conventions (``ninocast.tracing`` writes them for GPT-2 and Llama) this is the hand-written layout of §2.6.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import math
 
 from ninocast.spec import ModelSpec
-from ninocast.topology import AUX_ROLES, EMBED_ROLES, Link, Topology
+from ninocast.topology import AUX_ROLES, EMBED_ROLES, Link, Topology, block_names
 
 from .generic import (T_BIAS, T_CONV, T_FC, T_HEAD, T_KEY, T_NORM, T_POS, T_QUERY, T_RES, T_TOKEN, T_VALUE,
                       EdgeBlock, GraphLayout, ParamMap, order_by_module)
@@ -30,7 +32,7 @@ def traced_layout(spec: ModelSpec) -> GraphLayout:
     n = 0
     for g, (_, size) in enumerate(topo.groups):
         for i, lk in enumerate(topo.links):
-            if lk.dst == g and lk.role in AUX_ROLES:
+            if lk.role in AUX_ROLES and (lk.dst if lk.at == -1 else lk.at) == g:
                 aux[i] = n
                 n += 1
         first.append(n)
@@ -50,28 +52,35 @@ def _blocks(i: int, lk: Link, topo: Topology, info: dict, first: list[int], size
             aux: dict[int, int]) -> list[EdgeBlock]:
     etype = ROLE_TYPES[lk.role]
     dst = (first[lk.dst], sizes[lk.dst])
+    names = block_names(i, lk, topo.groups)
     if lk.role == "res":
         count = lk.rows or sizes[lk.src]
-        name = f"{topo.groups[lk.dst][0]}.res{i}"
-        return [EdgeBlock(name, etype, (first[lk.src] + lk.offset, count), (dst[0] + lk.dst_offset, count), "diag")]
+        return [EdgeBlock(names[0], etype, (first[lk.src] + lk.offset, count), (dst[0] + lk.dst_offset, count),
+                          "diag")]
     if lk.role == "head":
         count = lk.rows or sizes[lk.src]
         size = dst[1] // count
-        base = f"{topo.groups[lk.dst][0]}.head"
-        return [EdgeBlock(f"{base}{h}", etype, (first[lk.src] + h, 1), (dst[0] + h * size, size))
-                for h in range(count)]
+        return [EdgeBlock(names[h], etype, (first[lk.src] + h, 1), (dst[0] + h * size, size)) for h in range(count)]
     p = info[lk.param]
-    name = lk.param if not (lk.offset or lk.rows) else f"{lk.param}[{lk.offset}:{lk.offset + (lk.rows or 0)}]"
+    name = names[0]
     if lk.role in AUX_ROLES:
         rows = lk.rows or p.shape[0]
         return [EdgeBlock(name, etype, (aux[i], 1), (dst[0] + lk.dst_offset, rows), "src",
                           ParamMap(p.start + lk.offset, rows, 1, True))]
     src = (first[lk.src], sizes[lk.src])
-    if lk.role in EMBED_ROLES:  # stored (rows, d): row r is token r
-        return [EdgeBlock(name, etype, src, dst, "src", ParamMap(p.start, src[1], dst[1], out_first=False))]
-    rows = lk.rows or p.shape[0]
-    per_row = math.prod(p.shape[1:])
-    pm = ParamMap(p.start + lk.offset * per_row, rows, p.shape[1], True, slots=math.prod(p.shape[2:]))
+    if lk.role in EMBED_ROLES:  # stored (rows, d): row r is token r ("out_in": read as (out, in), §2.6.4 quirk 6)
+        return [EdgeBlock(name, etype, src, dst, "src", ParamMap(p.start, src[1], dst[1],
+                                                                 out_first=lk.stored == "out_in"))]
+    if lk.transposed:  # stored (in, out): the column window [offset, offset + rows) of each input row
+        rows = lk.rows or p.shape[1]
+        pm = ParamMap(p.start, p.shape[0], rows, False, row_len=p.shape[1], col=lk.offset)
+        n_in = p.shape[0]
+    else:
+        rows = lk.rows or p.shape[0]
+        per_row = math.prod(p.shape[1:])
+        pm = ParamMap(p.start + lk.offset * per_row, rows, p.shape[1], True, slots=math.prod(p.shape[2:]))
+        n_in = p.shape[1]
+    src = (src[0] + lk.src_offset, n_in)
     if lk.role == "key":  # key neuron j is query node j; edges run backwards, target-major (§2.6.1)
         return [EdgeBlock(name, etype, (dst[0], rows), src, "dst", pm)]
     return [EdgeBlock(name, etype, src, dst, "src", pm)]
