@@ -194,6 +194,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "verified only (labelled NAME+v), 'both' unverified and verified (default off)")
     b.add_argument("--verify-tolerance", type=float, default=0.0, metavar="X",
                    help="with --verify: accept a jump whose probe loss rises by at most X (relative; default 0)")
+    b.add_argument("--verify-delay", type=int, default=0, metavar="D",
+                   help="with --verify: delayed checks with rollback, Verify(delay=D): a jump that dips the probe by "
+                   "at most --verify-max-dip is kept tentatively and probed again D steps later (labelled "
+                   "NAME+vdD; default 0: immediate checks only)")
+    b.add_argument("--verify-max-dip", type=float, default=None, metavar="X",
+                   help="with --verify-delay: the largest relative rise of the probe a tentative jump may have "
+                   "(default: Verify's)")
     b.add_argument("--final-nowcast", choices=["skip", "keep"], default="skip",
                    help="NowcastOptimizer's rule for the budget's last nowcast (default skip: a normal step)")
     b.add_argument("--quick", action="store_true", help="smoke run in seconds (digits + linefit, tiny budget)")

@@ -68,6 +68,14 @@ class NowcastReport(BaseModel):
     tried: list[tuple[float, float | None]] = Field([], max_length=16, description="[alpha, probe] pairs scored")
     probe_passes: int | None = Field(None, ge=0, le=1000)
     verify_s: float | None = Field(None, ge=0, description="seconds the verification took")
+    delayed: Literal["pending", "kept", "rolled_back"] | None = Field(
+        None, description="a tentative jump's delayed check (Verify(delay=D)): 'pending' until it runs, then 'kept' "
+                          "or 'rolled_back' (the pre-jump model and optimizer state were restored; accepted is false)")
+    delay: int | None = Field(None, ge=1, le=10**6, description="steps between the jump and its delayed check")
+    check_step: int | None = Field(None, ge=0, le=10**12, description="the step of the delayed check")
+    probe_delayed: float | None = Field(None, description="probe loss at the delayed check (null = infinite)")
+    snapshot_bytes: int | None = Field(None, ge=0, le=2**50,
+                                       description="memory held for the rollback while the check was pending")
 
 
 # ----------------------------------------------------------------------------- responses (documentation: the
@@ -137,7 +145,8 @@ class SessionDetail(SessionSummary):
     nowcasts: list[NowcastEntry] = Field(description="the newest 50 nowcasts")
     reports: list[dict[str, Any]] = Field([], description="the newest 50 verification reports (NowcastReport + "
                                           "step, at)")
-    verification: dict[str, int] | None = Field(None, description="counts of reported, accepted, skipped nowcasts")
+    verification: dict[str, int] | None = Field(None, description="counts of reported, accepted, rejected, "
+                                                "skipped nowcasts; of delayed checks pending and rolled back")
 
 
 class ReportAck(BaseModel):
@@ -201,9 +210,11 @@ def session_view(s: Session, ttl_s: float, full: bool = True) -> dict[str, Any]:
         view["nowcasts"] = s.nowcasts[-50:]
         view["reports"] = s.reports[-50:]
     verified = [r for r in s.reports if not r.get("skipped")]
+    rolled_back = sum(1 for r in verified if r.get("delayed") == "rolled_back")
     view["verification"] = {"reported": len(s.reports), "accepted": sum(1 for r in verified if r["accepted"]),
-                            "rejected": sum(1 for r in verified if not r["accepted"]),
-                            "skipped": len(s.reports) - len(verified)}
+                            "rejected": sum(1 for r in verified if not r["accepted"]) - rolled_back,
+                            "skipped": len(s.reports) - len(verified), "rolled_back": rolled_back,
+                            "pending": sum(1 for r in verified if r.get("delayed") == "pending")}
     return view
 
 

@@ -36,7 +36,9 @@ ALIASES = {"nino": "nino_no_posw.pt", "nino_no_posw": "nino_no_posw.pt", "wnn": 
 QUICK = {"max_steps": 240, "period": 60, "eval_every": 10, "seeds": "1000,2000"}
 DIGITS_QUICK = {"max_steps": 1000, "period": 100, "eval_every": 10}  # digits: its whole budget
 PROBE_SEED_OFFSET = 7919  # --verify's probe: the first batch of an independent shuffle of the training data
-VERIFIED = "+v"  # label suffix of a verified nowcaster's runs
+VERIFIED = "+v"  # label suffix of a verified nowcaster's runs; "+vdD" with delayed checks (delay D)
+DECISION_KEYS = ("step", "k", "accepted", "skipped", "alpha", "probe_before", "probe_after", "tried", "probe_passes",
+                 "verify_s", "delayed", "check_step", "probe_delayed", "snapshot_bytes")
 
 
 # ---------------------------------------------------------------------------------------------- methods
@@ -82,11 +84,14 @@ def eval_points(max_steps: int, period: int, eval_every: int, before_nowcast: bo
 def run_one(task, method: str, ref: str | None, seed: int, *, max_steps: int, period: int, eval_every: int,
             early_stop: bool = True, server: str | None = None, api_key: str | None = None,
             progress: bool = True, verify: bool = False, final_nowcast: str = "skip",
-            verify_tolerance: float = 0.0) -> dict[str, Any]:
+            verify_tolerance: float = 0.0, verify_delay: int = 0,
+            verify_max_dip: float | None = None) -> dict[str, Any]:
     """Train one (task, method, seed); returns the run record (see module doc).
 
     ``verify``: every nowcast is checked on a fixed probe batch (the task's training loss on the first batch of
-    an independent shuffle of the training data, never the test data the metric uses)."""
+    an independent shuffle of the training data, never the test data the metric uses); ``verify_delay``: with
+    delayed checks and rollback (rolled-back jumps are evaluated at their rollback step and listed in
+    ``rollback_steps``; their D steps count)."""
     import torch
     from tqdm import tqdm
 
@@ -103,7 +108,9 @@ def run_one(task, method: str, ref: str | None, seed: int, *, max_steps: int, pe
             from ninocast import Verify
 
             probe_batches = task.batches(seed + PROBE_SEED_OFFSET)
-            kw["verify"] = Verify(batch=next(probe_batches), loss_fn=task.loss, tolerance=verify_tolerance)
+            more = {} if verify_max_dip is None else {"max_dip": verify_max_dip}
+            kw["verify"] = Verify(batch=next(probe_batches), loss_fn=task.loss, tolerance=verify_tolerance,
+                                  delay=verify_delay, **more)
             del probe_batches
         if server:
             kw.update(server=server, api_key=api_key, session_name=f"bench-{task.name}-{method}-{seed}")
@@ -117,6 +124,7 @@ def run_one(task, method: str, ref: str | None, seed: int, *, max_steps: int, pe
     train_s = eval_s = 0.0
     nowcast_steps: list[int] = []  # accepted nowcasts
     rejected_steps: list[int] = []  # verified nowcasts that were rejected (a normal step instead)
+    rollback_steps: list[int] = []  # delayed checks that restored the pre-jump run
     pre_final: float | None = None  # the metric right before the last call of the budget
 
     def evaluate(step: int, tag: str) -> bool:
@@ -153,8 +161,12 @@ def run_one(task, method: str, ref: str | None, seed: int, *, max_steps: int, pe
                 nowcast_steps.append(steps_run)
             elif any("probe_before" in n for n in new):
                 rejected_steps.append(steps_run)
+            last = opt.nowcasts[-1] if getattr(opt, "nowcasts", None) else {}
+            rolled_back = last.get("delayed") == "rolled_back" and last.get("check_step") == s
+            if rolled_back:
+                rollback_steps.append(steps_run)
             bar.update(1)
-            if steps_run in points or nowcasted:
+            if steps_run in points or nowcasted or rolled_back:
                 tag = "post" if steps_run % period == 0 else "pre" if (steps_run + 1) % period == 0 else "eval"
                 if evaluate(steps_run, tag) and early_stop:
                     break
@@ -174,8 +186,7 @@ def run_one(task, method: str, ref: str | None, seed: int, *, max_steps: int, pe
             opt.close()
         del batches
     nowcasts = [n for n in getattr(opt, "nowcasts", []) if "seconds" in n]  # the nowcasts the backend computed
-    decisions = [{k: n.get(k) for k in ("step", "k", "accepted", "skipped", "alpha", "probe_before", "probe_after",
-                                        "probe_passes", "verify_s")} for n in getattr(opt, "nowcasts", [])]
+    decisions = [{k: n.get(k) for k in DECISION_KEYS} for n in getattr(opt, "nowcasts", [])]
     values = [c[1] for c in curve if not math.isnan(c[1])]
     best = (max(values) if task.higher_is_better else min(values)) if values else float("nan")
     return {
@@ -188,6 +199,10 @@ def run_one(task, method: str, ref: str | None, seed: int, *, max_steps: int, pe
         "nowcast_k": [n["k"] for n in nowcasts], "failures": dict(getattr(opt, "failures", {}) or {}),
         "verify": verify, "verify_tolerance": verify_tolerance if verify else None, "final_nowcast": final_nowcast,
         "rejected_steps": rejected_steps, "decisions": decisions,
+        "verify_delay": verify_delay if verify else None,
+        "verify_max_dip": opt.verify.max_dip if verify and verify_delay else None,
+        "rollback_steps": rollback_steps,
+        "snapshot_bytes_max": max((n.get("snapshot_bytes") or 0 for n in decisions), default=0),
         "verify_s": round(sum(n.get("verify_s") or 0.0 for n in decisions), 3),
         "probe_passes": sum(n.get("probe_passes") or 0 for n in decisions), "pre_final_metric": pre_final,
         "server": server, "curve": curve, "threads": torch.get_num_threads(),
@@ -455,8 +470,19 @@ def run_bench_speedup(args: argparse.Namespace) -> int:
     methods: list[tuple[str, str | None]] = [("adamw", None)] + [resolve_nowcaster(r) for r in refs]
     if len({m for m, _ in methods}) != len(methods):
         raise CommandError("two nowcasters resolve to the same label")
+    if args.verify_delay and args.verify == "off":
+        raise CommandError("--verify-delay needs --verify on or both")
+    if args.verify != "off":
+        from ninocast import Verify
+
+        more = {} if args.verify_max_dip is None else {"max_dip": args.verify_max_dip}
+        try:  # the options alone, checked before any training
+            Verify(probe=lambda m: 0.0, tolerance=args.verify_tolerance, delay=args.verify_delay, **more)
+        except ValueError as e:
+            raise CommandError(f"--verify options: {e}") from None
+    suffix = VERIFIED + (f"d{args.verify_delay}" if args.verify_delay else "")
     if args.verify != "off":  # NAME+v: the same nowcaster, every nowcast verified on a probe batch
-        verified = [(label + VERIFIED, ref) for label, ref in methods[1:]]
+        verified = [(label + suffix, ref) for label, ref in methods[1:]]
         methods = methods[:1] + (verified if args.verify == "on" else
                                  [m for pair in zip(methods[1:], verified) for m in pair])
     for label, ref in methods[1:]:
@@ -485,11 +511,15 @@ def run_bench_speedup(args: argparse.Namespace) -> int:
         eval_every = args.eval_every or (quick["eval_every"] if args.quick else task.eval_every)
         if period % task.ctx:
             raise CommandError(f"period {period} must be a multiple of ctx {task.ctx}")
+        if args.verify_delay >= period:
+            raise CommandError(f"--verify-delay {args.verify_delay} must be shorter than {task.name}'s period "
+                               f"{period}")
         for seed in seeds:
             for label, ref in methods:
                 plan.append((task, label, ref, seed, max_steps, period, eval_every))
     config = {"argv": sys.argv, "tasks": {t.name: t.info() for t in {id(p[0]): p[0] for p in plan}.values()},
               "methods": dict(methods), "verify": args.verify, "verify_tolerance": args.verify_tolerance,
+              "verify_delay": args.verify_delay, "verify_max_dip": args.verify_max_dip,
               "final_nowcast": args.final_nowcast,
               "probe": f"task.loss on the first batch of task.batches(seed + {PROBE_SEED_OFFSET})", "seeds": seeds, "server": args.server, "threads": torch.get_num_threads(),
               "torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
@@ -503,8 +533,9 @@ def run_bench_speedup(args: argparse.Namespace) -> int:
         run = run_one(task, label, ref, seed, max_steps=max_steps, period=period, eval_every=eval_every,
                       early_stop=not args.no_early_stop, server=args.server,
                       api_key=args.api_key or os.environ.get("NINOCAST_API_KEY"),
-                      progress=not args.no_progress, verify=label.endswith(VERIFIED),
-                      final_nowcast=args.final_nowcast, verify_tolerance=args.verify_tolerance)
+                      progress=not args.no_progress, verify=label.endswith(suffix),
+                      final_nowcast=args.final_nowcast, verify_tolerance=args.verify_tolerance,
+                      verify_delay=args.verify_delay, verify_max_dip=args.verify_max_dip)
         runs.append(run)
         with open(jsonl, "a") as f:
             f.write(json.dumps(run) + "\n")

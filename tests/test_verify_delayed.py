@@ -1,0 +1,264 @@
+"""Delayed checks with rollback (``Verify(delay=D)``): a jump that dips the probe is kept tentatively, probed again
+D steps later, and rolled back exactly when it did not recover. Real models, real AdamW steps, a real server."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from ninocast import NowcastClient, NowcastOptimizer, Verify
+from server_utils import Server
+from test_verify import CTX, PERIOD, PROBE, batch, loss_fn
+
+LR = 3e-2
+
+
+def bn_model(seed: int = 0) -> nn.Module:
+    """With BatchNorm: its running statistics move on a branch, so a rollback must put buffers back too."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.Tanh(), nn.Linear(16, 3))
+
+
+class Scripted:
+    """A probe whose values are given in advance, in the order the optimizer asks: before and tried points at a
+    nowcast, one value at a delayed check. Every value must be used (``done``)."""
+
+    def __init__(self, values: list[float]) -> None:
+        self.values = list(values)
+
+    def __call__(self, model: nn.Module) -> float:
+        assert self.values, "the optimizer asked the probe more often than expected"
+        return self.values.pop(0)
+
+    @property
+    def done(self) -> bool:
+        return not self.values
+
+
+def wrap(model: nn.Module, probe, delay: int, steps: int, **kw) -> NowcastOptimizer:
+    verify = Verify(probe=probe, delay=delay, **kw)
+    return NowcastOptimizer(torch.optim.AdamW(model.parameters(), lr=LR), model, local=True, nowcaster="linefit",
+                            period=PERIOD, ctx=CTX, max_train_steps=steps, verify=verify, final_nowcast="keep")
+
+
+def train(model: nn.Module, opt, steps: int, start: int = 0, skip: range = range(0)) -> None:
+    """The README's loop over batches start..steps-1 (calls in ``skip`` consume their batch untrained)."""
+    for s in range(start, steps):
+        if s in skip:
+            continue
+        opt.zero_grad()
+        loss_fn(model, batch(s)).backward()
+        opt.step()
+
+
+def adam_state(opt: torch.optim.Optimizer) -> list[dict]:
+    return [{k: v.clone() for k, v in opt.state[p].items()} for g in opt.param_groups for p in g["params"]]
+
+
+def assert_same_run(model_a: nn.Module, opt_a, model_b: nn.Module, opt_b) -> None:
+    for (n, a), b in zip(model_a.state_dict().items(), model_b.state_dict().values()):
+        assert torch.equal(a, b), n  # parameters and BatchNorm buffers, bit for bit
+    for sa, sb in zip(adam_state(opt_a), adam_state(opt_b)):
+        assert sa.keys() == sb.keys()
+        for k in sa:
+            assert torch.equal(sa[k], sb[k]), k  # moments and the step count (bias correction)
+
+
+# ---------------------------------------------------------------------------- rollback is exact
+@pytest.mark.parametrize("delay", [3, 6])  # snapshots every 4 calls: 6 takes one (call 23) on the branch
+def test_a_rolled_back_jump_leaves_the_run_as_if_it_never_happened(delay):
+    """Nowcast at call 19, kept tentatively (probe 1.0 -> 1.5), checked at call 19 + D (2.0: worse), rolled back.
+    Claim: after call 19 + D the model (buffers too) and AdamW's state equal those of plain AdamW on batches
+    0..18 (plus the forward pass of call 19's batch, which the loop ran before the jump: BatchNorm's running
+    statistics include it); every later call is a plain AdamW step, so up to the next nowcast the run equals AdamW on batches
+    0..18 and 20 + D.. (the jump's call and the D branch calls spent), and no snapshot of the branch is used."""
+    steps = 80
+    model, probe = bn_model(), Scripted([1.0, 1.5, 2.0])
+    opt = wrap(model, probe, delay, steps)
+    check = 19 + delay
+    train(model, opt, check + 1)
+    d = opt.nowcasts[0]
+    assert (d["step"], d["delayed"], d["accepted"], d["alpha"]) == (19, "rolled_back", False, 0.0)
+    assert (d["check_step"], d["delay"], d["probe_delayed"], d["probe_passes"]) == (check, delay, 2.0, 3)
+    assert d["tried"] == [[1.0, 1.5]] and d["snapshot_bytes"] > 0 and probe.done
+
+    ref = bn_model()
+    base = torch.optim.AdamW(ref.parameters(), lr=LR)
+    train(ref, base, 19)
+    with torch.no_grad():  # the loop's forward on the nowcast call's batch ran before the copy (BatchNorm saw it)
+        ref(batch(19)[0])
+    assert_same_run(model, opt.optimizer, ref, base)  # right after the rollback
+    assert opt.snapshots == []  # the branch's snapshot (delay 6: call 23) was dropped, none taken otherwise
+
+    probe.values = [1.0, 0.5]  # the next nowcast passes at once
+    nxt = next(s for s in range(check + 1, steps) if (s + 1) % (PERIOD // CTX) == 0) + (CTX - 1) * (PERIOD // CTX)
+    train(model, opt, nxt, start=check + 1)  # up to the next nowcast call, exclusive
+    train(ref, base, nxt, start=check + 1)
+    assert_same_run(model, opt.optimizer, ref, base)
+    train(model, opt, nxt + 1, start=nxt)
+    assert [n["step"] for n in opt.nowcasts] == [19, nxt] and opt.nowcasts[1]["accepted"]
+    assert min(opt.nowcasts[1]["snapshot_steps"]) > check  # its whole window was taken after the rollback
+    assert opt.step_count == nxt + 1 and not opt.failures
+
+
+def test_a_jump_that_dips_then_recovers_is_kept():
+    """Kept: the branch goes on (the parameters are not AdamW's), and the record says so."""
+    model, probe = bn_model(), Scripted([1.0, 1.5, 0.9])
+    opt = wrap(model, probe, 5, 60)
+    train(model, opt, 25)
+    d = opt.nowcasts[0]
+    assert (d["delayed"], d["accepted"], d["alpha"], d["probe_delayed"], d["check_step"]) == ("kept", True, 1.0,
+                                                                                             0.9, 24)
+    ref = bn_model()
+    base = torch.optim.AdamW(ref.parameters(), lr=LR)
+    train(ref, base, 19)
+    assert not torch.equal(model[0].weight, ref[0].weight)
+    assert opt._tentative is None and not opt.delayed_off
+
+
+def test_beyond_max_dip_the_jump_is_checked_at_once():
+    """A dip beyond max_dip (1.0 -> 3.5 with max_dip 2) is never kept tentatively: shorter jumps are tried."""
+    model, probe = bn_model(), Scripted([1.0, 3.5, 2.0, 0.8])
+    opt = wrap(model, probe, 5, 60, max_dip=2.0)
+    train(model, opt, 21)
+    d = opt.nowcasts[0]
+    assert d["accepted"] and d["alpha"] == 0.25 and "delayed" not in d and probe.done and opt._tentative is None
+
+
+def test_real_probe_decisions_match_the_probe_measured_independently():
+    """The ordinary probe (the loss on a held-out batch) with a generous max_dip: whatever linefit's jumps do,
+    each tentative decision agrees with the probe loss measured at the check by the test itself."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 3))
+    verify = Verify(batch=PROBE, loss_fn=loss_fn, delay=8, max_dip=50.0, max_rollbacks=10)
+    opt = NowcastOptimizer(torch.optim.AdamW(model.parameters(), lr=LR), model, local=True, nowcaster="linefit",
+                           period=PERIOD, ctx=CTX, max_train_steps=100, verify=verify)
+    measured = {}
+    for s in range(100):
+        opt.zero_grad()
+        loss_fn(model, batch(s)).backward()
+        opt.step()
+        pending = [n for n in opt.nowcasts if n.get("check_step") == s]
+        if pending and pending[0]["delayed"] == "kept":
+            with torch.no_grad():
+                measured[s] = loss_fn(model.eval(), PROBE).item()
+            model.train()
+    tentative = [n for n in opt.nowcasts if "delayed" in n]
+    assert tentative, opt.nowcasts  # linefit's k = 40 jumps overshoot this model: some dip within 50x
+    for n in tentative:
+        assert n["delayed"] in ("kept", "rolled_back")
+        assert n["tried"][0][1] > n["probe_before"]  # tentative only when the immediate check failed
+        if n["delayed"] == "kept":
+            assert n["probe_delayed"] <= n["probe_before"]
+            assert n["probe_delayed"] == pytest.approx(measured[n["check_step"]], rel=1e-6)
+        else:
+            assert n["probe_delayed"] > n["probe_before"] and not n["accepted"]
+
+
+# ---------------------------------------------------------------------------- rollbacks in a row
+def test_max_rollbacks_in_a_row_turn_tentative_jumps_off():
+    """Two rollbacks in a row (calls 22 and 42): the nowcast at 59 is checked at once (shrunk, rejected), so a
+    wrong nowcaster cost at most 2 x D branch steps. The last nowcast (79) could not be checked inside the budget
+    anyway."""
+    model = bn_model()
+    probe = Scripted([1.0, 1.5, 2.0,  # 19: tentative, rolled back at 22
+                      1.0, 1.5, 2.0,  # 39: tentative (window 23..39), rolled back at 42
+                      1.0, 1.5, 1.4, 1.3])  # 59: immediate only: 1, 1/2, 1/4 all worse -> rejected
+    opt = wrap(model, probe, 3, 80, max_rollbacks=2)
+    train(model, opt, 60)
+    assert [(n["step"], n.get("delayed"), n["accepted"]) for n in opt.nowcasts] == [
+        (19, "rolled_back", False), (39, "rolled_back", False), (59, None, False)]
+    assert opt.delayed_off and probe.done
+    assert [a for a, _ in opt.nowcasts[2]["tried"]] == [1.0, 0.5, 0.25]
+
+
+def test_a_kept_jump_resets_the_count_and_no_check_runs_past_the_budget():
+    model = bn_model()
+    probe = Scripted([1.0, 1.5, 2.0,  # 19: rolled back
+                      1.0, 1.5, 0.5,  # 39: kept -> the count starts again
+                      1.0, 1.5, 2.0,  # 59: rolled back (one in a row: still on)
+                      1.0, 1.5, 1.4, 1.3])  # 79 of 80: a check at 82 would be past the budget -> immediate
+    opt = wrap(model, probe, 3, 80, max_rollbacks=2)
+    train(model, opt, 80)
+    assert [n.get("delayed") for n in opt.nowcasts] == ["rolled_back", "kept", "rolled_back", None]
+    assert not opt.delayed_off and probe.done and opt._tentative is None
+
+
+def test_delay_arguments_are_checked():
+    with pytest.raises(ValueError, match="fixed probe"):
+        Verify(closure=True, delay=5)
+    for bad in (dict(delay=-1), dict(delay=2.5), dict(max_dip=-0.5), dict(max_dip=math.inf),
+                dict(tolerance=0.5, max_dip=0.1), dict(max_rollbacks=0)):
+        with pytest.raises(ValueError):
+            Verify(probe=lambda m: 0.0, **bad)
+    with pytest.raises(ValueError, match="shorter than the period"):
+        wrap(bn_model(), lambda m: 0.0, PERIOD, 60)
+
+
+# ---------------------------------------------------------------------------- the server's view
+@pytest.fixture(scope="module")
+def srv_key(tmp_path_factory):
+    from ninocast_server.api.auth import add_key
+
+    keys = tmp_path_factory.mktemp("delayed-keys") / "keys.json"
+    key = add_key(keys, "dora")
+    server = Server(tmp_path_factory.mktemp("delayed-server") / "data", keys_file=keys).start()
+    yield server, key
+    server.stop()
+
+
+def test_the_server_session_shows_the_delayed_decisions(srv_key):
+    srv, key = srv_key
+    model = bn_model()
+    probe = Scripted([1.0, 1.5, 2.0, 1.0, 1.5, 0.5])  # 19: rolled back at 22; 39: kept at 42
+    opt = NowcastOptimizer(torch.optim.AdamW(model.parameters(), lr=LR), model, server=srv.url, api_key=key,
+                           period=PERIOD, ctx=CTX, max_train_steps=60, retries=0, timeout=20, record=True,
+                           verify=Verify(probe=probe, delay=3))
+    train(model, opt, 45)
+    opt.close()
+    assert not opt.failures, opt.failures
+    with NowcastClient(srv.url, api_key=key) as c:
+        view = c.get_session(opt.backend.session_id)
+    reports = {r["step"]: r for r in view["reports"]}
+    assert sorted(reports) == [19, 39]
+    assert (reports[19]["delayed"], reports[19]["accepted"], reports[19]["probe_delayed"]) == ("rolled_back",
+                                                                                               False, 2.0)
+    assert (reports[39]["delayed"], reports[39]["accepted"], reports[39]["check_step"]) == ("kept", True, 42)
+    assert reports[19]["delay"] == 3 and reports[19]["snapshot_bytes"] == opt.nowcasts[0]["snapshot_bytes"] > 0
+    assert view["verification"] == {"reported": 2, "accepted": 1, "rejected": 0, "skipped": 0, "rolled_back": 1,
+                                    "pending": 0}
+
+
+# ---------------------------------------------------------------------------- frameworks
+@pytest.mark.filterwarnings("ignore:.*LeafSpec")
+def test_lightning_callback_passes_the_delay_and_rolls_back():
+    from test_integrations import _lightning
+
+    pl = _lightning()
+    from ninocast.integrations.lightning import NowcastCallback
+
+    class Module(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = bn_model()
+
+        def training_step(self, b, i):
+            return loss_fn(self.net, (b[0][0], b[1][0]))
+
+        def configure_optimizers(self):
+            return torch.optim.AdamW(self.parameters(), lr=LR)
+
+    steps = 40
+    probe = Scripted([1.0, 1.5, 2.0, 1.0, 0.5])  # 19: rolled back at 22; 39 (the last call): at once, kept
+    cb = NowcastCallback(probe=probe, verify_options={"delay": 3}, local=True, nowcaster="linefit", period=PERIOD,
+                         ctx=CTX, max_train_steps=steps, final_nowcast="keep")
+    trainer = pl.Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, callbacks=[cb])
+    trainer.fit(Module(), torch.utils.data.DataLoader([batch(s) for s in range(steps)], batch_size=1))
+    opt = cb.optimizer
+    assert opt.verify.delay == 3 and not opt.failures and probe.done
+    assert [(n["step"], n.get("delayed"), n["accepted"]) for n in opt.nowcasts] == [(19, "rolled_back", False),
+                                                                                  (39, None, True)]
