@@ -265,7 +265,8 @@ def test_reports_reach_the_server_session_history(srv_key):
         assert r["probe_passes"] == d["probe_passes"] and len(r["tried"]) == len(d["tried"])
     assert reports[2]["skipped"] == "final" and not reports[2]["accepted"]
     n_acc = sum(d["accepted"] for d in opt.nowcasts[:2])
-    assert view["verification"] == {"reported": 3, "accepted": n_acc, "rejected": 2 - n_acc, "skipped": 1}
+    assert view["verification"] == {"reported": 3, "accepted": n_acc, "rejected": 2 - n_acc, "skipped": 1,
+                                    "rolled_back": 0, "pending": 0}
     assert view["nowcasts_done"] == 2  # the skipped one never asked the server
 
 

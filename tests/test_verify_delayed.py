@@ -262,3 +262,65 @@ def test_lightning_callback_passes_the_delay_and_rolls_back():
     assert opt.verify.delay == 3 and not opt.failures and probe.done
     assert [(n["step"], n.get("delayed"), n["accepted"]) for n in opt.nowcasts] == [(19, "rolled_back", False),
                                                                                   (39, None, True)]
+
+
+# ---------------------------------------------------------------------------- the benchmark
+def test_bench_speedup_verify_delay_smoke(tmp_path, capsys):
+    import json
+
+    from ninocast.cli import main
+
+    out = tmp_path / "b"
+    assert main(["bench", "speedup", "--task", "digits", "--nowcasters", "linefit", "--verify", "on",
+                 "--verify-delay", "30", "--verify-max-dip", "50", "--seeds", "1000", "--max-steps", "300",
+                 "--period", "100", "--no-progress", "--out", str(out)]) == 0
+    runs = {r["method"]: r for r in map(json.loads, (out / "runs.jsonl").read_text().splitlines())}
+    assert set(runs) == {"adamw", "linefit+vd30"}
+    v = runs["linefit+vd30"]
+    assert (v["verify_delay"], v["verify_max_dip"]) == (30, 50.0)
+    tentative = [d for d in v["decisions"] if d["delayed"]]
+    assert tentative and v["snapshot_bytes_max"] > 0  # linefit's k = 40 jump dips this model within 50x
+    for d in tentative:
+        assert d["check_step"] == d["step"] + 30 and d["probe_delayed"] is not None
+        rolled = d["delayed"] == "rolled_back"
+        assert rolled == (d["probe_delayed"] > d["probe_before"])
+        assert (d["check_step"] + 1 in v["rollback_steps"]) == rolled
+        if rolled:  # the curve is evaluated right after the rollback
+            assert d["check_step"] + 1 in {c[0] for c in v["curve"]}
+    md = (out / "results.md").read_text()
+    assert "| linefit+vd30 |" in md and "tentative (rolled back)" in md
+    for bad, msg in ((["--verify-delay", "30"], "needs --verify"),
+                     (["--verify", "on", "--verify-delay", "100"], "shorter than"),
+                     (["--verify", "on", "--verify-delay", "5", "--verify-max-dip", "-1"], "max_dip")):
+        capsys.readouterr()
+        assert main(["bench", "speedup", "--task", "digits", "--nowcasters", "linefit", "--seeds", "1000",
+                     "--period", "100", "--no-progress", "--out", str(tmp_path / "x"), *bad]) == 2
+        assert msg in capsys.readouterr().err
+
+
+def test_hugging_face_callback_passes_the_delay(tmp_path):
+    pytest.importorskip("transformers")
+    pytest.importorskip("accelerate", reason="transformers.Trainer needs accelerate")
+    from transformers import Trainer, TrainingArguments
+
+    from ninocast.integrations.hf import NowcastCallback
+    from test_integrations import Tokens, tiny_gpt2
+
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=2 * PERIOD, per_device_train_batch_size=4,
+                             per_device_eval_batch_size=8, learning_rate=1e-2, report_to="none",
+                             logging_strategy="no", save_strategy="no", use_cpu=True, disable_tqdm=True)
+    trainer = Trainer(model=tiny_gpt2(0), args=args, train_dataset=Tokens(), eval_dataset=Tokens())
+    probe = Scripted([1.0, 1.5, 2.0])  # 19: tentative, rolled back at 24 (its snapshot of call 23 dropped, so
+    # the window is full again only at call 43: no second nowcast in this 40-step run)
+    cb = NowcastCallback(probe=probe, verify_options={"delay": 5}, local=True, nowcaster="linefit", period=PERIOD,
+                         ctx=CTX).attach(trainer)
+    trainer.train()
+    opt = cb.optimizer
+    assert opt.verify.delay == 5 and probe.done and not opt.failures
+    assert [(n["step"], n.get("delayed"), n["accepted"]) for n in opt.nowcasts] == [(19, "rolled_back", False)]
+    assert [t for t, _ in opt.snapshots] == [27, 31, 35, 39]
+    bad = Trainer(model=tiny_gpt2(0), args=args, train_dataset=Tokens())
+    NowcastCallback(probe=probe, verify_options={"dealy": 5}, local=True, nowcaster="linefit", period=PERIOD,
+                    ctx=CTX).attach(bad)
+    with pytest.raises(ValueError, match="unknown Verify options"):
+        bad.train()

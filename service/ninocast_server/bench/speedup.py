@@ -308,7 +308,9 @@ def markdown(rows: list[dict], runs: list[dict]) -> str:
 def decision_rows(runs: list[dict]) -> list[dict]:
     """Per (task, method): what happened at the nowcasts and at the budget's last call, over every seed.
 
-    ``max_probe_increase``: the largest probe-loss change (after - before) at an accepted verified nowcast;
+    ``max_probe_increase``: the largest probe-loss change (after - before) at an accepted verified nowcast (with
+    delayed checks: right after the jump, so a kept tentative jump's dip counts); ``max_delayed_change``: the
+    largest change from before the jump to its delayed check, over the kept tentative jumps;
     ``max_metric_worsening``: the largest worsening of the task metric from the evaluation right before an accepted
     nowcast to the one right after (only where the curve has both: language's pre/post evaluations);
     ``final_change``: median metric change over the last call (final minus the metric before it)."""
@@ -337,6 +339,12 @@ def decision_rows(runs: list[dict]) -> list[dict]:
             "max_probe_increase": max((d["probe_after"] - d["probe_before"] for d in accepted), default=None),
             "max_metric_worsening": max(worse, default=None),
             "final_change": statistics.median(finals) if finals else None,
+            "tentative": sum(1 for d in verified if d.get("delayed")),
+            "rolled_back": sum(1 for d in verified if d.get("delayed") == "rolled_back"),
+            "max_delayed_change": max((d["probe_delayed"] - d["probe_before"] for d in verified
+                                       if d.get("delayed") == "kept" and d.get("probe_delayed") is not None),
+                                      default=None),
+            "snapshot_bytes_max": max((r.get("snapshot_bytes_max") or 0 for r in rs), default=0),
             "verify_s_mean": statistics.mean(r.get("verify_s", 0.0) for r in rs),
             "probe_passes_mean": statistics.mean(r.get("probe_passes", 0) for r in rs),
         })
@@ -348,22 +356,25 @@ def decisions_markdown(rows: list[dict]) -> str:
     if not rows:
         return ""
     out = ["### Nowcast decisions and the last call\n",
-           "| task | method | runs | nowcasts accepted / computed (shrunk) | largest probe-loss change after an "
-           "accepted nowcast | largest metric worsening after an accepted nowcast (pre/post evals) | median "
-           "metric change over the last call | verify s/run | probe passes/run |",
-           "|---|---|---|---|---|---|---|---|---|"]
+           "| task | method | runs | nowcasts accepted / computed (shrunk) | tentative (rolled back) | largest "
+           "probe-loss change after an accepted nowcast | largest probe-loss change at the delayed check of a kept "
+           "jump | largest metric worsening after an accepted nowcast (pre/post evals) | median metric change over "
+           "the last call | verify s/run | probe passes/run | rollback copy MB |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     f = lambda v, p=4: "n/a" if v is None else f"{v:+.{p}f}"  # noqa: E731
     for r in rows:
         out.append(f"| {r['task']} | {r['method']} | {r['runs']} | {r['accepted']} / {r['nowcasts']} ({r['shrunk']}) | "
-                   f"{f(r['max_probe_increase'])} | {f(r['max_metric_worsening'], 3)} | {f(r['final_change'], 3)} | "
-                   f"{r['verify_s_mean']:.2f} | {r['probe_passes_mean']:.0f} |")
+                   f"{r['tentative']} ({r['rolled_back']}) | {f(r['max_probe_increase'])} | "
+                   f"{f(r['max_delayed_change'])} | {f(r['max_metric_worsening'], 3)} | {f(r['final_change'], 3)} | "
+                   f"{r['verify_s_mean']:.2f} | {r['probe_passes_mean']:.0f} | {r['snapshot_bytes_max'] / 1e6:.2f} |")
     return "\n".join(out) + "\n"
 
 
 RUN_FIELDS = ["task", "method", "seed", "reached", "steps_to_target", "steps_run", "max_steps", "period",
               "eval_every", "target", "final_metric", "best_metric", "train_s", "nowcast_s", "eval_s", "n_nowcasts",
               "failures", "nowcaster", "server", "verify", "final_nowcast", "rejected_steps", "verify_s",
-              "probe_passes", "pre_final_metric"]
+              "probe_passes", "pre_final_metric", "verify_delay", "verify_max_dip", "rollback_steps",
+              "snapshot_bytes_max"]
 SUMMARY_FIELDS = ["task", "method", "seeds", "reached", "median_steps", "speedup", "steps_per_seed", "budget",
                   "target", "metric", "final_metric", "best_metric", "train_s_mean", "nowcast_s_mean", "eval_s_mean",
                   "wall_s_total", "failures"]
@@ -392,6 +403,11 @@ def plot(task: str, runs: list[dict], path: Path) -> None:
                     and not math.isnan(c[1])]
         if rejected:
             ax.scatter(*zip(*rejected), color=colors[r["method"]], marker="x", s=36, zorder=3)
+        rolled = [(c[0], c[1]) for c in r["curve"] if c[0] in set(r.get("rollback_steps", ()))
+                  and not math.isnan(c[1])]
+        if rolled:
+            ax.scatter(*zip(*rolled), facecolors="none", edgecolors=colors[r["method"]], marker="o", s=60,
+                       zorder=3)
         if r["reached"]:
             ax.axvline(r["steps_to_target"], color=colors[r["method"]], ls=":", lw=0.8, alpha=0.6)
     t = rs[0]
@@ -405,8 +421,8 @@ def plot(task: str, runs: list[dict], path: Path) -> None:
         ax.set_ylim(0.9 * min(lo, t["target"]), 3 * t["target"])  # nowcast spikes above 3x target are clipped
         ax.set_ylabel(t["metric"] + " (log; clipped at 3 x target)")
     ax.set_xlabel("steps (optimizer calls, nowcast steps included)")
-    ax.set_title(f"{task}: {t['metric']} vs steps (▼ = right after a nowcast step, x = a rejected nowcast; "
-                 "dotted = steps to target)", fontsize=9)
+    ax.set_title(f"{task}: {t['metric']} vs steps\n▼ = right after a nowcast step, x = a rejected nowcast, "
+                 "o = a rollback (delayed check); dotted = steps to target", fontsize=9)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
