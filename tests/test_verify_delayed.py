@@ -10,7 +10,6 @@ import torch
 from torch import nn
 
 from ninocast import NowcastClient, NowcastOptimizer, Verify
-from server_utils import Server
 from test_verify import CTX, PERIOD, PROBE, batch, loss_fn
 
 LR = 3e-2
@@ -199,19 +198,8 @@ def test_delay_arguments_are_checked():
 
 
 # ---------------------------------------------------------------------------- the server's view
-@pytest.fixture(scope="module")
-def srv_key(tmp_path_factory):
-    from ninocast_server.api.auth import add_key
-
-    keys = tmp_path_factory.mktemp("delayed-keys") / "keys.json"
-    key = add_key(keys, "dora")
-    server = Server(tmp_path_factory.mktemp("delayed-server") / "data", keys_file=keys).start()
-    yield server, key
-    server.stop()
-
-
-def test_the_server_session_shows_the_delayed_decisions(srv_key):
-    srv, key = srv_key
+def test_the_server_session_shows_the_delayed_decisions(server, api_keys):
+    srv, key = server, api_keys["alice"]  # the suite's shared server
     model = bn_model()
     probe = Scripted([1.0, 1.5, 2.0, 1.0, 1.5, 0.5])  # 19: rolled back at 22; 39: kept at 42
     opt = NowcastOptimizer(torch.optim.AdamW(model.parameters(), lr=LR), model, server=srv.url, api_key=key,
@@ -324,3 +312,51 @@ def test_hugging_face_callback_passes_the_delay(tmp_path):
                     ctx=CTX).attach(bad)
     with pytest.raises(ValueError, match="unknown Verify options"):
         bad.train()
+
+
+# ---------------------------------------------------------------------------- torch.distributed
+def _ddp_rollback_worker(rank: int, init_file: str, out: str) -> None:
+    import os
+
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        torch.set_num_threads(1)
+        model = bn_model()
+        ddp = DDP(model)
+        probe = Scripted([1.0, 1.5, 2.0, 1.0, 1.5, 0.5])  # rank 0 decides: 19 rolled back at 22, 39 kept at 42
+        opt = NowcastOptimizer(torch.optim.AdamW(ddp.parameters(), lr=LR), ddp, local=True, nowcaster="linefit",
+                               period=PERIOD, ctx=CTX, max_train_steps=60, verify=Verify(probe=probe, delay=3))
+        at = {}
+        for s in range(45):
+            opt.zero_grad()
+            x, y = batch(s + 1000 * rank)  # each rank its own data; DDP averages the gradients
+            nn.functional.mse_loss(ddp(x), y).backward()
+            opt.step()
+            if s in (21, 22, 41, 42):
+                at[s] = {n: p.detach().clone() for n, p in model.named_parameters()}
+        torch.save({"at": at, "nowcasts": opt.nowcasts, "probe_left": probe.values, "off": opt.delayed_off},
+                   os.path.join(out, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_ranks_roll_back_together(tmp_path):
+    """Rank 0 probes and decides; every rank keeps its own pre-jump copy and restores it on the broadcast verdict,
+    so the ranks hold the same parameters after a rollback and after a kept jump (DDP syncs gradients only: a
+    rank that missed the rollback would stay apart)."""
+    import torch.multiprocessing as mp
+
+    if not torch.distributed.is_available():
+        pytest.skip("torch.distributed is not available in this build")
+    mp.start_processes(_ddp_rollback_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True,
+                       start_method="spawn")
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    assert [(n["step"], n["delayed"]) for n in r0["nowcasts"]] == [(19, "rolled_back"), (39, "kept")]
+    assert r0["probe_left"] == [] and r1["nowcasts"] == [] and r1["probe_left"] == [1.0, 1.5, 2.0, 1.0, 1.5, 0.5]
+    for s in (21, 22, 41, 42):
+        for n in r0["at"][s]:
+            assert torch.equal(r0["at"][s][n], r1["at"][s][n]), (s, n)
+    assert not torch.equal(r0["at"][21]["0.weight"], r0["at"][22]["0.weight"])  # call 22 did roll back
