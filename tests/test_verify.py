@@ -316,17 +316,24 @@ def test_bench_speedup_verify_smoke(tmp_path: Path):
 
 
 # ---------------------------------------------------------------------------- framework callbacks
-def test_hugging_face_callback_probes_the_first_eval_batch(tmp_path):
+def hf_args(tmp_path: Path):
+    """A two-period Hugging Face run on the CPU, nothing logged or saved (skips without transformers)."""
     pytest.importorskip("transformers")
     pytest.importorskip("accelerate", reason="transformers.Trainer needs accelerate")
-    from transformers import Trainer, TrainingArguments
+    from transformers import TrainingArguments
+
+    return TrainingArguments(output_dir=str(tmp_path), max_steps=2 * PERIOD, per_device_train_batch_size=4,
+                             per_device_eval_batch_size=8, learning_rate=1e-2, report_to="none",
+                             logging_strategy="no", save_strategy="no", use_cpu=True, disable_tqdm=True)
+
+
+def test_hugging_face_callback_probes_the_first_eval_batch(tmp_path):
+    args = hf_args(tmp_path)
+    from transformers import Trainer
 
     from ninocast.integrations.hf import NowcastCallback
     from test_integrations import Tokens, tiny_gpt2
 
-    args = TrainingArguments(output_dir=str(tmp_path), max_steps=2 * PERIOD, per_device_train_batch_size=4,
-                             per_device_eval_batch_size=8, learning_rate=1e-2, report_to="none",
-                             logging_strategy="no", save_strategy="no", use_cpu=True, disable_tqdm=True)
     trainer = Trainer(model=tiny_gpt2(0), args=args, train_dataset=Tokens(), eval_dataset=Tokens())
     cb = NowcastCallback(probe="eval_batch", local=True, nowcaster="linefit", period=PERIOD, ctx=CTX).attach(trainer)
     trainer.train()

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ninocast import NowcastClient, NowcastOptimizer, Verify
-from test_verify import CTX, PERIOD, PROBE, batch, loss_fn
+from test_verify import CTX, PERIOD, PROBE, batch, hf_args, loss_fn
 
 LR = 3e-2
 
@@ -287,16 +287,12 @@ def test_bench_speedup_verify_delay_smoke(tmp_path, capsys):
 
 
 def test_hugging_face_callback_passes_the_delay(tmp_path):
-    pytest.importorskip("transformers")
-    pytest.importorskip("accelerate", reason="transformers.Trainer needs accelerate")
-    from transformers import Trainer, TrainingArguments
+    args = hf_args(tmp_path)
+    from transformers import Trainer
 
     from ninocast.integrations.hf import NowcastCallback
     from test_integrations import Tokens, tiny_gpt2
 
-    args = TrainingArguments(output_dir=str(tmp_path), max_steps=2 * PERIOD, per_device_train_batch_size=4,
-                             per_device_eval_batch_size=8, learning_rate=1e-2, report_to="none",
-                             logging_strategy="no", save_strategy="no", use_cpu=True, disable_tqdm=True)
     trainer = Trainer(model=tiny_gpt2(0), args=args, train_dataset=Tokens(), eval_dataset=Tokens())
     probe = Scripted([1.0, 1.5, 2.0])  # 19: tentative, rolled back at 24 (its snapshot of call 23 dropped, so
     # the window is full again only at call 43: no second nowcast in this 40-step run)
