@@ -324,6 +324,7 @@ class NowcastOptimizer(torch.optim.Optimizer):
             self._worker.cancel_pending()
             self._worker.drain(CLOSE_WAIT_S)
         self.step_count = int(ours["step_count"])
+        self._tentative = None  # a check pending before the load belongs to another point of the run
         # snapshots live on the CPU whatever a framework's device placement did to the dict
         self.snapshots = [(int(step), {k: v.to("cpu") for k, v in dict(snap).items()})
                           for step, snap in ours["snapshots"]]
