@@ -356,3 +356,26 @@ def test_ddp_ranks_roll_back_together(tmp_path):
         for n in r0["at"][s]:
             assert torch.equal(r0["at"][s][n], r1["at"][s][n]), (s, n)
     assert not torch.equal(r0["at"][21]["0.weight"], r0["at"][22]["0.weight"])  # call 22 did roll back
+
+
+def test_trend_baseline_asks_the_branch_to_beat_where_plain_training_was_heading():
+    """baseline='trend': the probe on the window's previous snapshot (call 15) is 1.3, before the jump 1.0, so
+    plain training was falling 0.3 per 4 calls and heads for 1.0 - 0.3 * 3/4 = 0.775 at the check (call 22). A
+    branch at 0.9, which "no worse than before" would keep, is rolled back; the probe on the old snapshot leaves
+    the tentative point exactly in place."""
+    model, probe = bn_model(), Scripted([1.0, 1.5, 1.3, 0.9])
+    opt = wrap(model, probe, 3, 60, baseline="trend")
+    train(model, opt, 20)
+    assert opt.nowcasts[0]["probe_expected"] == pytest.approx(0.775) and opt.nowcasts[0]["probe_passes"] == 3
+    kept_run = {n: p.detach().clone() for n, p in model.named_parameters()}
+    twin, twin_probe = bn_model(), Scripted([1.0, 1.5, 0.9])  # the same run with baseline 'before'
+    twin_opt = wrap(twin, twin_probe, 3, 60)
+    train(twin, twin_opt, 20)
+    for n, p in twin.named_parameters():
+        assert torch.equal(p, kept_run[n]), n  # scoring the old snapshot put the tentative point back exactly
+    train(model, opt, 23, start=20)
+    train(twin, twin_opt, 23, start=20)
+    assert (opt.nowcasts[0]["delayed"], twin_opt.nowcasts[0]["delayed"]) == ("rolled_back", "kept")
+    assert probe.done and twin_probe.done
+    with pytest.raises(ValueError, match="baseline"):
+        Verify(probe=probe, delay=3, baseline="median")

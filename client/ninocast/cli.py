@@ -201,6 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--verify-max-dip", type=float, default=None, metavar="X",
                    help="with --verify-delay: the largest relative rise of the probe a tentative jump may have "
                    "(default: Verify's)")
+    b.add_argument("--verify-baseline", choices=["before", "trend"], default="before",
+                   help="with --verify-delay: what the delayed check compares with (Verify(baseline=...)): the "
+                   "probe before the jump, or where plain training was heading (labelled NAME+vdD-trend)")
     b.add_argument("--final-nowcast", choices=["skip", "keep"], default="skip",
                    help="NowcastOptimizer's rule for the budget's last nowcast (default skip: a normal step)")
     b.add_argument("--quick", action="store_true", help="smoke run in seconds (digits + linefit, tiny budget)")

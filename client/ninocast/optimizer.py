@@ -38,6 +38,7 @@ new parameters are broadcast from rank 0, so all ranks stay identical and take t
 
 from __future__ import annotations
 
+import math
 import time
 import warnings
 from collections import Counter
@@ -52,7 +53,7 @@ from .schedule import MAX_HORIZON, k_at_step
 from .spec import ModelSpec
 from .transport import AuthError, DeadlineExceeded, NowcastAPIError, RequestRejected, check_url
 from .rollback import RunCopy, Tentative
-from .verify import Verify, as_verify, limit_of, report_body, verify_jump
+from .verify import Verify, as_verify, report_body, verify_jump
 from .worker import BackendWorker
 
 Snapshot = dict[str, torch.Tensor]
@@ -415,6 +416,8 @@ class NowcastOptimizer(torch.optim.Optimizer):
             if record.get("delayed") == "pending":
                 record.update(delay=self.verify.delay, check_step=step + self.verify.delay,
                               snapshot_bytes=saved.nbytes if saved is not None else 0)
+                if self.verify.baseline == "trend":
+                    record["probe_expected"] = self._expected_probe(window, record)
                 code = 2
             else:
                 code = int(record["accepted"])
@@ -439,6 +442,30 @@ class NowcastOptimizer(torch.optim.Optimizer):
         return v is not None and v.delay > 0 and not self.delayed_off and self._tentative is None \
             and step + v.delay <= self.max_train_steps - 1
 
+    def _expected_probe(self, window: list[tuple[int, Snapshot]], record: dict[str, Any]) -> float:
+        """Where plain training was heading (``baseline="trend"``): the probe's fall over the window's last
+        snapshot interval, scaled to the delay. Scored with the previous snapshot's tensors put in place (buffers
+        stay current); the tentative point is put back exactly."""
+        assert self.verify is not None
+        before = record["probe_before"]
+        if len(window) < 2:
+            return before
+        (t_prev, prev), (t_last, _) = window[-2], window[-1]
+        held = {n: self._params[n].detach().clone() for n in prev}
+        with torch.no_grad():
+            for n, t in prev.items():
+                self._params[n].copy_(t)
+        try:
+            earlier = self.verify.scorer(self.model, None)()
+        finally:
+            with torch.no_grad():
+                for n, t in held.items():
+                    self._params[n].copy_(t)
+        record["probe_passes"] += 1
+        record["probe_window"] = earlier
+        fall = max(0.0, earlier - before) if math.isfinite(earlier) and math.isfinite(before) else 0.0
+        return before - fall * self.verify.delay / max(1, t_last - t_prev)
+
     def _delayed_check(self, step: int) -> None:
         """Probe the tentative jump's branch (rank 0); keep it, or restore the pre-jump run on every rank."""
         pending, self._tentative = self._tentative, None
@@ -448,7 +475,8 @@ class NowcastOptimizer(torch.optim.Optimizer):
             t0 = time.perf_counter()
             record = pending.record
             after = self.verify.scorer(self.model, None)()
-            keep = int(after <= limit_of(record["probe_before"], self.verify.tolerance))
+            target = record.get("probe_expected", record["probe_before"])
+            keep = int(after <= target + self.verify.tolerance * abs(record["probe_before"]))
             record.update(probe_delayed=after, delayed="kept" if keep else "rolled_back",
                           probe_passes=record["probe_passes"] + 1,
                           verify_s=record["verify_s"] + time.perf_counter() - t0)

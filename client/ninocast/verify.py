@@ -22,7 +22,11 @@ training 50-200 steps later, so an immediate check rejects most of them. With ``
 by at most ``max_dip`` (relative) is kept *tentatively* at full length; the optimizer keeps a copy of the pre-jump
 model and optimizer state (``ninocast.rollback``), trains ``D`` more steps and probes again: no worse than before
 the jump (within ``tolerance``) keeps it, otherwise the copy is restored (the D steps are spent). A jump beyond
-``max_dip`` is shortened or rejected at once, as without ``delay``. After ``max_rollbacks`` rollbacks in a row
+``max_dip`` is shortened or rejected at once, as without ``delay``. ``baseline="trend"`` makes the check
+stricter: the branch must beat the probe plain training was heading for, ``probe_before`` minus its fall over the
+last snapshot interval scaled to D steps (scored once on the window's previous snapshot; early in training, when
+the loss falls fast, "no worse than before" lets through jumps that leave the run behind for good).
+After ``max_rollbacks`` rollbacks in a row
 the run goes back to immediate checks only, so a wrong nowcaster costs at most ``max_rollbacks * D`` steps.
 Cost: one more probe evaluation per tentative jump, and the copy's memory while the check is pending
 (``snapshot_bytes``).
@@ -60,6 +64,7 @@ class Verify:
     delay: int = 0
     max_dip: float = DEFAULT_MAX_DIP
     max_rollbacks: int = 2
+    baseline: str = "before"
 
     def __post_init__(self) -> None:
         given = [self.batch is not None, bool(self.batches), self.probe is not None, bool(self.closure)]
@@ -84,6 +89,8 @@ class Verify:
                              f"got {self.max_dip}")
         if isinstance(self.max_rollbacks, bool) or not isinstance(self.max_rollbacks, int) or self.max_rollbacks < 1:
             raise ValueError(f"Verify max_rollbacks must be a whole number >= 1, got {self.max_rollbacks!r}")
+        if self.baseline not in ("before", "trend"):
+            raise ValueError(f"Verify baseline must be 'before' or 'trend', got {self.baseline!r}")
 
     @property
     def kind(self) -> str:
@@ -198,7 +205,7 @@ def as_verify(verify: Verify | Callable[[nn.Module], float] | str | None) -> Ver
 
 
 REPORT_KEYS = ("k", "accepted", "skipped", "alpha", "probe", "probe_before", "probe_after", "tried", "probe_passes",
-               "verify_s", "delayed", "delay", "check_step", "probe_delayed", "snapshot_bytes")
+               "verify_s", "delayed", "delay", "check_step", "probe_delayed", "probe_expected", "snapshot_bytes")
 
 
 def report_body(record: dict[str, Any]) -> dict[str, Any]:

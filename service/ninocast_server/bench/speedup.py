@@ -38,7 +38,7 @@ DIGITS_QUICK = {"max_steps": 1000, "period": 100, "eval_every": 10}  # digits: i
 PROBE_SEED_OFFSET = 7919  # --verify's probe: the first batch of an independent shuffle of the training data
 VERIFIED = "+v"  # label suffix of a verified nowcaster's runs; "+vdD" with delayed checks (delay D)
 DECISION_KEYS = ("step", "k", "accepted", "skipped", "alpha", "probe_before", "probe_after", "tried", "probe_passes",
-                 "verify_s", "delayed", "check_step", "probe_delayed", "snapshot_bytes")
+                 "verify_s", "delayed", "check_step", "probe_delayed", "probe_expected", "snapshot_bytes")
 
 
 # ---------------------------------------------------------------------------------------------- methods
@@ -85,7 +85,7 @@ def run_one(task, method: str, ref: str | None, seed: int, *, max_steps: int, pe
             early_stop: bool = True, server: str | None = None, api_key: str | None = None,
             progress: bool = True, verify: bool = False, final_nowcast: str = "skip",
             verify_tolerance: float = 0.0, verify_delay: int = 0,
-            verify_max_dip: float | None = None) -> dict[str, Any]:
+            verify_max_dip: float | None = None, verify_baseline: str = "before") -> dict[str, Any]:
     """Train one (task, method, seed); returns the run record (see module doc).
 
     ``verify``: every nowcast is checked on a fixed probe batch (the task's training loss on the first batch of
@@ -110,7 +110,7 @@ def run_one(task, method: str, ref: str | None, seed: int, *, max_steps: int, pe
             probe_batches = task.batches(seed + PROBE_SEED_OFFSET)
             more = {} if verify_max_dip is None else {"max_dip": verify_max_dip}
             kw["verify"] = Verify(batch=next(probe_batches), loss_fn=task.loss, tolerance=verify_tolerance,
-                                  delay=verify_delay, **more)
+                                  delay=verify_delay, baseline=verify_baseline, **more)
             del probe_batches
         if server:
             kw.update(server=server, api_key=api_key, session_name=f"bench-{task.name}-{method}-{seed}")
@@ -201,6 +201,7 @@ def run_one(task, method: str, ref: str | None, seed: int, *, max_steps: int, pe
         "rejected_steps": rejected_steps, "decisions": decisions,
         "verify_delay": verify_delay if verify else None,
         "verify_max_dip": opt.verify.max_dip if verify and verify_delay else None,
+        "verify_baseline": verify_baseline if verify and verify_delay else None,
         "rollback_steps": rollback_steps,
         "snapshot_bytes_max": max((n.get("snapshot_bytes") or 0 for n in decisions), default=0),
         "verify_s": round(sum(n.get("verify_s") or 0.0 for n in decisions), 3),
@@ -493,10 +494,12 @@ def run_bench_speedup(args: argparse.Namespace) -> int:
 
         more = {} if args.verify_max_dip is None else {"max_dip": args.verify_max_dip}
         try:  # the options alone, checked before any training
-            Verify(probe=lambda m: 0.0, tolerance=args.verify_tolerance, delay=args.verify_delay, **more)
+            Verify(probe=lambda m: 0.0, tolerance=args.verify_tolerance, delay=args.verify_delay,
+                   baseline=args.verify_baseline, **more)
         except ValueError as e:
             raise CommandError(f"--verify options: {e}") from None
     suffix = VERIFIED + (f"d{args.verify_delay}" if args.verify_delay else "")
+    suffix += "-trend" if args.verify_delay and args.verify_baseline == "trend" else ""
     if args.verify != "off":  # NAME+v: the same nowcaster, every nowcast verified on a probe batch
         verified = [(label + suffix, ref) for label, ref in methods[1:]]
         methods = methods[:1] + (verified if args.verify == "on" else
@@ -536,6 +539,7 @@ def run_bench_speedup(args: argparse.Namespace) -> int:
     config = {"argv": sys.argv, "tasks": {t.name: t.info() for t in {id(p[0]): p[0] for p in plan}.values()},
               "methods": dict(methods), "verify": args.verify, "verify_tolerance": args.verify_tolerance,
               "verify_delay": args.verify_delay, "verify_max_dip": args.verify_max_dip,
+              "verify_baseline": args.verify_baseline,
               "final_nowcast": args.final_nowcast,
               "probe": f"task.loss on the first batch of task.batches(seed + {PROBE_SEED_OFFSET})", "seeds": seeds, "server": args.server, "threads": torch.get_num_threads(),
               "torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
@@ -551,7 +555,8 @@ def run_bench_speedup(args: argparse.Namespace) -> int:
                       api_key=args.api_key or os.environ.get("NINOCAST_API_KEY"),
                       progress=not args.no_progress, verify=label.endswith(suffix),
                       final_nowcast=args.final_nowcast, verify_tolerance=args.verify_tolerance,
-                      verify_delay=args.verify_delay, verify_max_dip=args.verify_max_dip)
+                      verify_delay=args.verify_delay, verify_max_dip=args.verify_max_dip,
+                      verify_baseline=args.verify_baseline)
         runs.append(run)
         with open(jsonl, "a") as f:
             f.write(json.dumps(run) + "\n")
