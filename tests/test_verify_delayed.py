@@ -7,10 +7,9 @@ import math
 
 import pytest
 import torch
-from torch import nn
-
 from ninocast import NowcastClient, NowcastOptimizer, Verify
 from test_verify import CTX, PERIOD, PROBE, batch, hf_args, loss_fn
+from torch import nn
 
 LR = 3e-2
 
@@ -288,10 +287,9 @@ def test_bench_speedup_verify_delay_smoke(tmp_path, capsys):
 
 def test_hugging_face_callback_passes_the_delay(tmp_path):
     args = hf_args(tmp_path)
-    from transformers import Trainer
-
     from ninocast.integrations.hf import NowcastCallback
     from test_integrations import Tokens, tiny_gpt2
+    from transformers import Trainer
 
     trainer = Trainer(model=tiny_gpt2(0), args=args, train_dataset=Tokens(), eval_dataset=Tokens())
     probe = Scripted([1.0, 1.5, 2.0])  # 19: tentative, rolled back at 24 (its snapshot of call 23 dropped, so

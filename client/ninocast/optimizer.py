@@ -49,10 +49,10 @@ from torch import nn
 
 from .backends import Backend, LocalBackend, RemoteBackend
 from .flat import StateError, check_state, state_dtype
+from .rollback import RunCopy, Tentative
 from .schedule import MAX_HORIZON, k_at_step
 from .spec import ModelSpec
 from .transport import AuthError, DeadlineExceeded, NowcastAPIError, RequestRejected, check_url
-from .rollback import RunCopy, Tentative
 from .verify import Verify, as_verify, report_body, verify_jump
 from .worker import BackendWorker
 
