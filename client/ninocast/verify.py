@@ -205,7 +205,7 @@ def as_verify(verify: Verify | Callable[[nn.Module], float] | str | None) -> Ver
 
 
 REPORT_KEYS = ("k", "accepted", "skipped", "alpha", "probe", "probe_before", "probe_after", "tried", "probe_passes",
-               "verify_s", "delayed", "delay", "check_step", "probe_delayed", "probe_expected", "snapshot_bytes")
+               "verify_s", "delayed", "delay", "check_step", "probe_delayed", "snapshot_bytes")
 
 
 def report_body(record: dict[str, Any]) -> dict[str, Any]:

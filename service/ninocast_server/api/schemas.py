@@ -74,8 +74,6 @@ class NowcastReport(BaseModel):
     delay: int | None = Field(None, ge=1, le=10**6, description="steps between the jump and its delayed check")
     check_step: int | None = Field(None, ge=0, le=10**12, description="the step of the delayed check")
     probe_delayed: float | None = Field(None, description="probe loss at the delayed check (null = infinite)")
-    probe_expected: float | None = Field(None, description="baseline 'trend': the probe plain training was "
-                                                           "heading for at the check (the bar to beat)")
     snapshot_bytes: int | None = Field(None, ge=0, le=2**50,
                                        description="memory held for the rollback while the check was pending")
 
