@@ -265,7 +265,8 @@ def test_reports_reach_the_server_session_history(srv_key):
         assert r["probe_passes"] == d["probe_passes"] and len(r["tried"]) == len(d["tried"])
     assert reports[2]["skipped"] == "final" and not reports[2]["accepted"]
     n_acc = sum(d["accepted"] for d in opt.nowcasts[:2])
-    assert view["verification"] == {"reported": 3, "accepted": n_acc, "rejected": 2 - n_acc, "skipped": 1}
+    assert view["verification"] == {"reported": 3, "accepted": n_acc, "rejected": 2 - n_acc, "skipped": 1,
+                                    "rolled_back": 0, "pending": 0}
     assert view["nowcasts_done"] == 2  # the skipped one never asked the server
 
 
@@ -315,15 +316,22 @@ def test_bench_speedup_verify_smoke(tmp_path: Path):
 
 
 # ---------------------------------------------------------------------------- framework callbacks
+def hf_args(tmp_path: Path):
+    """A two-period Hugging Face run on the CPU, nothing logged or saved."""
+    from transformers import TrainingArguments
+
+    return TrainingArguments(output_dir=str(tmp_path), max_steps=2 * PERIOD, per_device_train_batch_size=4,
+                             per_device_eval_batch_size=8, learning_rate=1e-2, report_to="none",
+                             logging_strategy="no", save_strategy="no", use_cpu=True, disable_tqdm=True)
+
+
 def test_hugging_face_callback_probes_the_first_eval_batch(tmp_path):
-    from transformers import Trainer, TrainingArguments
+    args = hf_args(tmp_path)
+    from transformers import Trainer
 
     from ninocast.integrations.hf import NowcastCallback
     from test_integrations import Tokens, tiny_gpt2
 
-    args = TrainingArguments(output_dir=str(tmp_path), max_steps=2 * PERIOD, per_device_train_batch_size=4,
-                             per_device_eval_batch_size=8, learning_rate=1e-2, report_to="none",
-                             logging_strategy="no", save_strategy="no", use_cpu=True, disable_tqdm=True)
     trainer = Trainer(model=tiny_gpt2(0), args=args, train_dataset=Tokens(), eval_dataset=Tokens())
     cb = NowcastCallback(probe="eval_batch", local=True, nowcaster="linefit", period=PERIOD, ctx=CTX).attach(trainer)
     trainer.train()

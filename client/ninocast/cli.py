@@ -198,6 +198,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the nowcasters' graphs: 'traced' builds every spec with its traced topology "
                    "(ModelSpec.from_module(graph='traced'), labelled NAME@traced) even where a hand-written layout "
                    "exists (GPT-2, Llama, chains), 'both' runs each nowcaster both ways (default auto)")
+    b.add_argument("--verify-delay", type=int, default=0, metavar="D",
+                   help="with --verify: delayed checks with rollback, Verify(delay=D): a jump that dips the probe by "
+                   "at most --verify-max-dip is kept tentatively and probed again D steps later (labelled "
+                   "NAME+vdD; default 0: immediate checks only)")
+    b.add_argument("--verify-max-dip", type=float, default=None, metavar="X",
+                   help="with --verify-delay: the largest relative rise of the probe a tentative jump may have "
+                   "(default: Verify's)")
+    b.add_argument("--verify-baseline", choices=["before", "trend"], default="before",
+                   help="with --verify-delay: what the delayed check compares with (Verify(baseline=...)): the "
+                   "probe before the jump, or where plain training was heading (labelled NAME+vdD-trend)")
     b.add_argument("--final-nowcast", choices=["skip", "keep"], default="skip",
                    help="NowcastOptimizer's rule for the budget's last nowcast (default skip: a normal step)")
     b.add_argument("--quick", action="store_true", help="smoke run in seconds (digits + linefit, tiny budget)")

@@ -38,6 +38,7 @@ new parameters are broadcast from rank 0, so all ranks stay identical and take t
 
 from __future__ import annotations
 
+import math
 import time
 import warnings
 from collections import Counter
@@ -49,6 +50,7 @@ from torch import nn
 
 from .backends import Backend, LocalBackend, RemoteBackend
 from .flat import StateError, check_state, state_dtype
+from .rollback import RunCopy, Tentative
 from .schedule import MAX_HORIZON, k_at_step
 from .session_settings import SessionSettings
 from .spec import ModelSpec
@@ -84,6 +86,11 @@ class NowcastOptimizer(torch.optim.Optimizer):
     ``final_nowcast``: the last nowcast of the budget (fewer than ``period // ctx`` calls left to recover, the
     k = 1 one) is skipped (``"skip"``, a normal step: measured, it dips the final model even when a probe accepts
     it, docs/benchmarks-speedup.md) or kept (``"keep"``, the NINO_SPEC protocol; verified if ``verify`` is set).
+    ``Verify(delay=D)``: a jump that dips the probe by at most ``max_dip`` is kept tentatively and checked again
+    D calls later; a failed check restores the model and the base optimizer's state from before the jump
+    (``ninocast.rollback``). Snapshots for the next nowcast's window taken on a rolled-back branch are dropped
+    (the window refills, so that nowcast comes later). ``state_dict()`` while a check is pending saves the
+    tentative point without its copy: a run resumed from it keeps the jump.
     """
 
     def __init__(
@@ -117,7 +124,8 @@ class NowcastOptimizer(torch.optim.Optimizer):
             raise ValueError(f"period ({period}) must be a positive multiple of ctx ({ctx})")
         if final_nowcast not in ("skip", "keep"):
             raise ValueError(f"final_nowcast must be 'skip' or 'keep', got {final_nowcast!r}")
-        self.verify = as_verify(verify)
+        self.period = period
+        self.verify = verify  # type: ignore[assignment]  # checked by the setter
         self.final_nowcast = final_nowcast
         if server is None and not local and nowcaster is None:
             raise ValueError("give server=URL to nowcast on a server, or local=True / nowcaster=PATH")
@@ -147,6 +155,9 @@ class NowcastOptimizer(torch.optim.Optimizer):
         self.nowcasts: list[dict[str, Any]] = []  # one record per successful nowcast
         self._warned: set[str] = set()
         self._rank0 = _is_rank0()
+        self._tentative: Tentative | None = None  # a jump waiting for its delayed check
+        self._rollbacks_in_a_row = 0
+        self.delayed_off = False  # set after verify.max_rollbacks rollbacks in a row: immediate checks only
         self.backend: Backend | None = None
         if self._rank0:
             if server is not None:
@@ -197,6 +208,19 @@ class NowcastOptimizer(torch.optim.Optimizer):
         self.optimizer.add_param_group(group)
 
     @property
+    def verify(self) -> Verify | None:
+        return self._verify_cfg
+
+    @verify.setter
+    def verify(self, value: Verify | Callable[[nn.Module], float] | str | None) -> None:
+        """``verify=`` now or later (the framework callbacks set it once their eval batch exists)."""
+        cfg = as_verify(value)
+        if cfg is not None and cfg.delay >= self.period:
+            raise ValueError(f"Verify delay ({cfg.delay}) must be shorter than the period ({self.period}): the "
+                             f"check must come before the next nowcast")
+        self._verify_cfg = cfg
+
+    @property
     def snapshot_interval(self) -> int:
         return self.period // self.ctx
 
@@ -243,6 +267,8 @@ class NowcastOptimizer(torch.optim.Optimizer):
                 loss = loss if closure is not None else result
         else:
             loss = self.optimizer.step(closure)
+        if self._tentative is not None and self._tentative.check_step == s:
+            self._delayed_check(s)
         self.step_count = s + 1
         return loss
 
@@ -301,6 +327,7 @@ class NowcastOptimizer(torch.optim.Optimizer):
             self._worker.cancel_pending()
             self._worker.drain(CLOSE_WAIT_S)
         self.step_count = int(ours["step_count"])
+        self._tentative = None  # a check pending before the load belongs to another point of the run
         # snapshots live on the CPU whatever a framework's device placement did to the dict
         self.snapshots = [(int(step), {k: v.to("cpu") for k, v in dict(snap).items()})
                           for step, snap in ours["snapshots"]]
@@ -323,6 +350,7 @@ class NowcastOptimizer(torch.optim.Optimizer):
         if self._closed:
             return
         self._closed = True
+        self._tentative = None  # a pending check is not made: the jump stays
         if self._worker is not None:
             if self.record:
                 self._worker.drain(self.timeout)
@@ -378,22 +406,97 @@ class NowcastOptimizer(torch.optim.Optimizer):
         """Fetch on rank 0, verify there when asked, agree on every rank, apply. True when the parameters were
         replaced; False: failed or rejected. Every rank returns the same answer."""
         prediction, error = self._fetch_nowcast(window, step) if self._rank0 else (None, None)
-        # 1 = apply the nowcast, 0 = keep the parameters, -1 = rank 0 raises (on_error="raise")
+        # 2 = kept tentatively, 1 = apply the nowcast, 0 = keep the parameters, -1 = rank 0 raises
         code = 1 if prediction is not None else (-1 if error is not None else 0)
+        tentative_ok = self._tentative_allowed(step)
+        # every rank copies the pre-jump run: the decision (made on rank 0) may keep the jump tentatively
+        saved = RunCopy.take(self.model, self.optimizer) if tentative_ok and (
+            prediction is not None or not self._rank0) else None
         if prediction is not None and self.verify is not None:
             record = self.nowcasts[-1]
-            record.update(self._verify(prediction, closure, loss))
+            record.update(self._verify(prediction, closure, loss, tentative_ok))
+            if record.get("delayed") == "pending":
+                record.update(delay=self.verify.delay, check_step=step + self.verify.delay,
+                              snapshot_bytes=saved.nbytes if saved is not None else 0)
+                if self.verify.baseline == "trend":
+                    record["probe_expected"] = self._expected_probe(window, record)
+                code = 2
+            else:
+                code = int(record["accepted"])
             self._report(record)
             prediction = None  # accepted: the kept point is already in place; rejected: theta was restored
-            code = int(record["accepted"])
         flag = torch.full((1,), float(code), device=self._params[self.spec.names[0]].device)  # NCCL: device
         code = int(_broadcast_flag(flag).item())
         if code < 0:
             raise error if error is not None else RuntimeError("ninocast: the nowcast failed on rank 0")
         if code == 0:
             return False
+        if code == 2 and saved is not None and self.verify is not None:
+            self._tentative = Tentative(step, step + self.verify.delay, saved,
+                                        self.nowcasts[-1] if self._rank0 else {})
         self._apply_nowcast(prediction)
         return True
+
+    def _tentative_allowed(self, step: int) -> bool:
+        """A jump at ``step`` may be kept tentatively: delayed checks are on and its check falls inside the budget
+        (a check after the last call would leave the run on an unchecked point)."""
+        v = self.verify
+        return v is not None and v.delay > 0 and not self.delayed_off and self._tentative is None \
+            and step + v.delay <= self.max_train_steps - 1
+
+    def _expected_probe(self, window: list[tuple[int, Snapshot]], record: dict[str, Any]) -> float:
+        """Where plain training was heading (``baseline="trend"``): the probe's fall over the window's last
+        snapshot interval, scaled to the delay. Scored with the previous snapshot's tensors put in place (buffers
+        stay current); the tentative point is put back exactly."""
+        assert self.verify is not None
+        before = record["probe_before"]
+        if len(window) < 2:
+            return before
+        (t_prev, prev), (t_last, _) = window[-2], window[-1]
+        held = {n: self._params[n].detach().clone() for n in prev}
+        with torch.no_grad():
+            for n, t in prev.items():
+                self._params[n].copy_(t)
+        try:
+            earlier = self.verify.scorer(self.model, None)()
+        finally:
+            with torch.no_grad():
+                for n, t in held.items():
+                    self._params[n].copy_(t)
+        record["probe_passes"] += 1
+        record["probe_window"] = earlier
+        fall = max(0.0, earlier - before) if math.isfinite(earlier) and math.isfinite(before) else 0.0
+        return before - fall * self.verify.delay / max(1, t_last - t_prev)
+
+    def _delayed_check(self, step: int) -> None:
+        """Probe the tentative jump's branch (rank 0); keep it, or restore the pre-jump run on every rank."""
+        pending, self._tentative = self._tentative, None
+        assert pending is not None and self.verify is not None
+        keep = 1
+        if self._rank0:
+            t0 = time.perf_counter()
+            record = pending.record
+            after = self.verify.scorer(self.model, None)()
+            target = record.get("probe_expected", record["probe_before"])
+            keep = int(after <= target + self.verify.tolerance * abs(record["probe_before"]))
+            record.update(probe_delayed=after, delayed="kept" if keep else "rolled_back",
+                          probe_passes=record["probe_passes"] + 1,
+                          verify_s=record["verify_s"] + time.perf_counter() - t0)
+            if not keep:
+                record.update(accepted=False, alpha=0.0)
+        flag = torch.full((1,), float(keep), device=self._params[self.spec.names[0]].device)
+        keep = int(_broadcast_flag(flag).item())
+        if keep:
+            self._rollbacks_in_a_row = 0
+        else:
+            pending.saved.restore(self.model, self.optimizer)
+            # snapshots of the rolled-back branch must not feed the next nowcast
+            self.snapshots = [(t, snap) for t, snap in self.snapshots if t <= pending.step]
+            self._rollbacks_in_a_row += 1
+            if self._rollbacks_in_a_row >= self.verify.max_rollbacks:
+                self.delayed_off = True
+        if self._rank0:
+            self._report(pending.record)
 
     def _fetch_nowcast(self, window: list[tuple[int, Snapshot]],
                        step: int) -> tuple[dict[str, torch.Tensor] | None, BaseException | None]:
@@ -438,12 +541,14 @@ class NowcastOptimizer(torch.optim.Optimizer):
                     p.copy_(prediction[name].to(device=p.device, dtype=p.dtype))
                 _broadcast_param(p)
 
-    def _verify(self, result: dict[str, torch.Tensor], closure: Callable[[], Any] | None, loss: Any) -> dict:
+    def _verify(self, result: dict[str, torch.Tensor], closure: Callable[[], Any] | None, loss: Any,
+                tentative_ok: bool = False) -> dict:
         """Score the jump on the probe; the params end at the kept point."""
         assert self.verify is not None
         before = loss if self.verify.kind == "closure" else None  # the closure's loss at theta
         params = {n: self._params[n] for n in self.spec.names}
-        return verify_jump(params, result, self.verify.scorer(self.model, closure), self.verify, before)
+        return verify_jump(params, result, self.verify.scorer(self.model, closure), self.verify, before,
+                           tentative_ok)
 
     def _record(self, record: dict[str, Any]) -> None:
         """Keep a decision made without a nowcast (the skipped last one) in ``nowcasts`` and report it."""

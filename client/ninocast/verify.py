@@ -16,6 +16,20 @@ Probes (exactly one):
     score: the closure is the user's; its gradients are put back before a rejected nowcast's normal step).
 Cost per nowcast: 2 probe evaluations when the jump is accepted, 2 + len(shrink) otherwise (1 fewer with a
 closure, whose first loss is the "before" score); recorded as ``probe_passes`` and ``verify_s``.
+
+Delayed check (``delay=D``; a fixed probe, not the closure): good jumps first *dip* the probe and overtake plain
+training 50-200 steps later, so an immediate check rejects most of them. With ``delay`` a jump whose probe rises
+by at most ``max_dip`` (relative) is kept *tentatively* at full length; the optimizer keeps a copy of the pre-jump
+model and optimizer state (``ninocast.rollback``), trains ``D`` more steps and probes again: no worse than before
+the jump (within ``tolerance``) keeps it, otherwise the copy is restored (the D steps are spent). A jump beyond
+``max_dip`` is shortened or rejected at once, as without ``delay``. ``baseline="trend"`` makes the check
+stricter: the branch must beat the probe plain training was heading for, ``probe_before`` minus its fall over the
+last snapshot interval scaled to D steps (scored once on the window's previous snapshot; early in training, when
+the loss falls fast, "no worse than before" lets through jumps that leave the run behind for good).
+After ``max_rollbacks`` rollbacks in a row
+the run goes back to immediate checks only, so a wrong nowcaster costs at most ``max_rollbacks * D`` steps.
+Cost: one more probe evaluation per tentative jump, and the copy's memory while the check is pending
+(``snapshot_bytes``).
 """
 
 from __future__ import annotations
@@ -29,12 +43,15 @@ import torch
 from torch import nn
 
 Score = Callable[[], float]
+DEFAULT_MAX_DIP = 2.0  # a tentative jump may at most triple the probe loss (chosen in docs/benchmarks-speedup.md)
 
 
 @dataclass
 class Verify:
     """How nowcasts are checked; see the module doc. ``tolerance`` is relative: a jump passes when
-    ``probe_after <= probe_before + tolerance * |probe_before|``."""
+    ``probe_after <= probe_before + tolerance * |probe_before|``. ``delay`` (0: off) turns on the delayed check;
+    ``max_dip`` (relative, like ``tolerance``) is the largest immediate rise of the probe a tentative jump may
+    have, ``max_rollbacks`` the rollbacks in a row after which tentative jumps stop."""
 
     batch: Any = None
     batches: Sequence[Any] | None = None
@@ -44,6 +61,10 @@ class Verify:
     tolerance: float = 0.0
     shrink: Sequence[float] = (0.5, 0.25)
     eval_mode: bool = True
+    delay: int = 0
+    max_dip: float = DEFAULT_MAX_DIP
+    max_rollbacks: int = 2
+    baseline: str = "before"
 
     def __post_init__(self) -> None:
         given = [self.batch is not None, bool(self.batches), self.probe is not None, bool(self.closure)]
@@ -57,6 +78,19 @@ class Verify:
         self.shrink = tuple(float(a) for a in self.shrink)
         if any(not 0 < a < 1 for a in self.shrink) or list(self.shrink) != sorted(self.shrink, reverse=True):
             raise ValueError(f"Verify shrink factors must be decreasing and in (0, 1), got {self.shrink}")
+        if isinstance(self.delay, bool) or not isinstance(self.delay, int) or self.delay < 0:
+            raise ValueError(f"Verify delay must be a whole number of steps >= 0 (0: no delayed check), "
+                             f"got {self.delay!r}")
+        if self.delay and self.closure:
+            raise ValueError("Verify(delay=...) needs a fixed probe (batch=, batches= or probe=): the closure's "
+                             "batch changes every step, so a later loss cannot be compared with the one before")
+        if not (math.isfinite(self.max_dip) and self.max_dip >= self.tolerance):
+            raise ValueError(f"Verify max_dip must be a finite number >= tolerance ({self.tolerance}), "
+                             f"got {self.max_dip}")
+        if isinstance(self.max_rollbacks, bool) or not isinstance(self.max_rollbacks, int) or self.max_rollbacks < 1:
+            raise ValueError(f"Verify max_rollbacks must be a whole number >= 1, got {self.max_rollbacks!r}")
+        if self.baseline not in ("before", "trend"):
+            raise ValueError(f"Verify baseline must be 'before' or 'trend', got {self.baseline!r}")
 
     @property
     def kind(self) -> str:
@@ -94,12 +128,19 @@ def _number(value: Any) -> float:
     return math.inf if math.isnan(x) else x
 
 
+def limit_of(before: float, relative: float) -> float:
+    """The highest probe value that passes: ``before`` raised by ``relative`` of its size (inf when unknown)."""
+    return before + relative * abs(before) if math.isfinite(before) else math.inf
+
+
 def verify_jump(params: dict[str, torch.Tensor], nowcast: dict[str, torch.Tensor], score: Score, cfg: Verify,
-                before: float | torch.Tensor | None = None) -> dict[str, Any]:
+                before: float | torch.Tensor | None = None, tentative_ok: bool = False) -> dict[str, Any]:
     """Leave ``params`` (the live tensors) at the accepted point, or as they were when the jump is rejected.
 
     Returns the decision: ``accepted``, ``alpha`` (1.0 = the full nowcast, 0.0 = rejected), ``probe_before``,
     ``probe_after`` (at the kept point), ``tried`` ([alpha, probe] pairs), ``probe_passes``, ``verify_s``.
+    ``tentative_ok``: a full jump that fails the check by at most ``cfg.max_dip`` is kept with
+    ``tentative: True`` (the caller checks it again later and may roll it back).
     """
     t0 = time.perf_counter()
     passes = 0
@@ -111,7 +152,7 @@ def verify_jump(params: dict[str, torch.Tensor], nowcast: dict[str, torch.Tensor
     if before is None:
         before, passes = _number(score()), 1
     before = _number(before)
-    limit = before + cfg.tolerance * abs(before) if math.isfinite(before) else math.inf
+    limit = limit_of(before, cfg.tolerance)
 
     def place(a: float) -> None:
         with torch.no_grad():
@@ -123,10 +164,12 @@ def verify_jump(params: dict[str, torch.Tensor], nowcast: dict[str, torch.Tensor
         place(a)
         tried.append([a, _number(score())])
         passes += 1
-        if a == 1.0 and tried[0][1] <= limit:
+        if a == 1.0 and (tried[0][1] <= limit or tentative_ok and tried[0][1] <= limit_of(before, cfg.max_dip)):
             break
     alpha, best = min(tried, key=lambda t: (t[1], -t[0]))  # the lowest probe; a tie goes to the longer jump
     accepted = math.isfinite(best) and best <= limit
+    tentative = tentative_ok and not accepted and len(tried) == 1 and math.isfinite(best)
+    accepted = accepted or tentative
     if accepted:
         if alpha != tried[-1][0]:
             place(alpha)
@@ -136,8 +179,11 @@ def verify_jump(params: dict[str, torch.Tensor], nowcast: dict[str, torch.Tensor
         if grads is not None:
             for n, p in params.items():
                 p.grad = grads[n]
-    return {"accepted": accepted, "alpha": alpha, "probe": cfg.kind, "probe_before": before, "probe_after": best,
-            "tried": tried, "probe_passes": passes, "verify_s": time.perf_counter() - t0}
+    decision = {"accepted": accepted, "alpha": alpha, "probe": cfg.kind, "probe_before": before, "probe_after": best,
+                "tried": tried, "probe_passes": passes, "verify_s": time.perf_counter() - t0}
+    if tentative:
+        decision["delayed"] = "pending"
+    return decision
 
 
 def as_verify(verify: Verify | Callable[[nn.Module], float] | str | None) -> Verify | None:
@@ -159,7 +205,7 @@ def as_verify(verify: Verify | Callable[[nn.Module], float] | str | None) -> Ver
 
 
 REPORT_KEYS = ("k", "accepted", "skipped", "alpha", "probe", "probe_before", "probe_after", "tried", "probe_passes",
-               "verify_s")
+               "verify_s", "delayed", "delay", "check_step", "probe_delayed", "snapshot_bytes")
 
 
 def report_body(record: dict[str, Any]) -> dict[str, Any]:

@@ -8,7 +8,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import dataclasses
+from typing import Any, Callable, Mapping
 
 from ..optimizer import NowcastOptimizer
 from ..verify import Verify, as_verify
@@ -27,12 +28,18 @@ def find_nowcast_optimizer(optimizer: Any, depth: int = 8) -> NowcastOptimizer |
     return None
 
 
-def probe_verify(probe: Any, framework_batch: Callable[[], Verify]) -> Verify:
-    """A callback's ``probe=``: the framework's eval batch (``"eval_batch"``), ``"closure"``, or a function."""
-    if probe == "eval_batch":
-        return framework_batch()
-    verify = as_verify(probe)
+def probe_verify(probe: Any, framework_batch: Callable[[], Verify],
+                 options: Mapping[str, Any] | None = None) -> Verify:
+    """A callback's ``probe=``: the framework's eval batch (``"eval_batch"``), ``"closure"``, or a function;
+    ``options``: more ``Verify`` fields (``tolerance``, ``delay``, ``max_dip``...), checked as ``Verify`` does."""
+    verify = framework_batch() if probe == "eval_batch" else as_verify(probe)
     assert verify is not None
+    if options:
+        fields = {f.name for f in dataclasses.fields(Verify)} - {"batch", "batches", "loss_fn", "probe", "closure"}
+        unknown = sorted(set(options) - fields)
+        if unknown:
+            raise ValueError(f"verify_options: unknown Verify options {unknown}; known: {sorted(fields)}")
+        verify = dataclasses.replace(verify, **options)
     return verify
 
 

@@ -22,6 +22,7 @@ ends (``on_train_end``) the wrapper is closed: its server session is deleted unl
 Verified nowcasts (``ninocast.verify``): ``NowcastCallback(probe="eval_batch", ...)`` scores every nowcast on the
 first batch of the Trainer's eval dataloader (``Trainer.compute_loss``; needs ``eval_dataset`` and ``attach``),
 ``probe=fn`` on ``fn(model) -> float``; or pass ``verify=ninocast.Verify(...)`` directly.
+``verify_options={"delay": 100}`` adds ``Verify`` fields to ``probe=`` (here: delayed checks with rollback).
 """
 
 from __future__ import annotations
@@ -47,8 +48,10 @@ class NowcastCallback(TrainerCallback):
     wrapper: its ``nowcasts`` and ``failures`` say what happened.
     """
 
-    def __init__(self, probe: Any = None, **nowcast_kwargs: Any) -> None:
+    def __init__(self, probe: Any = None, verify_options: dict[str, Any] | None = None,
+                 **nowcast_kwargs: Any) -> None:
         self.probe = probe  # "eval_batch", a function probe(model) -> float, or None
+        self.verify_options = verify_options  # more Verify fields for probe=, e.g. {"delay": 100}
         self.nowcast_kwargs = nowcast_kwargs
         self.optimizer: NowcastOptimizer | None = None
         self._trainer: Any = None
@@ -84,7 +87,7 @@ class NowcastCallback(TrainerCallback):
                                "None) to the Trainer")
         self.optimizer = found
         if self.probe is not None and found.verify is None:
-            found.verify = probe_verify(self.probe, self._eval_batch_verify)
+            found.verify = probe_verify(self.probe, self._eval_batch_verify, self.verify_options)
         if "max_train_steps" not in self.nowcast_kwargs and state.max_steps and state.max_steps > 0:
             found.set_max_train_steps(state.max_steps)
 

@@ -22,6 +22,7 @@ Verified nowcasts (``ninocast.verify``): ``NowcastCallback(probe="eval_batch")``
 batch of the validation dataloader through the module's ``training_step`` (its loss, or its ``"loss"``),
 ``probe="closure"`` on the step's own batch (Lightning's closure: forward and backward per score),
 ``probe=fn`` on ``fn(model) -> float``; or pass ``verify=ninocast.Verify(...)`` directly.
+``verify_options={"delay": 100}`` adds ``Verify`` fields to ``probe=`` (here: delayed checks with rollback).
 """
 
 from __future__ import annotations
@@ -47,8 +48,10 @@ class NowcastCallback(pl.Callback):
     """``nowcast_kwargs`` are ``NowcastOptimizer``'s keyword arguments (``server``, ``api_key``, ``local``,
     ``nowcaster``, ``period``, ``max_train_steps``, ``on_error``...); ``self.optimizer`` is the wrapper."""
 
-    def __init__(self, probe: Any = None, **nowcast_kwargs: Any) -> None:
+    def __init__(self, probe: Any = None, verify_options: dict[str, Any] | None = None,
+                 **nowcast_kwargs: Any) -> None:
         self.probe = probe  # "eval_batch", "closure", a function probe(model) -> float, or None
+        self.verify_options = verify_options  # more Verify fields for probe=, e.g. {"delay": 100}
         self.nowcast_kwargs = nowcast_kwargs
         self.optimizer: NowcastOptimizer | None = None
 
@@ -69,7 +72,8 @@ class NowcastCallback(pl.Callback):
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         """The validation dataloader exists from here on (after the sanity check)."""
         if self.probe is not None and self.optimizer is not None and self.optimizer.verify is None:
-            self.optimizer.verify = probe_verify(self.probe, lambda: _val_batch_verify(trainer, pl_module))
+            self.optimizer.verify = probe_verify(self.probe, lambda: _val_batch_verify(trainer, pl_module),
+                                                  self.verify_options)
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         """The run is over: close the wrapper, which deletes its server session unless ``record=True``."""

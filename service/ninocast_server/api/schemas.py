@@ -70,6 +70,14 @@ class NowcastReport(BaseModel):
     tried: list[tuple[float, float | None]] = Field([], max_length=16, description="[alpha, probe] pairs scored")
     probe_passes: int | None = Field(None, ge=0, le=1000)
     verify_s: float | None = Field(None, ge=0, description="seconds the verification took")
+    delayed: Literal["pending", "kept", "rolled_back"] | None = Field(
+        None, description="a tentative jump's delayed check (Verify(delay=D)): 'pending' until it runs, then 'kept' "
+                          "or 'rolled_back' (the pre-jump model and optimizer state were restored; accepted is false)")
+    delay: int | None = Field(None, ge=1, le=10**6, description="steps between the jump and its delayed check")
+    check_step: int | None = Field(None, ge=0, le=10**12, description="the step of the delayed check")
+    probe_delayed: float | None = Field(None, description="probe loss at the delayed check (null = infinite)")
+    snapshot_bytes: int | None = Field(None, ge=0, le=2**50,
+                                       description="memory held for the rollback while the check was pending")
 
 
 # ----------------------------------------------------------------------------- responses (every JSON answer is
@@ -131,6 +139,8 @@ class Verification(BaseModel):
     accepted: int
     rejected: int
     skipped: int
+    rolled_back: int = Field(description="tentative jumps undone by their delayed check (Verify(delay=D))")
+    pending: int = Field(description="tentative jumps whose delayed check has not been reported yet")
 
 
 class SessionSummary(BaseModel):
@@ -236,6 +246,7 @@ def _fields(s: Session, ttl_s: float, full: bool) -> dict[str, Any]:
     steps = sorted(s.states)
     verified = [r for r in s.reports if not r.get("skipped")]
     accepted = sum(1 for r in verified if r["accepted"])
+    rolled_back = sum(1 for r in verified if r.get("delayed") == "rolled_back")
     return dict(
         id=s.id, name=s.name, nowcaster=s.nowcaster, ctx=s.ctx, period=s.period, max_train_steps=s.max_train_steps,
         record=s.record, created=s.created, last_used=s.last_used, expires_at=s.last_used + ttl_s,
@@ -243,8 +254,10 @@ def _fields(s: Session, ttl_s: float, full: bool) -> dict[str, Any]:
                          fingerprint=s.spec_fingerprint[:16]),
         states=StatesSummary(count=len(steps), bytes=sum(s.states.values()), steps=steps if full else steps[-s.ctx:]),
         ready=len(steps) >= s.ctx, next_k=next_k(s), nowcasts_done=s.n_nowcasts,
-        verification=Verification(reported=len(s.reports), accepted=accepted, rejected=len(verified) - accepted,
-                                  skipped=len(s.reports) - len(verified)))
+        verification=Verification(reported=len(s.reports), accepted=accepted,
+                                  rejected=len(verified) - accepted - rolled_back,
+                                  skipped=len(s.reports) - len(verified), rolled_back=rolled_back,
+                                  pending=sum(1 for r in verified if r.get("delayed") == "pending")))
 
 
 def state_ack(s: Session, step: int, size: int, new: bool) -> StateAck:

@@ -36,8 +36,10 @@ ALIASES = {"nino": "nino_no_posw.pt", "nino_no_posw": "nino_no_posw.pt", "wnn": 
 QUICK = {"max_steps": 240, "period": 60, "eval_every": 10, "seeds": "1000,2000"}
 DIGITS_QUICK = {"max_steps": 1000, "period": 100, "eval_every": 10}  # digits: its whole budget
 PROBE_SEED_OFFSET = 7919  # --verify's probe: the first batch of an independent shuffle of the training data
-VERIFIED = "+v"  # label suffix of a verified nowcaster's runs
+VERIFIED = "+v"  # label suffix of a verified nowcaster's runs; "+vdD" with delayed checks (delay D)
 TRACED = "@traced"  # label suffix of runs whose spec carries the traced topology (--graph traced / both)
+DECISION_KEYS = ("step", "k", "accepted", "skipped", "alpha", "probe_before", "probe_after", "tried", "probe_passes",
+                 "verify_s", "delayed", "check_step", "probe_delayed", "probe_expected", "snapshot_bytes")
 
 
 # ---------------------------------------------------------------------------------------------- methods
@@ -83,13 +85,17 @@ def eval_points(max_steps: int, period: int, eval_every: int, before_nowcast: bo
 def run_one(task, method: str, ref: str | None, seed: int, *, max_steps: int, period: int, eval_every: int,
             early_stop: bool = True, server: str | None = None, api_key: str | None = None,
             progress: bool = True, verify: bool = False, final_nowcast: str = "skip",
-            verify_tolerance: float = 0.0, graph: str = "auto") -> dict[str, Any]:
+            verify_tolerance: float = 0.0, verify_delay: int = 0,
+            verify_max_dip: float | None = None, verify_baseline: str = "before",
+            graph: str = "auto") -> dict[str, Any]:
     """Train one (task, method, seed); returns the run record (see module doc).
 
     ``verify``: every nowcast is checked on a fixed probe batch (the task's training loss on the first batch of
-    an independent shuffle of the training data, never the test data the metric uses). ``graph="traced"``: the
-    spec carries the model's traced topology (``ModelSpec.from_module(model, graph="traced")``), so the graph is
-    built from it even where a hand-written layout exists."""
+    an independent shuffle of the training data, never the test data the metric uses); ``verify_delay``: with
+    delayed checks and rollback (rolled-back jumps are evaluated at their rollback step and listed in
+    ``rollback_steps``; their D steps count). ``graph="traced"``: the spec carries the model's traced topology
+    (``ModelSpec.from_module(model, graph="traced")``), so the graph is built from it even where a hand-written
+    layout exists."""
     import torch
     from tqdm import tqdm
 
@@ -110,7 +116,9 @@ def run_one(task, method: str, ref: str | None, seed: int, *, max_steps: int, pe
             from ninocast import Verify
 
             probe_batches = task.batches(seed + PROBE_SEED_OFFSET)
-            kw["verify"] = Verify(batch=next(probe_batches), loss_fn=task.loss, tolerance=verify_tolerance)
+            more = {} if verify_max_dip is None else {"max_dip": verify_max_dip}
+            kw["verify"] = Verify(batch=next(probe_batches), loss_fn=task.loss, tolerance=verify_tolerance,
+                                  delay=verify_delay, baseline=verify_baseline, **more)
             del probe_batches
         if server:
             kw.update(server=server, api_key=api_key, session_name=f"bench-{task.name}-{method}-{seed}")
@@ -124,6 +132,7 @@ def run_one(task, method: str, ref: str | None, seed: int, *, max_steps: int, pe
     train_s = eval_s = 0.0
     nowcast_steps: list[int] = []  # accepted nowcasts
     rejected_steps: list[int] = []  # verified nowcasts that were rejected (a normal step instead)
+    rollback_steps: list[int] = []  # delayed checks that restored the pre-jump run
     pre_final: float | None = None  # the metric right before the last call of the budget
 
     def evaluate(step: int, tag: str) -> bool:
@@ -160,8 +169,12 @@ def run_one(task, method: str, ref: str | None, seed: int, *, max_steps: int, pe
                 nowcast_steps.append(steps_run)
             elif any("probe_before" in n for n in new):
                 rejected_steps.append(steps_run)
+            last = opt.nowcasts[-1] if getattr(opt, "nowcasts", None) else {}
+            rolled_back = last.get("delayed") == "rolled_back" and last.get("check_step") == s
+            if rolled_back:
+                rollback_steps.append(steps_run)
             bar.update(1)
-            if steps_run in points or nowcasted:
+            if steps_run in points or nowcasted or rolled_back:
                 tag = "post" if steps_run % period == 0 else "pre" if (steps_run + 1) % period == 0 else "eval"
                 if evaluate(steps_run, tag) and early_stop:
                     break
@@ -181,8 +194,7 @@ def run_one(task, method: str, ref: str | None, seed: int, *, max_steps: int, pe
             opt.close()
         del batches
     nowcasts = [n for n in getattr(opt, "nowcasts", []) if "seconds" in n]  # the nowcasts the backend computed
-    decisions = [{k: n.get(k) for k in ("step", "k", "accepted", "skipped", "alpha", "probe_before", "probe_after",
-                                        "probe_passes", "verify_s")} for n in getattr(opt, "nowcasts", [])]
+    decisions = [{k: n.get(k) for k in DECISION_KEYS} for n in getattr(opt, "nowcasts", [])]
     values = [c[1] for c in curve if not math.isnan(c[1])]
     best = (max(values) if task.higher_is_better else min(values)) if values else float("nan")
     return {
@@ -195,6 +207,11 @@ def run_one(task, method: str, ref: str | None, seed: int, *, max_steps: int, pe
         "nowcast_k": [n["k"] for n in nowcasts], "failures": dict(getattr(opt, "failures", {}) or {}),
         "verify": verify, "verify_tolerance": verify_tolerance if verify else None, "final_nowcast": final_nowcast,
         "rejected_steps": rejected_steps, "decisions": decisions, "graph": graph if ref is not None else None,
+        "verify_delay": verify_delay if verify else None,
+        "verify_max_dip": opt.verify.max_dip if verify and verify_delay else None,
+        "verify_baseline": verify_baseline if verify and verify_delay else None,
+        "rollback_steps": rollback_steps,
+        "snapshot_bytes_max": max((n.get("snapshot_bytes") or 0 for n in decisions), default=0),
         "verify_s": round(sum(n.get("verify_s") or 0.0 for n in decisions), 3),
         "probe_passes": sum(n.get("probe_passes") or 0 for n in decisions), "pre_final_metric": pre_final,
         "server": server, "curve": curve, "threads": torch.get_num_threads(),
@@ -300,7 +317,9 @@ def markdown(rows: list[dict], runs: list[dict]) -> str:
 def decision_rows(runs: list[dict]) -> list[dict]:
     """Per (task, method): what happened at the nowcasts and at the budget's last call, over every seed.
 
-    ``max_probe_increase``: the largest probe-loss change (after - before) at an accepted verified nowcast;
+    ``max_probe_increase``: the largest probe-loss change (after - before) at an accepted verified nowcast (with
+    delayed checks: right after the jump, so a kept tentative jump's dip counts); ``max_delayed_change``: the
+    largest change from before the jump to its delayed check, over the kept tentative jumps;
     ``max_metric_worsening``: the largest worsening of the task metric from the evaluation right before an accepted
     nowcast to the one right after (only where the curve has both: language's pre/post evaluations);
     ``final_change``: median metric change over the last call (final minus the metric before it)."""
@@ -329,6 +348,12 @@ def decision_rows(runs: list[dict]) -> list[dict]:
             "max_probe_increase": max((d["probe_after"] - d["probe_before"] for d in accepted), default=None),
             "max_metric_worsening": max(worse, default=None),
             "final_change": statistics.median(finals) if finals else None,
+            "tentative": sum(1 for d in verified if d.get("delayed")),
+            "rolled_back": sum(1 for d in verified if d.get("delayed") == "rolled_back"),
+            "max_delayed_change": max((d["probe_delayed"] - d["probe_before"] for d in verified
+                                       if d.get("delayed") == "kept" and d.get("probe_delayed") is not None),
+                                      default=None),
+            "snapshot_bytes_max": max((r.get("snapshot_bytes_max") or 0 for r in rs), default=0),
             "verify_s_mean": statistics.mean(r.get("verify_s", 0.0) for r in rs),
             "probe_passes_mean": statistics.mean(r.get("probe_passes", 0) for r in rs),
         })
@@ -340,22 +365,25 @@ def decisions_markdown(rows: list[dict]) -> str:
     if not rows:
         return ""
     out = ["### Nowcast decisions and the last call\n",
-           "| task | method | runs | nowcasts accepted / computed (shrunk) | largest probe-loss change after an "
-           "accepted nowcast | largest metric worsening after an accepted nowcast (pre/post evals) | median "
-           "metric change over the last call | verify s/run | probe passes/run |",
-           "|---|---|---|---|---|---|---|---|---|"]
+           "| task | method | runs | nowcasts accepted / computed (shrunk) | tentative (rolled back) | largest "
+           "probe-loss change after an accepted nowcast | largest probe-loss change at the delayed check of a kept "
+           "jump | largest metric worsening after an accepted nowcast (pre/post evals) | median metric change over "
+           "the last call | verify s/run | probe passes/run | rollback copy MB |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     f = lambda v, p=4: "n/a" if v is None else f"{v:+.{p}f}"  # noqa: E731
     for r in rows:
         out.append(f"| {r['task']} | {r['method']} | {r['runs']} | {r['accepted']} / {r['nowcasts']} ({r['shrunk']}) | "
-                   f"{f(r['max_probe_increase'])} | {f(r['max_metric_worsening'], 3)} | {f(r['final_change'], 3)} | "
-                   f"{r['verify_s_mean']:.2f} | {r['probe_passes_mean']:.0f} |")
+                   f"{r['tentative']} ({r['rolled_back']}) | {f(r['max_probe_increase'])} | "
+                   f"{f(r['max_delayed_change'])} | {f(r['max_metric_worsening'], 3)} | {f(r['final_change'], 3)} | "
+                   f"{r['verify_s_mean']:.2f} | {r['probe_passes_mean']:.0f} | {r['snapshot_bytes_max'] / 1e6:.2f} |")
     return "\n".join(out) + "\n"
 
 
 RUN_FIELDS = ["task", "method", "seed", "reached", "steps_to_target", "steps_run", "max_steps", "period",
               "eval_every", "target", "final_metric", "best_metric", "train_s", "nowcast_s", "eval_s", "n_nowcasts",
               "failures", "nowcaster", "server", "verify", "final_nowcast", "rejected_steps", "verify_s",
-              "probe_passes", "pre_final_metric"]
+              "probe_passes", "pre_final_metric", "verify_delay", "verify_max_dip", "rollback_steps",
+              "snapshot_bytes_max"]
 SUMMARY_FIELDS = ["task", "method", "seeds", "reached", "median_steps", "speedup", "steps_per_seed", "budget",
                   "target", "metric", "final_metric", "best_metric", "train_s_mean", "nowcast_s_mean", "eval_s_mean",
                   "wall_s_total", "failures"]
@@ -384,6 +412,11 @@ def plot(task: str, runs: list[dict], path: Path) -> None:
                     and not math.isnan(c[1])]
         if rejected:
             ax.scatter(*zip(*rejected), color=colors[r["method"]], marker="x", s=36, zorder=3)
+        rolled = [(c[0], c[1]) for c in r["curve"] if c[0] in set(r.get("rollback_steps", ()))
+                  and not math.isnan(c[1])]
+        if rolled:
+            ax.scatter(*zip(*rolled), facecolors="none", edgecolors=colors[r["method"]], marker="o", s=60,
+                       zorder=3)
         if r["reached"]:
             ax.axvline(r["steps_to_target"], color=colors[r["method"]], ls=":", lw=0.8, alpha=0.6)
     t = rs[0]
@@ -397,8 +430,8 @@ def plot(task: str, runs: list[dict], path: Path) -> None:
         ax.set_ylim(0.9 * min(lo, t["target"]), 3 * t["target"])  # nowcast spikes above 3x target are clipped
         ax.set_ylabel(t["metric"] + " (log; clipped at 3 x target)")
     ax.set_xlabel("steps (optimizer calls, nowcast steps included)")
-    ax.set_title(f"{task}: {t['metric']} vs steps (▼ = right after a nowcast step, x = a rejected nowcast; "
-                 "dotted = steps to target)", fontsize=9)
+    ax.set_title(f"{task}: {t['metric']} vs steps\n▼ = right after a nowcast step, x = a rejected nowcast, "
+                 "o = a rollback (delayed check); dotted = steps to target", fontsize=9)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -462,8 +495,21 @@ def run_bench_speedup(args: argparse.Namespace) -> int:
     methods: list[tuple[str, str | None]] = [("adamw", None)] + [resolve_nowcaster(r) for r in refs]
     if len({m for m, _ in methods}) != len(methods):
         raise CommandError("two nowcasters resolve to the same label")
+    if args.verify_delay and args.verify == "off":
+        raise CommandError("--verify-delay needs --verify on or both")
+    if args.verify != "off":
+        from ninocast import Verify
+
+        more = {} if args.verify_max_dip is None else {"max_dip": args.verify_max_dip}
+        try:  # the options alone, checked before any training
+            Verify(probe=lambda m: 0.0, tolerance=args.verify_tolerance, delay=args.verify_delay,
+                   baseline=args.verify_baseline, **more)
+        except ValueError as e:
+            raise CommandError(f"--verify options: {e}") from None
+    suffix = VERIFIED + (f"d{args.verify_delay}" if args.verify_delay else "")
+    suffix += "-trend" if args.verify_delay and args.verify_baseline == "trend" else ""
     if args.verify != "off":  # NAME+v: the same nowcaster, every nowcast verified on a probe batch
-        verified = [(label + VERIFIED, ref) for label, ref in methods[1:]]
+        verified = [(label + suffix, ref) for label, ref in methods[1:]]
         methods = methods[:1] + (verified if args.verify == "on" else
                                  [m for pair in zip(methods[1:], verified) for m in pair])
     graph = getattr(args, "graph", "auto")
@@ -497,11 +543,16 @@ def run_bench_speedup(args: argparse.Namespace) -> int:
         eval_every = args.eval_every or (quick["eval_every"] if args.quick else task.eval_every)
         if period % task.ctx:
             raise CommandError(f"period {period} must be a multiple of ctx {task.ctx}")
+        if args.verify_delay >= period:
+            raise CommandError(f"--verify-delay {args.verify_delay} must be shorter than {task.name}'s period "
+                               f"{period}")
         for seed in seeds:
             for label, ref in methods:
                 plan.append((task, label, ref, seed, max_steps, period, eval_every))
     config = {"argv": sys.argv, "tasks": {t.name: t.info() for t in {id(p[0]): p[0] for p in plan}.values()},
               "methods": dict(methods), "verify": args.verify, "verify_tolerance": args.verify_tolerance,
+              "verify_delay": args.verify_delay, "verify_max_dip": args.verify_max_dip,
+              "verify_baseline": args.verify_baseline,
               "final_nowcast": args.final_nowcast, "graph": graph,
               "probe": f"task.loss on the first batch of task.batches(seed + {PROBE_SEED_OFFSET})", "seeds": seeds, "server": args.server, "threads": torch.get_num_threads(),
               "torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
@@ -515,8 +566,10 @@ def run_bench_speedup(args: argparse.Namespace) -> int:
         run = run_one(task, label, ref, seed, max_steps=max_steps, period=period, eval_every=eval_every,
                       early_stop=not args.no_early_stop, server=args.server,
                       api_key=args.api_key or os.environ.get("NINOCAST_API_KEY"),
-                      progress=not args.no_progress, verify=label.endswith(VERIFIED),
+                      progress=not args.no_progress, verify=label.removesuffix(TRACED).endswith(suffix),
                       final_nowcast=args.final_nowcast, verify_tolerance=args.verify_tolerance,
+                      verify_delay=args.verify_delay, verify_max_dip=args.verify_max_dip,
+                      verify_baseline=args.verify_baseline,
                       graph="traced" if label.endswith(TRACED) else "auto")
         runs.append(run)
         with open(jsonl, "a") as f:
