@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+import transformers as tf
 from torch import nn
 
 from graph_zoo import ResNet
@@ -16,8 +17,6 @@ from ninocast_server.engine.graphs import build_graph
 from ninocast_server.engine.graphs.stream import build_streamed, layout_edges
 from server_utils import assert_error
 from shared_data import CHECKPOINTS, golden, need
-
-import transformers as tf  # noqa: E402  (a declared test dependency: imported, never skipped)
 
 
 def gpt2(d: int = 16, layers: int = 2, heads: int = 2, vocab: int = 50, positions: int = 8) -> nn.Module:
