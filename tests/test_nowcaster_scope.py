@@ -55,6 +55,18 @@ def test_shipped_default_declares_generic_only_and_official_checkpoints_the_pape
     assert imported.scope == OFFICIAL_SCOPE
 
 
+def test_a_traced_attention_model_is_outside_a_generic_only_scope():
+    """graph='traced' gives GPT-2 the family 'generic'; the FM-16-only default must still warn (the official
+    checkpoints, trained on GPT-2s too, must not), and a traced plain chain stays inside 'generic'."""
+    traced = ModelSpec.from_module(tiny_gpt2(), graph="traced")
+    assert traced.family == "generic" and traced.topology is not None
+    line = load_nowcaster("default").scope.warning("ninocast-nino", traced)
+    assert line is not None and "attention" in line and "'ninocast-nino'" in line
+    assert OFFICIAL_SCOPE.warning("nino", traced) is None
+    chain = ModelSpec.from_module(tiny_mlp(), graph="traced")
+    assert load_nowcaster("default").scope.warning("ninocast-nino", chain) is None
+
+
 def test_warning_names_nowcaster_and_family_and_checks_a_declared_size_range():
     gpt2, mlp = ModelSpec.from_module(tiny_gpt2()), ModelSpec.from_module(tiny_mlp())
     nino = load_nowcaster("default")

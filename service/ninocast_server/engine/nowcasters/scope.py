@@ -44,10 +44,26 @@ class Scope:
         if spec.family not in self.families:
             return (f"nowcaster {nowcaster!r} was {trained}, not on family {spec.family!r}: its nowcasts may slow "
                     "this training down; compare with the base optimizer or pick another nowcaster")
+        if has_traced_attention(spec) and not set(self.families) & TRANSFORMER_FAMILIES:
+            return (f"nowcaster {nowcaster!r} was {trained}, not on attention models (this {spec.family!r} spec's "
+                    "traced topology has query/key/value weights): its nowcasts may slow this training down; "
+                    "compare with the base optimizer or pick another nowcaster")
         if self.params is not None and not self.params[0] <= spec.n_params <= self.params[1]:
             return (f"nowcaster {nowcaster!r} was {trained} of {self.params[0]:,}-{self.params[1]:,} parameters, "
                     f"this {spec.family!r} model has {spec.n_params:,}: its nowcasts may slow this training down")
         return None
+
+
+TRANSFORMER_FAMILIES = {"gpt2", "llama"}
+ATTENTION_ROLES = {"query", "key", "value"}
+
+
+def has_traced_attention(spec: ModelSpec) -> bool:
+    """A traced spec (family 'generic' with a topology) that wires attention: 'generic' in a scope means the
+    MLP/ConvNet chains a nowcaster was trained on, so such a model is out of it unless a transformer family is
+    in the scope too (a traced GPT-2 must not pass as an FM-16 ConvNet)."""
+    topo = getattr(spec, "topology", None)
+    return topo is not None and any(lk.role in ATTENTION_ROLES for lk in topo.links)
 
 
 # The reference checkpoints (nino*.pt) were all meta-trained on the same four tasks (NINO_SPEC §6.1): two
