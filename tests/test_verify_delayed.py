@@ -222,10 +222,7 @@ def test_the_server_session_shows_the_delayed_decisions(server, api_keys):
 # ---------------------------------------------------------------------------- frameworks
 @pytest.mark.filterwarnings("ignore:.*LeafSpec")
 def test_lightning_callback_passes_the_delay_and_rolls_back():
-    from test_integrations import _lightning
-
-    pl = _lightning()
-    from ninocast.integrations.lightning import NowcastCallback
+    from ninocast.integrations.lightning import NowcastCallback, pl  # pl: the Lightning package it subclasses
 
     class Module(pl.LightningModule):
         def __init__(self):
