@@ -5,6 +5,12 @@ rollback, and the decisions reported to the server session.
 step (``after_step``). What a check means lives elsewhere: ``ninocast.verify`` has the ``Verify`` options and
 the probe scoring, ``ninocast.rollback`` the copy of the run a failed delayed check restores. Decisions are made
 on rank 0 and broadcast, so every rank takes the same branch.
+
+``Verify(delay=D)``: a jump that dips the probe by at most ``max_dip`` is kept tentatively and checked again D
+calls later; a failed check restores the model and the base optimizer's state from before the jump. Snapshots
+for the next nowcast's window taken on a rolled-back branch are dropped (the window refills, so that nowcast
+comes later). ``state_dict()`` while a check is pending saves the tentative point without its copy: a run
+resumed from it keeps the jump.
 """
 
 from __future__ import annotations
@@ -20,7 +26,8 @@ from .rollback import RunCopy, Tentative
 from .verify import report_body, verify_jump
 
 if TYPE_CHECKING:
-    from .optimizer import NowcastOptimizer, Snapshot
+    from .backends import Snapshot
+    from .optimizer import NowcastOptimizer
 
 
 class RunChecks:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .spec import ModelSpec
+
 
 def unwrap(model: nn.Module) -> nn.Module:
     """The model whose parameter names the spec uses: DistributedDataParallel / DataParallel keep it in
@@ -32,6 +34,22 @@ def updated_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> set[str
         raise ValueError("the optimizer updates none of the model's parameters (all frozen, or the optimizer "
                          "was built for another model): nothing to nowcast")
     return names
+
+
+def nowcast_spec(model: nn.Module, optimizer: torch.optim.Optimizer, spec: ModelSpec | None) -> ModelSpec:
+    """``spec``, or one built from the tensors ``optimizer`` updates; refused when it names a tensor the model
+    lacks or the optimizer does not update (a nowcast would overwrite a frozen tensor)."""
+    params = dict(model.named_parameters())
+    updated = updated_names(model, optimizer)
+    spec = spec or ModelSpec.from_module(model, include=updated)
+    missing = [n for n in spec.names if n not in params]
+    if missing:
+        raise ValueError(f"spec names not found in the model: {missing[:5]}")
+    fixed = [n for n in spec.names if n not in updated]
+    if fixed:
+        raise ValueError(f"the spec names tensors the optimizer does not update (frozen, or not in its "
+                         f"param groups): {fixed[:5]}; a nowcast would overwrite them")
+    return spec
 
 
 def dist_active() -> bool:

@@ -48,28 +48,23 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import nn
 
-from .backends import Backend, LocalBackend, RemoteBackend
+from .backends import Backend, LocalBackend, RemoteBackend, Snapshot, check_backend, request_nowcast
+from .backends import ConfigurationError as ConfigurationError  # where 0.1 users import it from
 from .checks import RunChecks
 from .delegating import DelegatingOptimizer
-from .distributed import broadcast_code, broadcast_param, is_rank0, unwrap, updated_names
+from .distributed import broadcast_code, broadcast_param, is_rank0, nowcast_spec, unwrap
 from .flat import StateError, check_state, state_dtype
 from .rollback import RunCopy
 from .schedule import MAX_HORIZON, k_at_step
 from .session_settings import SessionSettings
 from .spec import ModelSpec
-from .transport import AuthError, DeadlineExceeded, NowcastAPIError, RequestRejected, check_url
+from .transport import DeadlineExceeded, NowcastAPIError, check_url
 from .verify import Verify, as_verify
 from .worker import BackendWorker
 
-Snapshot = dict[str, torch.Tensor]
 FIRST_NOWCAST_TIMEOUT_S = 60.0  # no estimate yet: the server may build the model's graph first
 NOWCAST_SLACK_S = 5.0  # the default deadline: 2 x the last nowcast's time + this
 CLOSE_WAIT_S = 5.0  # close(): the longest wait for a running request, then for the session's deletion
-
-
-class ConfigurationError(Exception):
-    """This run cannot nowcast as configured (wrong key, unknown nowcaster, a spec the server refuses, a server
-    that cannot be reached): raised by ``check()``, never during training."""
 
 
 class NowcastOptimizer(DelegatingOptimizer):
@@ -89,11 +84,8 @@ class NowcastOptimizer(DelegatingOptimizer):
     ``final_nowcast``: the last nowcast of the budget (fewer than ``period // ctx`` calls left to recover, the
     k = 1 one) is skipped (``"skip"``, a normal step: measured, it dips the final model even when a probe accepts
     it, docs/benchmarks-speedup.md) or kept (``"keep"``, the NINO_SPEC protocol; verified if ``verify`` is set).
-    ``Verify(delay=D)``: a jump that dips the probe by at most ``max_dip`` is kept tentatively and checked again
-    D calls later; a failed check restores the model and the base optimizer's state from before the jump
-    (``ninocast.rollback``). Snapshots for the next nowcast's window taken on a rolled-back branch are dropped
-    (the window refills, so that nowcast comes later). ``state_dict()`` while a check is pending saves the
-    tentative point without its copy: a run resumed from it keeps the jump.
+    ``Verify(delay=D)``: a jump may be kept tentatively and checked again D calls later, with rollback
+    (``ninocast.checks``).
     """
 
     def __init__(
@@ -139,15 +131,7 @@ class NowcastOptimizer(DelegatingOptimizer):
         self.optimizer = optimizer
         self.model = unwrap(model)
         self._params = dict(self.model.named_parameters())
-        updated = updated_names(self.model, optimizer)
-        self.spec = spec or ModelSpec.from_module(self.model, include=updated)
-        missing = [n for n in self.spec.names if n not in self._params]
-        if missing:
-            raise ValueError(f"spec names not found in the model: {missing[:5]}")
-        fixed = [n for n in self.spec.names if n not in updated]
-        if fixed:
-            raise ValueError(f"the spec names tensors the optimizer does not update (frozen, or not in its "
-                             f"param groups): {fixed[:5]}; a nowcast would overwrite them")
+        self.spec = nowcast_spec(self.model, optimizer, spec)
         self.period, self.ctx, self.max_train_steps, self.k_decay = period, ctx, max_train_steps, k_decay
         self.on_error, self.timeout, self.nowcast_timeout, self.record = on_error, timeout, nowcast_timeout, record
         self.server = server
@@ -262,19 +246,7 @@ class NowcastOptimizer(DelegatingOptimizer):
         if self.backend is None:  # not rank 0
             return
         where = f"the server at {self.server}" if self.server else "the local engine"
-        deadline = time.monotonic() + self.timeout
-        try:
-            if self._worker is not None:
-                self._worker.call(lambda: self.backend.check(deadline), deadline)  # type: ignore[union-attr]
-            else:
-                self.backend.check(deadline)
-        except AuthError as e:
-            raise ConfigurationError(f"ninocast: {where} refused the API key: {e.detail or e}") from e
-        except RequestRejected as e:
-            raise ConfigurationError(f"ninocast: {where} refused this run's configuration "
-                                     f"({e.error or e.status}): {e.detail or e}") from e
-        except NowcastAPIError as e:
-            raise ConfigurationError(f"ninocast: cannot check the configuration with {where}: {e}") from e
+        check_backend(self.backend, where, self.timeout, self._worker)
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
@@ -415,7 +387,8 @@ class NowcastOptimizer(DelegatingOptimizer):
         k = self.current_k()
         t0 = time.perf_counter()
         try:
-            result = self._request_nowcast(window, k)
+            assert self.backend is not None
+            result = request_nowcast(self.backend, window, k, self._worker, self.nowcast_deadline_s)
             check_state(result, self.spec, where="nowcast answer")
         except Exception as e:  # noqa: BLE001 - whatever goes wrong, training goes on (policy)
             kind = getattr(e, "kind", "invalid_response" if isinstance(e, StateError) else "error")
@@ -429,18 +402,6 @@ class NowcastOptimizer(DelegatingOptimizer):
         self.nowcasts.append({"step": step, "k": k, "seconds": time.perf_counter() - t0,
                               "snapshot_steps": [s for s, _ in window], "accepted": True})
         return result, None
-
-    def _request_nowcast(self, window: list[tuple[int, Snapshot]], k: int) -> dict[str, torch.Tensor]:
-        """The backend's prediction; through the worker (after the queued uploads) within the deadline."""
-        backend = self.backend
-        assert backend is not None
-        if self._worker is None:
-            return backend.nowcast(window, k)
-        if self._worker.stalled:
-            raise DeadlineExceeded("the server has not answered since a request timed out; the step was skipped "
-                                   "without waiting")
-        deadline = time.monotonic() + self.nowcast_deadline_s()
-        return self._worker.call(lambda: backend.nowcast(window, k, deadline=deadline), deadline)
 
     def _apply_nowcast(self, prediction: dict[str, torch.Tensor] | None) -> None:
         """Write the prediction (rank 0) into the parameters and broadcast them to the other ranks."""
