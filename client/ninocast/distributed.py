@@ -1,9 +1,9 @@
 """Which tensors ``NowcastOptimizer`` owns, and how its ranks agree under ``torch.distributed``.
 
 The model is found behind its wrappers (DDP, ``torch.compile``) and its nowcast tensors are those the base
-optimizer updates. Only rank 0 talks to the backend and makes the decisions; the other ranks receive each decision (a small integer)
-and the new parameters by broadcast, so all ranks stay identical. Without an initialised process group of more
-than one rank every helper is a no-op and the process is rank 0.
+optimizer updates. Only rank 0 talks to the backend and makes the decisions; the other ranks receive each
+decision (a small integer) and the new parameters by broadcast, so all ranks stay identical. Without an
+initialised process group of more than one rank every helper is a no-op and the process is rank 0.
 """
 
 from __future__ import annotations
