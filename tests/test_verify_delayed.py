@@ -114,7 +114,7 @@ def test_a_jump_that_dips_then_recovers_is_kept():
     base = torch.optim.AdamW(ref.parameters(), lr=LR)
     train(ref, base, 19)
     assert not torch.equal(model[0].weight, ref[0].weight)
-    assert opt._tentative is None and not opt.delayed_off
+    assert opt.checks.pending is None and not opt.delayed_off
 
 
 def test_beyond_max_dip_the_jump_is_checked_at_once():
@@ -123,7 +123,7 @@ def test_beyond_max_dip_the_jump_is_checked_at_once():
     opt = wrap(model, probe, 5, 60, max_dip=2.0)
     train(model, opt, 21)
     d = opt.nowcasts[0]
-    assert d["accepted"] and d["alpha"] == 0.25 and "delayed" not in d and probe.done and opt._tentative is None
+    assert d["accepted"] and d["alpha"] == 0.25 and "delayed" not in d and probe.done and opt.checks.pending is None
 
 
 def test_real_probe_decisions_match_the_probe_measured_independently():
@@ -182,7 +182,7 @@ def test_a_kept_jump_resets_the_count_and_no_check_runs_past_the_budget():
     opt = wrap(model, probe, 3, 80, max_rollbacks=2)
     train(model, opt, 80)
     assert [n.get("delayed") for n in opt.nowcasts] == ["rolled_back", "kept", "rolled_back", None]
-    assert not opt.delayed_off and probe.done and opt._tentative is None
+    assert not opt.delayed_off and probe.done and opt.checks.pending is None
 
 
 def test_delay_arguments_are_checked():

@@ -19,12 +19,13 @@ _EXPORTS = {
     "k_schedule": "schedule", "k_at_step": "schedule", "NowcastAPIError": "transport",
     "ServerUnavailable": "transport", "ServerBusy": "transport", "RequestRejected": "transport",
     "AuthError": "transport", "NotFound": "transport", "InvalidResponse": "transport", "Verify": "verify",
-    "DeadlineExceeded": "transport", "ConfigurationError": "optimizer", "SessionSettings": "session_settings",
+    "DeadlineExceeded": "transport", "ConfigurationError": "backends", "SessionSettings": "session_settings",
 }
 __all__ = [*_EXPORTS, "__version__"]
 
 if TYPE_CHECKING:
-    from .optimizer import ConfigurationError, NowcastOptimizer
+    from .backends import ConfigurationError
+    from .optimizer import NowcastOptimizer
     from .schedule import k_at_step, k_schedule
     from .session_settings import SessionSettings
     from .spec import ModelSpec, SpecError

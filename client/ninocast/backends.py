@@ -5,15 +5,18 @@ from __future__ import annotations
 import threading
 import time
 import warnings
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 import torch
 
 from .flat import flatten, unflatten
 from .session_settings import SessionSettings
 from .spec import ModelSpec
-from .transport import (InvalidResponse, NotFound, NowcastAPIError, NowcastClient, RequestRejected,
-                        ServerUnavailable)
+from .transport import (AuthError, DeadlineExceeded, InvalidResponse, NotFound, NowcastAPIError, NowcastClient,
+                        RequestRejected, ServerUnavailable)
+
+if TYPE_CHECKING:
+    from .worker import BackendWorker
 
 Snapshot = dict[str, torch.Tensor]
 
@@ -29,6 +32,42 @@ class Backend(Protocol):
     def state_dict(self) -> dict[str, Any]: ...
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
     def close(self, delete: bool = False, deadline: float | None = None) -> None: ...
+
+
+class ConfigurationError(Exception):
+    """This run cannot nowcast as configured (wrong key, unknown nowcaster, a spec the server refuses, a server
+    that cannot be reached): raised by ``NowcastOptimizer.check()``, never during training."""
+
+
+def check_backend(backend: Backend, where: str, timeout: float, worker: BackendWorker | None = None) -> None:
+    """Ask ``backend`` once, within ``timeout`` seconds (through ``worker``, behind its queued uploads, when there
+    is one), whether this run can nowcast; a refusal becomes a ``ConfigurationError`` naming ``where``."""
+    deadline = time.monotonic() + timeout
+    try:
+        if worker is not None:
+            worker.call(lambda: backend.check(deadline), deadline)
+        else:
+            backend.check(deadline)
+    except AuthError as e:
+        raise ConfigurationError(f"ninocast: {where} refused the API key: {e.detail or e}") from e
+    except RequestRejected as e:
+        raise ConfigurationError(f"ninocast: {where} refused this run's configuration "
+                                 f"({e.error or e.status}): {e.detail or e}") from e
+    except NowcastAPIError as e:
+        raise ConfigurationError(f"ninocast: cannot check the configuration with {where}: {e}") from e
+
+
+def request_nowcast(backend: Backend, window: list[tuple[int, Snapshot]], k: int, worker: BackendWorker | None,
+                    deadline_s: Callable[[], float]) -> dict[str, torch.Tensor]:
+    """The backend's prediction; through ``worker`` (after the queued uploads) within ``deadline_s()`` seconds,
+    at once a ``DeadlineExceeded`` while the worker is stalled."""
+    if worker is None:
+        return backend.nowcast(window, k)
+    if worker.stalled:
+        raise DeadlineExceeded("the server has not answered since a request timed out; the step was skipped "
+                               "without waiting")
+    deadline = time.monotonic() + deadline_s()
+    return worker.call(lambda: backend.nowcast(window, k, deadline=deadline), deadline)
 
 
 class RemoteBackend:

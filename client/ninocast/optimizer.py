@@ -26,19 +26,19 @@ URL, and ``check()`` / ``check=True`` asks the server once about the key, nowcas
 Lifecycle: ``close()`` (or leaving a ``with NowcastOptimizer(...) as opt:`` block) deletes the run's server
 session unless ``record=True``; an interrupted run's session expires by the server's TTL.
 
-The wrapper is a ``torch.optim.Optimizer`` (like accelerate's ``AcceleratedOptimizer`` it delegates
-``param_groups``/``state``/``defaults`` to the wrapped optimizer without calling ``Optimizer.__init__``), so LR
+The wrapper is a ``torch.optim.Optimizer`` that delegates to the wrapped one (``ninocast.delegating``), so LR
 schedulers, ``GradScaler``, Hugging Face ``Trainer`` and Lightning accept it. With a ``closure`` (Lightning,
 LBFGS-style loops) a nowcast call evaluates the closure once first, as NINO_SPEC §5.3 (2a) does, and returns
 its loss.
 
 Under ``torch.distributed`` only rank 0 snapshots and talks to the backend; every nowcast's outcome and the
-new parameters are broadcast from rank 0, so all ranks stay identical and take the same fallback decisions.
+new parameters are broadcast from rank 0, so all ranks stay identical and take the same fallback decisions
+(``ninocast.distributed``). Verification at run time (immediate and delayed checks, rollback, the reports of
+decisions) is ``ninocast.checks.RunChecks``.
 """
 
 from __future__ import annotations
 
-import math
 import time
 import warnings
 from collections import Counter
@@ -48,28 +48,26 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import nn
 
-from .backends import Backend, LocalBackend, RemoteBackend
+from .backends import Backend, LocalBackend, RemoteBackend, Snapshot, check_backend, request_nowcast
+from .backends import ConfigurationError as ConfigurationError  # where 0.1 users import it from
+from .checks import RunChecks
+from .delegating import DelegatingOptimizer
+from .distributed import broadcast_code, broadcast_param, is_rank0, nowcast_spec, unwrap
 from .flat import StateError, check_state, state_dtype
-from .rollback import RunCopy, Tentative
+from .rollback import RunCopy
 from .schedule import MAX_HORIZON, k_at_step
 from .session_settings import SessionSettings
 from .spec import ModelSpec
-from .transport import AuthError, DeadlineExceeded, NowcastAPIError, RequestRejected, check_url
-from .verify import Verify, as_verify, report_body, verify_jump
+from .transport import DeadlineExceeded, NowcastAPIError, check_url
+from .verify import Verify, as_verify
 from .worker import BackendWorker
 
-Snapshot = dict[str, torch.Tensor]
 FIRST_NOWCAST_TIMEOUT_S = 60.0  # no estimate yet: the server may build the model's graph first
 NOWCAST_SLACK_S = 5.0  # the default deadline: 2 x the last nowcast's time + this
 CLOSE_WAIT_S = 5.0  # close(): the longest wait for a running request, then for the session's deletion
 
 
-class ConfigurationError(Exception):
-    """This run cannot nowcast as configured (wrong key, unknown nowcaster, a spec the server refuses, a server
-    that cannot be reached): raised by ``check()``, never during training."""
-
-
-class NowcastOptimizer(torch.optim.Optimizer):
+class NowcastOptimizer(DelegatingOptimizer):
     """``NowcastOptimizer(torch.optim.AdamW(model.parameters()), model, server=URL, period=1000)``.
 
     Where nowcasts run: ``server=URL`` (a ninocast server; ``api_key=``), or ``local=True`` / ``nowcaster=REF``
@@ -86,11 +84,8 @@ class NowcastOptimizer(torch.optim.Optimizer):
     ``final_nowcast``: the last nowcast of the budget (fewer than ``period // ctx`` calls left to recover, the
     k = 1 one) is skipped (``"skip"``, a normal step: measured, it dips the final model even when a probe accepts
     it, docs/benchmarks-speedup.md) or kept (``"keep"``, the NINO_SPEC protocol; verified if ``verify`` is set).
-    ``Verify(delay=D)``: a jump that dips the probe by at most ``max_dip`` is kept tentatively and checked again
-    D calls later; a failed check restores the model and the base optimizer's state from before the jump
-    (``ninocast.rollback``). Snapshots for the next nowcast's window taken on a rolled-back branch are dropped
-    (the window refills, so that nowcast comes later). ``state_dict()`` while a check is pending saves the
-    tentative point without its copy: a run resumed from it keeps the jump.
+    ``Verify(delay=D)``: a jump may be kept tentatively and checked again D calls later, with rollback
+    (``ninocast.checks``).
     """
 
     def __init__(
@@ -134,17 +129,9 @@ class NowcastOptimizer(torch.optim.Optimizer):
         if nowcast_timeout is not None and not nowcast_timeout > 0:
             raise ValueError(f"nowcast_timeout must be positive seconds, got {nowcast_timeout}")
         self.optimizer = optimizer
-        self.model = _unwrap(model)
+        self.model = unwrap(model)
         self._params = dict(self.model.named_parameters())
-        updated = updated_names(self.model, optimizer)
-        self.spec = spec or ModelSpec.from_module(self.model, include=updated)
-        missing = [n for n in self.spec.names if n not in self._params]
-        if missing:
-            raise ValueError(f"spec names not found in the model: {missing[:5]}")
-        fixed = [n for n in self.spec.names if n not in updated]
-        if fixed:
-            raise ValueError(f"the spec names tensors the optimizer does not update (frozen, or not in its "
-                             f"param groups): {fixed[:5]}; a nowcast would overwrite them")
+        self.spec = nowcast_spec(self.model, optimizer, spec)
         self.period, self.ctx, self.max_train_steps, self.k_decay = period, ctx, max_train_steps, k_decay
         self.on_error, self.timeout, self.nowcast_timeout, self.record = on_error, timeout, nowcast_timeout, record
         self.server = server
@@ -154,10 +141,8 @@ class NowcastOptimizer(torch.optim.Optimizer):
         self.failures: Counter[str] = Counter()
         self.nowcasts: list[dict[str, Any]] = []  # one record per successful nowcast
         self._warned: set[str] = set()
-        self._rank0 = _is_rank0()
-        self._tentative: Tentative | None = None  # a jump waiting for its delayed check
-        self._rollbacks_in_a_row = 0
-        self.delayed_off = False  # set after verify.max_rollbacks rollbacks in a row: immediate checks only
+        self._rank0 = is_rank0()
+        self.checks = RunChecks(self)
         self.backend: Backend | None = None
         if self._rank0:
             if server is not None:
@@ -172,40 +157,9 @@ class NowcastOptimizer(torch.optim.Optimizer):
         if check:
             self.check()
 
-    # ------------------------------------------------------------------ torch.optim surface
-    @property  # type: ignore[override]
-    def param_groups(self) -> list[dict]:
-        return self.optimizer.param_groups
-
-    @param_groups.setter
-    def param_groups(self, value: list[dict]) -> None:
-        self.optimizer.param_groups = value
-
-    @property  # type: ignore[override]
-    def state(self) -> Any:
-        return self.optimizer.state
-
-    @state.setter
-    def state(self, value: Any) -> None:
-        self.optimizer.state = value
-
-    @property  # type: ignore[override]
-    def defaults(self) -> dict:
-        return self.optimizer.defaults
-
-    @defaults.setter
-    def defaults(self, value: dict) -> None:
-        self.optimizer.defaults = value
-
     def __repr__(self) -> str:
         return f"NowcastOptimizer(period={self.period}, ctx={self.ctx}, step_count={self.step_count}, " \
                f"backend={type(self.backend).__name__}, optimizer={self.optimizer!r})"
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        self.optimizer.zero_grad(set_to_none=set_to_none)
-
-    def add_param_group(self, group: dict) -> None:
-        self.optimizer.add_param_group(group)
 
     @property
     def verify(self) -> Verify | None:
@@ -219,6 +173,20 @@ class NowcastOptimizer(torch.optim.Optimizer):
             raise ValueError(f"Verify delay ({cfg.delay}) must be shorter than the period ({self.period}): the "
                              f"check must come before the next nowcast")
         self._verify_cfg = cfg
+
+    @property
+    def delayed_off(self) -> bool:
+        """True after ``verify.max_rollbacks`` rollbacks in a row: immediate checks only from then."""
+        return self.checks.delayed_off
+
+    @delayed_off.setter
+    def delayed_off(self, value: bool) -> None:
+        self.checks.delayed_off = value
+
+    @property
+    def param_device(self) -> torch.device:
+        """Where the nowcast tensors live (NCCL broadcasts from there)."""
+        return self._params[self.spec.names[0]].device
 
     @property
     def snapshot_interval(self) -> int:
@@ -258,8 +226,8 @@ class NowcastOptimizer(torch.optim.Optimizer):
                     loss = closure()
             final = self._skips_final(s)
             if final:
-                self._record({"step": s, "k": self.current_k(), "snapshot_steps": [t for t, _ in window],
-                              "accepted": False, "skipped": "final"})
+                self.checks.record({"step": s, "k": self.current_k(), "snapshot_steps": [t for t, _ in window],
+                                    "accepted": False, "skipped": "final"})
             if final or (not self._nowcast(window, s, closure, loss) and self.verify is not None):
                 # A normal step: this call computed gradients (need_grads). An unverified nowcast that failed is a
                 # skipped step instead: its call skipped backward, so the gradients present are stale.
@@ -267,8 +235,7 @@ class NowcastOptimizer(torch.optim.Optimizer):
                 loss = loss if closure is not None else result
         else:
             loss = self.optimizer.step(closure)
-        if self._tentative is not None and self._tentative.check_step == s:
-            self._delayed_check(s)
+        self.checks.after_step(s)
         self.step_count = s + 1
         return loss
 
@@ -279,19 +246,7 @@ class NowcastOptimizer(torch.optim.Optimizer):
         if self.backend is None:  # not rank 0
             return
         where = f"the server at {self.server}" if self.server else "the local engine"
-        deadline = time.monotonic() + self.timeout
-        try:
-            if self._worker is not None:
-                self._worker.call(lambda: self.backend.check(deadline), deadline)  # type: ignore[union-attr]
-            else:
-                self.backend.check(deadline)
-        except AuthError as e:
-            raise ConfigurationError(f"ninocast: {where} refused the API key: {e.detail or e}") from e
-        except RequestRejected as e:
-            raise ConfigurationError(f"ninocast: {where} refused this run's configuration "
-                                     f"({e.error or e.status}): {e.detail or e}") from e
-        except NowcastAPIError as e:
-            raise ConfigurationError(f"ninocast: cannot check the configuration with {where}: {e}") from e
+        check_backend(self.backend, where, self.timeout, self._worker)
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
@@ -327,7 +282,7 @@ class NowcastOptimizer(torch.optim.Optimizer):
             self._worker.cancel_pending()
             self._worker.drain(CLOSE_WAIT_S)
         self.step_count = int(ours["step_count"])
-        self._tentative = None  # a check pending before the load belongs to another point of the run
+        self.checks.drop()  # a check pending before the load belongs to another point of the run
         # snapshots live on the CPU whatever a framework's device placement did to the dict
         self.snapshots = [(int(step), {k: v.to("cpu") for k, v in dict(snap).items()})
                           for step, snap in ours["snapshots"]]
@@ -350,7 +305,7 @@ class NowcastOptimizer(torch.optim.Optimizer):
         if self._closed:
             return
         self._closed = True
-        self._tentative = None  # a pending check is not made: the jump stays
+        self.checks.drop()  # a pending check is not made: the jump stays
         if self._worker is not None:
             if self.record:
                 self._worker.drain(self.timeout)
@@ -408,95 +363,22 @@ class NowcastOptimizer(torch.optim.Optimizer):
         prediction, error = self._fetch_nowcast(window, step) if self._rank0 else (None, None)
         # 2 = kept tentatively, 1 = apply the nowcast, 0 = keep the parameters, -1 = rank 0 raises
         code = 1 if prediction is not None else (-1 if error is not None else 0)
-        tentative_ok = self._tentative_allowed(step)
+        tentative_ok = self.checks.tentative_allowed(step)
         # every rank copies the pre-jump run: the decision (made on rank 0) may keep the jump tentatively
         saved = RunCopy.take(self.model, self.optimizer) if tentative_ok and (
             prediction is not None or not self._rank0) else None
         if prediction is not None and self.verify is not None:
-            record = self.nowcasts[-1]
-            record.update(self._verify(prediction, closure, loss, tentative_ok))
-            if record.get("delayed") == "pending":
-                record.update(delay=self.verify.delay, check_step=step + self.verify.delay,
-                              snapshot_bytes=saved.nbytes if saved is not None else 0)
-                if self.verify.baseline == "trend":
-                    record["probe_expected"] = self._expected_probe(window, record)
-                code = 2
-            else:
-                code = int(record["accepted"])
-            self._report(record)
+            code = self.checks.judge(prediction, window, step, closure, loss, saved, tentative_ok)
             prediction = None  # accepted: the kept point is already in place; rejected: theta was restored
-        flag = torch.full((1,), float(code), device=self._params[self.spec.names[0]].device)  # NCCL: device
-        code = int(_broadcast_flag(flag).item())
+        code = broadcast_code(code, self.param_device)
         if code < 0:
             raise error if error is not None else RuntimeError("ninocast: the nowcast failed on rank 0")
         if code == 0:
             return False
         if code == 2 and saved is not None and self.verify is not None:
-            self._tentative = Tentative(step, step + self.verify.delay, saved,
-                                        self.nowcasts[-1] if self._rank0 else {})
+            self.checks.hold(step, saved)
         self._apply_nowcast(prediction)
         return True
-
-    def _tentative_allowed(self, step: int) -> bool:
-        """A jump at ``step`` may be kept tentatively: delayed checks are on and its check falls inside the budget
-        (a check after the last call would leave the run on an unchecked point)."""
-        v = self.verify
-        return v is not None and v.delay > 0 and not self.delayed_off and self._tentative is None \
-            and step + v.delay <= self.max_train_steps - 1
-
-    def _expected_probe(self, window: list[tuple[int, Snapshot]], record: dict[str, Any]) -> float:
-        """Where plain training was heading (``baseline="trend"``): the probe's fall over the window's last
-        snapshot interval, scaled to the delay. Scored with the previous snapshot's tensors put in place (buffers
-        stay current); the tentative point is put back exactly."""
-        assert self.verify is not None
-        before = record["probe_before"]
-        if len(window) < 2:
-            return before
-        (t_prev, prev), (t_last, _) = window[-2], window[-1]
-        held = {n: self._params[n].detach().clone() for n in prev}
-        with torch.no_grad():
-            for n, t in prev.items():
-                self._params[n].copy_(t)
-        try:
-            earlier = self.verify.scorer(self.model, None)()
-        finally:
-            with torch.no_grad():
-                for n, t in held.items():
-                    self._params[n].copy_(t)
-        record["probe_passes"] += 1
-        record["probe_window"] = earlier
-        fall = max(0.0, earlier - before) if math.isfinite(earlier) and math.isfinite(before) else 0.0
-        return before - fall * self.verify.delay / max(1, t_last - t_prev)
-
-    def _delayed_check(self, step: int) -> None:
-        """Probe the tentative jump's branch (rank 0); keep it, or restore the pre-jump run on every rank."""
-        pending, self._tentative = self._tentative, None
-        assert pending is not None and self.verify is not None
-        keep = 1
-        if self._rank0:
-            t0 = time.perf_counter()
-            record = pending.record
-            after = self.verify.scorer(self.model, None)()
-            target = record.get("probe_expected", record["probe_before"])
-            keep = int(after <= target + self.verify.tolerance * abs(record["probe_before"]))
-            record.update(probe_delayed=after, delayed="kept" if keep else "rolled_back",
-                          probe_passes=record["probe_passes"] + 1,
-                          verify_s=record["verify_s"] + time.perf_counter() - t0)
-            if not keep:
-                record.update(accepted=False, alpha=0.0)
-        flag = torch.full((1,), float(keep), device=self._params[self.spec.names[0]].device)
-        keep = int(_broadcast_flag(flag).item())
-        if keep:
-            self._rollbacks_in_a_row = 0
-        else:
-            pending.saved.restore(self.model, self.optimizer)
-            # snapshots of the rolled-back branch must not feed the next nowcast
-            self.snapshots = [(t, snap) for t, snap in self.snapshots if t <= pending.step]
-            self._rollbacks_in_a_row += 1
-            if self._rollbacks_in_a_row >= self.verify.max_rollbacks:
-                self.delayed_off = True
-        if self._rank0:
-            self._report(pending.record)
 
     def _fetch_nowcast(self, window: list[tuple[int, Snapshot]],
                        step: int) -> tuple[dict[str, torch.Tensor] | None, BaseException | None]:
@@ -505,7 +387,8 @@ class NowcastOptimizer(torch.optim.Optimizer):
         k = self.current_k()
         t0 = time.perf_counter()
         try:
-            result = self._request_nowcast(window, k)
+            assert self.backend is not None
+            result = request_nowcast(self.backend, window, k, self._worker, self.nowcast_deadline_s)
             check_state(result, self.spec, where="nowcast answer")
         except Exception as e:  # noqa: BLE001 - whatever goes wrong, training goes on (policy)
             kind = getattr(e, "kind", "invalid_response" if isinstance(e, StateError) else "error")
@@ -520,18 +403,6 @@ class NowcastOptimizer(torch.optim.Optimizer):
                               "snapshot_steps": [s for s, _ in window], "accepted": True})
         return result, None
 
-    def _request_nowcast(self, window: list[tuple[int, Snapshot]], k: int) -> dict[str, torch.Tensor]:
-        """The backend's prediction; through the worker (after the queued uploads) within the deadline."""
-        backend = self.backend
-        assert backend is not None
-        if self._worker is None:
-            return backend.nowcast(window, k)
-        if self._worker.stalled:
-            raise DeadlineExceeded("the server has not answered since a request timed out; the step was skipped "
-                                   "without waiting")
-        deadline = time.monotonic() + self.nowcast_deadline_s()
-        return self._worker.call(lambda: backend.nowcast(window, k, deadline=deadline), deadline)
-
     def _apply_nowcast(self, prediction: dict[str, torch.Tensor] | None) -> None:
         """Write the prediction (rank 0) into the parameters and broadcast them to the other ranks."""
         with torch.no_grad():
@@ -539,41 +410,7 @@ class NowcastOptimizer(torch.optim.Optimizer):
                 p = self._params[name]
                 if prediction is not None:
                     p.copy_(prediction[name].to(device=p.device, dtype=p.dtype))
-                _broadcast_param(p)
-
-    def _verify(self, result: dict[str, torch.Tensor], closure: Callable[[], Any] | None, loss: Any,
-                tentative_ok: bool = False) -> dict:
-        """Score the jump on the probe; the params end at the kept point."""
-        assert self.verify is not None
-        before = loss if self.verify.kind == "closure" else None  # the closure's loss at theta
-        params = {n: self._params[n] for n in self.spec.names}
-        return verify_jump(params, result, self.verify.scorer(self.model, closure), self.verify, before,
-                           tentative_ok)
-
-    def _record(self, record: dict[str, Any]) -> None:
-        """Keep a decision made without a nowcast (the skipped last one) in ``nowcasts`` and report it."""
-        self.nowcasts.append(record)
-        self._report(record)
-
-    def _report(self, record: dict[str, Any]) -> None:
-        """Send a verified or skipped nowcast's decision to the server session's history (rank 0). Remote: queued
-        on the worker behind the uploads (so the session exists), never waited for; a lost report is counted
-        (``report_*``) and never stops training."""
-        if not self._rank0 or (self.verify is None and "skipped" not in record):
-            return
-        backend, body = self.backend, report_body(record)
-        assert backend is not None
-
-        def send() -> None:
-            try:
-                backend.report(record["step"], body)
-            except Exception as e:  # noqa: BLE001 - a lost report never stops training
-                self._note_failure(f"report_{getattr(e, 'kind', 'error')}", e, raise_ok=False)
-
-        if self._worker is not None and not self._closed:
-            self._worker.upload(send)
-        else:
-            send()
+                broadcast_param(p)
 
     def _note_failure(self, kind: str, err: Exception, raise_ok: bool) -> None:
         self.failures[kind] += 1
@@ -584,45 +421,3 @@ class NowcastOptimizer(torch.optim.Optimizer):
             warnings.warn(f"ninocast: {kind}: {err} -- training continues (a failed nowcast call is a skipped "
                           f"step; this warning is shown once per kind; see .failures)", RuntimeWarning, stacklevel=3)
 
-
-def updated_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> set[str]:
-    """Names of the model's tensors that ``optimizer`` updates: ``requires_grad`` and in its param groups."""
-    owned = {id(p) for group in optimizer.param_groups for p in group["params"]}
-    names = {n for n, p in model.named_parameters() if p.requires_grad and id(p) in owned}
-    if not names:
-        raise ValueError("the optimizer updates none of the model's parameters (all frozen, or the optimizer "
-                         "was built for another model): nothing to nowcast")
-    return names
-
-
-# ---------------------------------------------------------------------- distributed helpers
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The model whose parameter names the spec uses: DistributedDataParallel / DataParallel keep it in
-    ``.module``, ``torch.compile`` in ``._orig_mod``."""
-    while True:
-        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            model = model.module
-        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
-            model = model._orig_mod
-        else:
-            return model
-
-
-def _dist_active() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized() and \
-        torch.distributed.get_world_size() > 1
-
-
-def _is_rank0() -> bool:
-    return not _dist_active() or torch.distributed.get_rank() == 0
-
-
-def _broadcast_flag(flag: torch.Tensor) -> torch.Tensor:
-    if _dist_active():
-        torch.distributed.broadcast(flag, src=0)
-    return flag
-
-
-def _broadcast_param(p: torch.Tensor) -> None:
-    if _dist_active():
-        torch.distributed.broadcast(p.data, src=0)
