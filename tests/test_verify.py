@@ -286,7 +286,8 @@ def test_report_route_validates_and_is_idempotent(srv_key, tmp_path):
     assert [(r["step"], r["alpha"]) for r in view["reports"]] == [(19, 0.25)]
     for bad, field in ((good | {"alpha": 2.0}, "alpha"), (good | {"extra": 1}, "extra"),
                        (good | {"tried": [[1.0, 1.0]] * 17}, "tried"), ({"k": 3}, "accepted"),
-                       (good | {"probe": "oracle"}, "probe")):
+                       (good | {"probe": "oracle"}, "probe"), (good | {"delayed": "maybe"}, "delayed"),
+                       (good | {"delay": 0}, "delay"), (good | {"snapshot_bytes": -1}, "snapshot_bytes")):
         body = assert_error(httpx.post(url, json=bad, headers=h), 422)
         assert field in json.dumps(body), body
     inf_body = json.dumps(good).replace("0.9,", "Infinity,", 1)

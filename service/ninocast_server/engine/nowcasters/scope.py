@@ -62,8 +62,7 @@ def has_traced_attention(spec: ModelSpec) -> bool:
     """A traced spec (family 'generic' with a topology) that wires attention: 'generic' in a scope means the
     MLP/ConvNet chains a nowcaster was trained on, so such a model is out of it unless a transformer family is
     in the scope too (a traced GPT-2 must not pass as an FM-16 ConvNet)."""
-    topo = getattr(spec, "topology", None)
-    return topo is not None and any(lk.role in ATTENTION_ROLES for lk in topo.links)
+    return spec.topology is not None and any(lk.role in ATTENTION_ROLES for lk in spec.topology.links)
 
 
 # The reference checkpoints (nino*.pt) were all meta-trained on the same four tasks (NINO_SPEC §6.1): two
