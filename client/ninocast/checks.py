@@ -10,7 +10,8 @@ on rank 0 and broadcast, so every rank takes the same branch.
 calls later; a failed check restores the model and the base optimizer's state from before the jump. Snapshots
 for the next nowcast's window taken on a rolled-back branch are dropped (the window refills, so that nowcast
 comes later). ``state_dict()`` while a check is pending saves the tentative point without its copy: a run
-resumed from it keeps the jump.
+resumed from it keeps the jump. ``Verify(shadow=True)``: the copy trains too (``shadow_step``, once per call
+from the nowcast call to the check), and the check compares the two branches.
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 
 from .distributed import broadcast_code
-from .rollback import RunCopy, Tentative
-from .verify import report_body, verify_jump
+from .rollback import RunCopy, Tentative, ordered_params
+from .verify import limit_of, report_body, verify_jump
 
 if TYPE_CHECKING:
     from .backends import Snapshot
@@ -71,6 +72,32 @@ class RunChecks:
         assert self.opt.verify is not None
         self.pending = Tentative(step, step + self.opt.verify.delay, saved,
                                  self.opt.nowcasts[-1] if self.opt._rank0 else {})
+        if self.opt.verify.shadow:  # this call's gradients are theta's: the copy's first step uses them
+            saved.grads = {i: p.grad for i, p in enumerate(ordered_params(self.opt.optimizer))}
+            self.pending.fresh = True
+
+    def shadow_step(self, closure: Callable[[], Any] | None) -> None:
+        """``Verify(shadow=True)``: take this call's base-optimizer step on the pending jump's pre-jump copy too,
+        with the same batch (the closure runs on the copy's parameters); the live run is put back after."""
+        pending, opt = self.pending, self.opt
+        if pending is None or opt.verify is None or not opt.verify.shadow:
+            return
+        if pending.fresh:  # the nowcast call itself: its gradients at theta were computed before the jump
+            pending.fresh, closure_now = False, None
+        elif closure is None:
+            raise ValueError("Verify(shadow=True) needs step(closure): the pre-jump copy trains on the step's own "
+                             "batch, through a closure that computes the loss and its gradients (zero_grad, "
+                             "forward, backward, return loss)")
+        else:
+            closure_now = closure
+        pending.saved.swap(opt.model, opt.optimizer)
+        try:
+            with torch.enable_grad():
+                opt.optimizer.step(closure_now)
+        finally:
+            pending.saved.swap(opt.model, opt.optimizer)
+        if opt._rank0:
+            pending.record["shadow_steps"] = pending.record.get("shadow_steps", 0) + 1
 
     def after_step(self, step: int) -> None:
         """Make the pending jump's delayed check when call ``step`` is its check step."""
@@ -150,11 +177,20 @@ class RunChecks:
         if opt._rank0:
             t0 = time.perf_counter()
             record = pending.record
-            after = cfg.scorer(opt.model, None)()
-            target = record.get("probe_expected", record["probe_before"])
-            keep = int(after <= target + cfg.tolerance * abs(record["probe_before"]))
+            score = cfg.scorer(opt.model, None)
+            after = score()
+            if cfg.shadow:  # the reference is plain training itself: the copy, trained on the same batches
+                pending.saved.swap(opt.model, opt.optimizer)
+                try:
+                    record["probe_plain"] = plain = score()
+                finally:
+                    pending.saved.swap(opt.model, opt.optimizer)
+                keep = int(after <= limit_of(plain, cfg.tolerance))
+            else:
+                target = record.get("probe_expected", record["probe_before"])
+                keep = int(after <= target + cfg.tolerance * abs(record["probe_before"]))
             record.update(probe_delayed=after, delayed="kept" if keep else "rolled_back",
-                          probe_passes=record["probe_passes"] + 1,
+                          probe_passes=record["probe_passes"] + 1 + int(cfg.shadow),
                           verify_s=record["verify_s"] + time.perf_counter() - t0)
             if not keep:
                 record.update(accepted=False, alpha=0.0)
@@ -165,7 +201,7 @@ class RunChecks:
             # snapshots of the rolled-back branch must not feed the next nowcast
             opt.snapshots = [(t, snap) for t, snap in opt.snapshots if t <= pending.step]
             self.rollbacks_in_a_row += 1
-            if self.rollbacks_in_a_row >= cfg.max_rollbacks:
+            if self.rollbacks_in_a_row >= cfg.max_rollbacks and not cfg.shadow:  # a shadow rollback costs no step
                 self.delayed_off = True
         if opt._rank0:
             self.report(pending.record)

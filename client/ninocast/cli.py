@@ -208,6 +208,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--verify-baseline", choices=["before", "trend"], default="before",
                    help="with --verify-delay: what the delayed check compares with (Verify(baseline=...)): the "
                    "probe before the jump, or where plain training was heading (labelled NAME+vdD-trend)")
+    b.add_argument("--verify-shadow", action="store_true",
+                   help="with --verify-delay: train the pre-jump copy alongside while a check is pending and keep "
+                   "the branch with the lower probe, Verify(shadow=True) (labelled NAME+vdDs): a rejected jump "
+                   "costs D + 1 extra forward/backward passes instead of D training steps")
     b.add_argument("--final-nowcast", choices=["skip", "keep"], default="skip",
                    help="NowcastOptimizer's rule for the budget's last nowcast (default skip: a normal step)")
     b.add_argument("--quick", action="store_true", help="smoke run in seconds (digits + linefit, tiny budget)")

@@ -85,7 +85,8 @@ class NowcastOptimizer(DelegatingOptimizer):
     k = 1 one) is skipped (``"skip"``, a normal step: measured, it dips the final model even when a probe accepts
     it, docs/benchmarks-speedup.md) or kept (``"keep"``, the NINO_SPEC protocol; verified if ``verify`` is set).
     ``Verify(delay=D)``: a jump may be kept tentatively and checked again D calls later, with rollback
-    (``ninocast.checks``).
+    (``ninocast.checks``); ``Verify(delay=D, shadow=True)`` trains the pre-jump copy alongside and keeps the
+    better branch (``step(closure)`` needed).
     """
 
     def __init__(
@@ -235,6 +236,7 @@ class NowcastOptimizer(DelegatingOptimizer):
                 loss = loss if closure is not None else result
         else:
             loss = self.optimizer.step(closure)
+        self.checks.shadow_step(closure)  # Verify(shadow=True): plain training's step on the pre-jump copy
         self.checks.after_step(s)
         self.step_count = s + 1
         return loss

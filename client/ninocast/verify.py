@@ -30,6 +30,16 @@ After ``max_rollbacks`` rollbacks in a row
 the run goes back to immediate checks only, so a wrong nowcaster costs at most ``max_rollbacks * D`` steps.
 Cost: one more probe evaluation per tentative jump, and the copy's memory while the check is pending
 (``snapshot_bytes``).
+
+Shadow branch (``shadow=True``, with ``delay``; needs ``step(closure)``): a rollback above throws D steps of
+training away, and "no worse than before the jump" is a weak reference for plain training, which would have
+moved on too. With ``shadow`` the pre-jump copy keeps training while the check is pending: every call also
+takes the base optimizer's step on the copy with the same batch (the closure runs once more), so at the check
+both branches have seen the same data, and the jump is kept only when its probe is no worse than plain
+training's (``probe_plain``, within ``tolerance``). A rejected jump then costs no steps: the run continues
+exactly as plain training would have. The price is compute, ``D + 1`` extra forward and backward passes per
+tentative jump (``shadow_steps``), and the copy's memory; single process only. Rollbacks in a row do not
+turn tentative jumps off here (``max_rollbacks`` is for rollbacks that cost steps).
 """
 
 from __future__ import annotations
@@ -65,6 +75,7 @@ class Verify:
     max_dip: float = DEFAULT_MAX_DIP
     max_rollbacks: int = 2
     baseline: str = "before"
+    shadow: bool = False
 
     def __post_init__(self) -> None:
         given = [self.batch is not None, bool(self.batches), self.probe is not None, bool(self.closure)]
@@ -91,6 +102,11 @@ class Verify:
             raise ValueError(f"Verify max_rollbacks must be a whole number >= 1, got {self.max_rollbacks!r}")
         if self.baseline not in ("before", "trend"):
             raise ValueError(f"Verify baseline must be 'before' or 'trend', got {self.baseline!r}")
+        if self.shadow and not self.delay:
+            raise ValueError("Verify(shadow=True) trains the pre-jump copy until a delayed check: it needs delay=D")
+        if self.shadow and self.baseline != "before":
+            raise ValueError("Verify(shadow=True) compares the jump with plain training itself; "
+                             f"baseline={self.baseline!r} does not apply")
 
     @property
     def kind(self) -> str:
@@ -198,14 +214,18 @@ def as_verify(verify: Verify | Callable[[nn.Module], float] | str | None) -> Ver
                              f"got {verify!r}")
         verify = Verify(probe=verify)
     dist = torch.distributed
-    if verify.closure and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        raise ValueError("verify='closure' cannot run under torch.distributed (only rank 0 verifies a nowcast); "
-                         "use Verify(batch=..., loss_fn=...) or a probe function")
+    if (verify.closure or verify.shadow) and dist.is_available() and dist.is_initialized() \
+            and dist.get_world_size() > 1:
+        what = "verify='closure'" if verify.closure else "Verify(shadow=True)"
+        raise ValueError(f"{what} cannot run under torch.distributed (only rank 0 verifies a nowcast, and a "
+                         "shadow branch would step outside the gradient all-reduce); use Verify(batch=..., "
+                         "loss_fn=...) or a probe function, with delay=D and no shadow")
     return verify
 
 
 REPORT_KEYS = ("k", "accepted", "skipped", "alpha", "probe", "probe_before", "probe_after", "tried", "probe_passes",
-               "verify_s", "delayed", "delay", "check_step", "probe_delayed", "snapshot_bytes")
+               "verify_s", "delayed", "delay", "check_step", "probe_delayed", "snapshot_bytes", "probe_plain",
+               "shadow_steps")
 
 
 def report_body(record: dict[str, Any]) -> dict[str, Any]:

@@ -78,6 +78,10 @@ class NowcastReport(BaseModel):
     probe_delayed: float | None = Field(None, description="probe loss at the delayed check (null = infinite)")
     snapshot_bytes: int | None = Field(None, ge=0, le=2**50,
                                        description="memory held for the rollback while the check was pending")
+    probe_plain: float | None = Field(None, description="Verify(shadow=True): plain training's probe loss at the "
+                                      "check (the pre-jump copy, trained on the same batches; null = infinite)")
+    shadow_steps: int | None = Field(None, ge=0, le=10**6,
+                                     description="Verify(shadow=True): base-optimizer steps taken on the copy")
 
 
 # ----------------------------------------------------------------------------- responses (every JSON answer is

@@ -27,7 +27,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 FAIL_FACTOR = 2  # a run that never reaches the target counts as FAIL_FACTOR x budget steps
 SHARED_CKPTS = Path(__file__).resolve().parents[3].parent / "shared" / "reference" / "checkpoints"
@@ -35,11 +35,11 @@ ALIASES = {"nino": "nino_no_posw.pt", "nino_no_posw": "nino_no_posw.pt", "wnn": 
            "wnn+": "nino_mlp.pt", "nino_mlp": "nino_mlp.pt", "nino_mlp_h32": "nino_mlp_h32.pt"}
 QUICK = {"max_steps": 240, "period": 60, "eval_every": 10, "seeds": "1000,2000"}
 DIGITS_QUICK = {"max_steps": 1000, "period": 100, "eval_every": 10}  # digits: its whole budget
-PROBE_SEED_OFFSET = 7919  # --verify's probe: the first batch of an independent shuffle of the training data
 VERIFIED = "+v"  # label suffix of a verified nowcaster's runs; "+vdD" with delayed checks (delay D)
 TRACED = "@traced"  # label suffix of runs whose spec carries the traced topology (--graph traced / both)
 DECISION_KEYS = ("step", "k", "accepted", "skipped", "alpha", "probe_before", "probe_after", "tried", "probe_passes",
-                 "verify_s", "delayed", "check_step", "probe_delayed", "probe_expected", "snapshot_bytes")
+                 "verify_s", "delayed", "check_step", "probe_delayed", "probe_expected", "snapshot_bytes", "probe_plain",
+                 "shadow_steps")
 
 
 # ---------------------------------------------------------------------------------------------- methods
@@ -84,16 +84,16 @@ def eval_points(max_steps: int, period: int, eval_every: int, before_nowcast: bo
 
 def run_one(task, method: str, ref: str | None, seed: int, *, max_steps: int, period: int, eval_every: int,
             early_stop: bool = True, server: str | None = None, api_key: str | None = None,
-            progress: bool = True, verify: bool = False, final_nowcast: str = "skip",
-            verify_tolerance: float = 0.0, verify_delay: int = 0,
-            verify_max_dip: float | None = None, verify_baseline: str = "before",
+            progress: bool = True, verify: dict[str, Any] | None = None, final_nowcast: str = "skip",
             graph: str = "auto") -> dict[str, Any]:
     """Train one (task, method, seed); returns the run record (see module doc).
 
-    ``verify``: every nowcast is checked on a fixed probe batch (the task's training loss on the first batch of
-    an independent shuffle of the training data, never the test data the metric uses); ``verify_delay``: with
-    delayed checks and rollback (rolled-back jumps are evaluated at their rollback step and listed in
-    ``rollback_steps``; their D steps count). ``graph="traced"``: the spec carries the model's traced topology
+    ``verify``: ``ninocast.Verify`` options (tolerance, delay, max_dip, baseline, shadow); every nowcast is then
+    checked on the task's probe batch (``task.probe_batch``: held-out training images for Fashion-MNIST, else
+    the first batch of an independent shuffle of the training data; never the test data the metric uses). With
+    ``delay``: delayed checks and rollback (rolled-back jumps are evaluated at their rollback step and listed in
+    ``rollback_steps``; their D steps count); with ``shadow`` every call goes through ``step(closure)`` and the
+    copy's steps are counted in ``shadow_steps`` (compute, not training steps). ``graph="traced"``: the spec carries the model's traced topology
     (``ModelSpec.from_module(model, graph="traced")``), so the graph is built from it even where a hand-written
     layout exists."""
     import torch
@@ -112,19 +112,25 @@ def run_one(task, method: str, ref: str | None, seed: int, *, max_steps: int, pe
             from ninocast import ModelSpec
 
             kw["spec"] = ModelSpec.from_module(model, graph="traced")
-        if verify:
+        if verify is not None:
             from ninocast import Verify
 
-            probe_batches = task.batches(seed + PROBE_SEED_OFFSET)
-            more = {} if verify_max_dip is None else {"max_dip": verify_max_dip}
-            kw["verify"] = Verify(batch=next(probe_batches), loss_fn=task.loss, tolerance=verify_tolerance,
-                                  delay=verify_delay, baseline=verify_baseline, **more)
-            del probe_batches
+            kw["verify"] = Verify(batch=task.probe_batch(seed), loss_fn=task.loss, **verify)
         if server:
             kw.update(server=server, api_key=api_key, session_name=f"bench-{task.name}-{method}-{seed}")
         else:
             kw.update(local=True)
         opt = NowcastOptimizer(base, model, **kw)
+    shadow = bool(verify and verify.get("shadow"))
+
+    def closure_for(batch: Any) -> Callable[[], Any]:
+        def closure() -> Any:
+            opt.zero_grad(set_to_none=True)
+            value = task.loss(model, batch)
+            value.backward()
+            return value
+        return closure
+
     points = eval_points(max_steps, period, eval_every, task.eval_before_nowcast)
     batches = task.batches(seed)
     curve: list[list[Any]] = []  # [step, metric, tag] tag: eval | pre | post (around a nowcast step)
@@ -156,11 +162,14 @@ def run_one(task, method: str, ref: str | None, seed: int, *, max_steps: int, pe
             need = getattr(opt, "need_grads", True)
             t0 = time.perf_counter()
             n_before = len(getattr(opt, "nowcasts", ()))
-            if need:
-                opt.zero_grad(set_to_none=True)
-                loss = task.loss(model, batch)
-                loss.backward()
-            opt.step()
+            if shadow:  # the pre-jump copy trains through the closure too
+                loss = opt.step(closure_for(batch))
+            else:
+                if need:
+                    opt.zero_grad(set_to_none=True)
+                    loss = task.loss(model, batch)
+                    loss.backward()
+                opt.step()
             train_s += time.perf_counter() - t0
             steps_run = s + 1
             new = list(getattr(opt, "nowcasts", ()))[n_before:]
@@ -185,7 +194,7 @@ def run_one(task, method: str, ref: str | None, seed: int, *, max_steps: int, pe
                     t0 = time.perf_counter()
                     pre_final = float(task.evaluate(model)[task.metric])
                     eval_s += time.perf_counter() - t0
-            if need and not math.isfinite(float(loss.detach())):
+            if need and loss is not None and not math.isfinite(float(loss.detach())):
                 curve.append([steps_run, float("nan"), "diverged"])
                 break
     finally:
@@ -205,11 +214,14 @@ def run_one(task, method: str, ref: str | None, seed: int, *, max_steps: int, pe
         "train_s": round(train_s, 3), "nowcast_s": round(sum(n["seconds"] for n in nowcasts), 3),
         "eval_s": round(eval_s, 3), "n_nowcasts": len(nowcasts), "nowcast_steps": nowcast_steps,
         "nowcast_k": [n["k"] for n in nowcasts], "failures": dict(getattr(opt, "failures", {}) or {}),
-        "verify": verify, "verify_tolerance": verify_tolerance if verify else None, "final_nowcast": final_nowcast,
+        "verify": verify is not None, "verify_tolerance": opt.verify.tolerance if verify is not None else None,
+        "final_nowcast": final_nowcast,
         "rejected_steps": rejected_steps, "decisions": decisions, "graph": graph if ref is not None else None,
-        "verify_delay": verify_delay if verify else None,
-        "verify_max_dip": opt.verify.max_dip if verify and verify_delay else None,
-        "verify_baseline": verify_baseline if verify and verify_delay else None,
+        "verify_delay": opt.verify.delay if verify is not None else None,
+        "verify_max_dip": opt.verify.max_dip if verify and opt.verify.delay else None,
+        "verify_baseline": opt.verify.baseline if verify and opt.verify.delay else None,
+        "verify_shadow": shadow, "probe": task.probe_description if verify is not None else None,
+        "shadow_steps": sum(n.get("shadow_steps") or 0 for n in decisions),
         "rollback_steps": rollback_steps,
         "snapshot_bytes_max": max((n.get("snapshot_bytes") or 0 for n in decisions), default=0),
         "verify_s": round(sum(n.get("verify_s") or 0.0 for n in decisions), 3),
@@ -495,19 +507,23 @@ def run_bench_speedup(args: argparse.Namespace) -> int:
     methods: list[tuple[str, str | None]] = [("adamw", None)] + [resolve_nowcaster(r) for r in refs]
     if len({m for m, _ in methods}) != len(methods):
         raise CommandError("two nowcasters resolve to the same label")
-    if args.verify_delay and args.verify == "off":
-        raise CommandError("--verify-delay needs --verify on or both")
+    for flag, given in (("--verify-delay", args.verify_delay), ("--verify-shadow", args.verify_shadow)):
+        if given and args.verify == "off":
+            raise CommandError(f"{flag} needs --verify on or both")
+    verify_options: dict[str, Any] = {"tolerance": args.verify_tolerance, "delay": args.verify_delay,
+                                      "baseline": args.verify_baseline, "shadow": args.verify_shadow}
+    if args.verify_max_dip is not None:
+        verify_options["max_dip"] = args.verify_max_dip
     if args.verify != "off":
         from ninocast import Verify
 
-        more = {} if args.verify_max_dip is None else {"max_dip": args.verify_max_dip}
         try:  # the options alone, checked before any training
-            Verify(probe=lambda m: 0.0, tolerance=args.verify_tolerance, delay=args.verify_delay,
-                   baseline=args.verify_baseline, **more)
+            Verify(probe=lambda m: 0.0, **verify_options)
         except ValueError as e:
             raise CommandError(f"--verify options: {e}") from None
     suffix = VERIFIED + (f"d{args.verify_delay}" if args.verify_delay else "")
     suffix += "-trend" if args.verify_delay and args.verify_baseline == "trend" else ""
+    suffix += "s" if args.verify_shadow else ""
     if args.verify != "off":  # NAME+v: the same nowcaster, every nowcast verified on a probe batch
         verified = [(label + suffix, ref) for label, ref in methods[1:]]
         methods = methods[:1] + (verified if args.verify == "on" else
@@ -552,9 +568,10 @@ def run_bench_speedup(args: argparse.Namespace) -> int:
     config = {"argv": sys.argv, "tasks": {t.name: t.info() for t in {id(p[0]): p[0] for p in plan}.values()},
               "methods": dict(methods), "verify": args.verify, "verify_tolerance": args.verify_tolerance,
               "verify_delay": args.verify_delay, "verify_max_dip": args.verify_max_dip,
-              "verify_baseline": args.verify_baseline,
+              "verify_baseline": args.verify_baseline, "verify_shadow": args.verify_shadow,
               "final_nowcast": args.final_nowcast, "graph": graph,
-              "probe": f"task.loss on the first batch of task.batches(seed + {PROBE_SEED_OFFSET})", "seeds": seeds, "server": args.server, "threads": torch.get_num_threads(),
+              "probe": {t.name: t.probe_description for t in {id(p[0]): p[0] for p in plan}.values()},
+              "seeds": seeds, "server": args.server, "threads": torch.get_num_threads(),
               "torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
               "cpus": os.cpu_count(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
     (out / "config.json").write_text(json.dumps(config, indent=2, default=str))
@@ -566,10 +583,9 @@ def run_bench_speedup(args: argparse.Namespace) -> int:
         run = run_one(task, label, ref, seed, max_steps=max_steps, period=period, eval_every=eval_every,
                       early_stop=not args.no_early_stop, server=args.server,
                       api_key=args.api_key or os.environ.get("NINOCAST_API_KEY"),
-                      progress=not args.no_progress, verify=label.removesuffix(TRACED).endswith(suffix),
-                      final_nowcast=args.final_nowcast, verify_tolerance=args.verify_tolerance,
-                      verify_delay=args.verify_delay, verify_max_dip=args.verify_max_dip,
-                      verify_baseline=args.verify_baseline,
+                      progress=not args.no_progress,
+                      verify=verify_options if label.removesuffix(TRACED).endswith(suffix) else None,
+                      final_nowcast=args.final_nowcast,
                       graph="traced" if label.endswith(TRACED) else "auto")
         runs.append(run)
         with open(jsonl, "a") as f:

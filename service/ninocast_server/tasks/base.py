@@ -10,6 +10,9 @@ import torch
 from torch import nn
 
 
+PROBE_SEED_OFFSET = 7919  # the probe's shuffle is independent of every training seed's
+
+
 class Task(ABC):
     name: str = ""
     kind: str = ""  # "vision" | "language" | "tabular"
@@ -44,6 +47,15 @@ class Task(ABC):
     @abstractmethod
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         """Held-out metrics; includes ``self.metric``."""
+
+    probe_description: str = "the first training batch of an independent shuffle (seed + 7919)"
+
+    def probe_batch(self, seed: int) -> Any:
+        """The fixed batch a verified run scores its nowcasts on (``ninocast.Verify(batch=...)``), never from the
+        data ``evaluate`` measures. Default: the first batch of an independent shuffle of the training data, for
+        tasks with no held-out training split (the language tasks, where training and validation loss move
+        together); tasks that have one override it."""
+        return next(iter(self.batches(seed + PROBE_SEED_OFFSET)))
 
     def reached(self, value: float) -> bool:
         return value >= self.target if self.higher_is_better else value <= self.target

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .base import Task
+from .base import PROBE_SEED_OFFSET, Task
 
 DEFAULT_FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 ENV_DIR = "NINOCAST_FASHION_MNIST_DIR"
@@ -145,6 +145,9 @@ class FashionMNISTTask(Task):
     ctx = 5
     eval_every = 50
     n_train = 55_000  # first n - n // 12 of the 60,000 training images
+    probe_size = 1024  # held-out images in the verification probe
+    probe_description = (f"{probe_size} of the 5,000 held-out training images (60,000 - 55,000; never trained on, "
+                         f"not the test set), drawn from seed + 7919")
     eval_chunk = 256  # test images per forward pass (fastest on 1 CPU thread; same result as one 10k batch)
 
     def __init__(self, name: str, channels: tuple[int, int, int], target: float, in_distribution: bool,
@@ -160,9 +163,13 @@ class FashionMNISTTask(Task):
     def _data(self) -> dict[str, torch.Tensor]:
         return load_fashion_mnist(self.data_dir)
 
+    def _n_train(self, d: dict[str, torch.Tensor]) -> int:
+        """Training images used; the rest of the training file is held out (the verification probe's)."""
+        return min(self.n_train, len(d["train_images"]) - len(d["train_images"]) // 12)
+
     def _train(self) -> tuple[torch.Tensor, torch.Tensor]:
         d = self._data()
-        n = min(self.n_train, len(d["train_images"]) - len(d["train_images"]) // 12)
+        n = self._n_train(d)
         if self._train_x is None:
             self._train_x = normalize(d["train_images"][:n])
         return self._train_x, d["train_labels"][:n]
@@ -171,6 +178,17 @@ class FashionMNISTTask(Task):
         x, y = self._train()
         for idx in shuffled_batches(len(x), self.batch_size, seed):
             yield x[idx], y[idx]
+
+    def probe_batch(self, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Verification probe from the training images the task never trains on: a ConvNet's training loss
+        keeps falling while its test accuracy levels off, so a training-batch probe rejects jumps that generalise
+        (docs/benchmarks-speedup.md, issue 12)."""
+        d = self._data()
+        n = self._n_train(d)
+        x, y = d["train_images"][n:], d["train_labels"][n:]
+        pick = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed + PROBE_SEED_OFFSET))
+        pick = pick[:self.probe_size]
+        return normalize(x[pick]), y[pick]
 
     # ------------------------------------------------------------------ model
     def build_model(self, seed: int) -> nn.Module:
