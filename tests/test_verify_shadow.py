@@ -159,6 +159,14 @@ def test_shadow_needs_a_delay_a_closure_and_one_process():
     assert opt.nowcasts[0]["shadow_steps"] == 1
 
 
+def test_hugging_face_callback_refuses_a_shadow_it_cannot_feed():
+    pytest.importorskip("transformers")
+    from ninocast.integrations.hf import NowcastCallback
+
+    with pytest.raises(ValueError, match="without one"):
+        NowcastCallback(probe="eval_batch", verify_options={"delay": 100, "shadow": True}, local=True)
+
+
 def test_bench_speedup_verify_shadow_smoke(tmp_path):
     from ninocast.cli import main
 
@@ -176,3 +184,14 @@ def test_bench_speedup_verify_shadow_smoke(tmp_path):
         assert (d["delayed"] == "rolled_back") == (d["probe_delayed"] > d["probe_plain"])
     assert main(["bench", "speedup", "--task", "digits", "--nowcasters", "linefit", "--seeds", "1000",
                  "--period", "100", "--no-progress", "--out", str(tmp_path / "x"), "--verify-shadow"]) == 2
+    assert "| shadow steps/run | median steps + shadow steps to target |" in (out / "results.md").read_text()
+
+
+def test_compute_to_target_counts_the_shadow_steps_of_checks_begun_before_it():
+    from ninocast_server.bench.speedup import compute_to_target
+
+    run = {"reached": True, "steps_to_target": 250, "max_steps": 300,
+           "decisions": [{"step": 99, "shadow_steps": 31}, {"step": 199, "shadow_steps": None},
+                         {"step": 240, "shadow_steps": 31}, {"step": 299, "shadow_steps": 31}]}
+    assert compute_to_target(run) == 250 + 31 + 31
+    assert compute_to_target(run | {"reached": False}) == 600

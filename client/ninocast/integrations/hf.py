@@ -50,6 +50,9 @@ class NowcastCallback(TrainerCallback):
 
     def __init__(self, probe: Any = None, verify_options: dict[str, Any] | None = None,
                  **nowcast_kwargs: Any) -> None:
+        if verify_options and verify_options.get("shadow"):
+            raise ValueError("verify_options={'shadow': True} needs step(closure), and the Trainer calls "
+                             "optimizer.step() without one; use delayed checks without a shadow here")
         self.probe = probe  # "eval_batch", a function probe(model) -> float, or None
         self.verify_options = verify_options  # more Verify fields for probe=, e.g. {"delay": 100}
         self.nowcast_kwargs = nowcast_kwargs

@@ -334,7 +334,10 @@ def decision_rows(runs: list[dict]) -> list[dict]:
     largest change from before the jump to its delayed check, over the kept tentative jumps;
     ``max_metric_worsening``: the largest worsening of the task metric from the evaluation right before an accepted
     nowcast to the one right after (only where the curve has both: language's pre/post evaluations);
-    ``final_change``: median metric change over the last call (final minus the metric before it)."""
+    ``final_change``: median metric change over the last call (final minus the metric before it);
+    ``shadow_mean``: the shadow branches' steps per run (``Verify(shadow=True)``: compute, not training steps) and
+    ``compute_to_target``: the median of steps to target plus the shadow steps taken before it (runs that never
+    reach the target count as in the steps table, FAIL_FACTOR x budget)."""
     groups: dict[tuple[str, str], list[dict]] = {}
     for r in runs:
         if r["method"] != "adamw" or r.get("pre_final_metric") is not None:
@@ -368,9 +371,20 @@ def decision_rows(runs: list[dict]) -> list[dict]:
             "snapshot_bytes_max": max((r.get("snapshot_bytes_max") or 0 for r in rs), default=0),
             "verify_s_mean": statistics.mean(r.get("verify_s", 0.0) for r in rs),
             "probe_passes_mean": statistics.mean(r.get("probe_passes", 0) for r in rs),
+            "shadow_mean": statistics.mean(r.get("shadow_steps") or 0 for r in rs),
+            "compute_to_target": statistics.median(compute_to_target(r) for r in rs),
         })
     rows.sort(key=lambda r: (r["task"], r["method"]))
     return rows
+
+
+def compute_to_target(run: dict) -> int:
+    """Steps to target plus the shadow steps of the checks that started before it (all of a check's steps:
+    an upper bound when the target falls inside one)."""
+    if not run["reached"]:
+        return FAIL_FACTOR * run["max_steps"]
+    at = run["steps_to_target"]
+    return at + sum(d.get("shadow_steps") or 0 for d in run.get("decisions") or [] if d["step"] < at)
 
 
 def decisions_markdown(rows: list[dict]) -> str:
@@ -380,14 +394,16 @@ def decisions_markdown(rows: list[dict]) -> str:
            "| task | method | runs | nowcasts accepted / computed (shrunk) | tentative (rolled back) | largest "
            "probe-loss change after an accepted nowcast | largest probe-loss change at the delayed check of a kept "
            "jump | largest metric worsening after an accepted nowcast (pre/post evals) | median metric change over "
-           "the last call | verify s/run | probe passes/run | rollback copy MB |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "the last call | verify s/run | probe passes/run | rollback copy MB | shadow steps/run | median steps + "
+           "shadow steps to target |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     f = lambda v, p=4: "n/a" if v is None else f"{v:+.{p}f}"  # noqa: E731
     for r in rows:
         out.append(f"| {r['task']} | {r['method']} | {r['runs']} | {r['accepted']} / {r['nowcasts']} ({r['shrunk']}) | "
                    f"{r['tentative']} ({r['rolled_back']}) | {f(r['max_probe_increase'])} | "
                    f"{f(r['max_delayed_change'])} | {f(r['max_metric_worsening'], 3)} | {f(r['final_change'], 3)} | "
-                   f"{r['verify_s_mean']:.2f} | {r['probe_passes_mean']:.0f} | {r['snapshot_bytes_max'] / 1e6:.2f} |")
+                   f"{r['verify_s_mean']:.2f} | {r['probe_passes_mean']:.0f} | {r['snapshot_bytes_max'] / 1e6:.2f} | "
+                   f"{r['shadow_mean']:.0f} | {r['compute_to_target']:.0f} |")
     return "\n".join(out) + "\n"
 
 
