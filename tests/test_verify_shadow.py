@@ -146,6 +146,9 @@ def test_shadow_needs_a_delay_a_closure_and_one_process():
         Verify(probe=lambda m: 0.0, shadow=True)
     with pytest.raises(ValueError, match="does not apply"):
         Verify(probe=lambda m: 0.0, delay=5, shadow=True, baseline="trend")
+    # a shadow makes a tentative jump cost no step, so its default max_dip is wider; an explicit one stands
+    assert [Verify(probe=lambda m: 0.0, delay=5, **kw).dip_limit for kw in
+            ({}, {"shadow": True}, {"shadow": True, "max_dip": 3.0})] == [2.0, 10.0, 3.0]
     model = bn_model()
     opt = shadow_opt(model, Scripted([1.0, 1.5]), 5, 40)
     for s in range(21):  # no closure: the nowcast call's own copy step uses its gradients, the next call cannot

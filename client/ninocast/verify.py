@@ -54,6 +54,7 @@ from torch import nn
 
 Score = Callable[[], float]
 DEFAULT_MAX_DIP = 2.0  # a tentative jump may at most triple the probe loss (chosen in docs/benchmarks-speedup.md)
+SHADOW_MAX_DIP = 10.0  # with a shadow branch a rejected jump costs no step: only absurd dips are refused at once
 
 
 @dataclass
@@ -72,7 +73,7 @@ class Verify:
     shrink: Sequence[float] = (0.5, 0.25)
     eval_mode: bool = True
     delay: int = 0
-    max_dip: float = DEFAULT_MAX_DIP
+    max_dip: float | None = None  # None: DEFAULT_MAX_DIP, or SHADOW_MAX_DIP with shadow (see dip_limit)
     max_rollbacks: int = 2
     baseline: str = "before"
     shadow: bool = False
@@ -95,7 +96,7 @@ class Verify:
         if self.delay and self.closure:
             raise ValueError("Verify(delay=...) needs a fixed probe (batch=, batches= or probe=): the closure's "
                              "batch changes every step, so a later loss cannot be compared with the one before")
-        if not (math.isfinite(self.max_dip) and self.max_dip >= self.tolerance):
+        if self.max_dip is not None and not (math.isfinite(self.max_dip) and self.max_dip >= self.tolerance):
             raise ValueError(f"Verify max_dip must be a finite number >= tolerance ({self.tolerance}), "
                              f"got {self.max_dip}")
         if isinstance(self.max_rollbacks, bool) or not isinstance(self.max_rollbacks, int) or self.max_rollbacks < 1:
@@ -107,6 +108,14 @@ class Verify:
         if self.shadow and self.baseline != "before":
             raise ValueError("Verify(shadow=True) compares the jump with plain training itself; "
                              f"baseline={self.baseline!r} does not apply")
+
+    @property
+    def dip_limit(self) -> float:
+        """The ``max_dip`` in force: as given, else 2.0, or 10.0 with ``shadow`` (a rejected jump costs no step
+        there, so only jumps far beyond any measured good one are checked at once)."""
+        if self.max_dip is not None:
+            return self.max_dip
+        return max(SHADOW_MAX_DIP if self.shadow else DEFAULT_MAX_DIP, self.tolerance)
 
     @property
     def kind(self) -> str:
@@ -155,7 +164,7 @@ def verify_jump(params: dict[str, torch.Tensor], nowcast: dict[str, torch.Tensor
 
     Returns the decision: ``accepted``, ``alpha`` (1.0 = the full nowcast, 0.0 = rejected), ``probe_before``,
     ``probe_after`` (at the kept point), ``tried`` ([alpha, probe] pairs), ``probe_passes``, ``verify_s``.
-    ``tentative_ok``: a full jump that fails the check by at most ``cfg.max_dip`` is kept with
+    ``tentative_ok``: a full jump that fails the check by at most ``cfg.dip_limit`` is kept with
     ``tentative: True`` (the caller checks it again later and may roll it back).
     """
     t0 = time.perf_counter()
@@ -180,7 +189,7 @@ def verify_jump(params: dict[str, torch.Tensor], nowcast: dict[str, torch.Tensor
         place(a)
         tried.append([a, _number(score())])
         passes += 1
-        if a == 1.0 and (tried[0][1] <= limit or tentative_ok and tried[0][1] <= limit_of(before, cfg.max_dip)):
+        if a == 1.0 and (tried[0][1] <= limit or tentative_ok and tried[0][1] <= limit_of(before, cfg.dip_limit)):
             break
     alpha, best = min(tried, key=lambda t: (t[1], -t[0]))  # the lowest probe; a tie goes to the longer jump
     accepted = math.isfinite(best) and best <= limit

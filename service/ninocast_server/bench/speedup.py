@@ -218,7 +218,7 @@ def run_one(task, method: str, ref: str | None, seed: int, *, max_steps: int, pe
         "final_nowcast": final_nowcast,
         "rejected_steps": rejected_steps, "decisions": decisions, "graph": graph if ref is not None else None,
         "verify_delay": opt.verify.delay if verify is not None else None,
-        "verify_max_dip": opt.verify.max_dip if verify and opt.verify.delay else None,
+        "verify_max_dip": opt.verify.dip_limit if verify and opt.verify.delay else None,
         "verify_baseline": opt.verify.baseline if verify and opt.verify.delay else None,
         "verify_shadow": shadow, "probe": task.probe_description if verify is not None else None,
         "shadow_steps": sum(n.get("shadow_steps") or 0 for n in decisions),
