@@ -36,7 +36,8 @@ training away, and "no worse than before the jump" is a weak reference for plain
 moved on too. With ``shadow`` the pre-jump copy keeps training while the check is pending: every call also
 takes the base optimizer's step on the copy with the same batch (the closure runs once more), so at the check
 both branches have seen the same data, and the jump is kept only when its probe is no worse than plain
-training's (``probe_plain``, within ``tolerance``). A rejected jump then costs no steps: the run continues
+training's (``probe_plain``, within ``tolerance``). Every full jump within ``max_dip`` is checked this way, one
+that passes the immediate check included. A rejected jump then costs no steps: the run continues
 exactly as plain training would have. The price is compute, ``D + 1`` extra forward and backward passes per
 tentative jump (``shadow_steps``), and the copy's memory; single process only. Rollbacks in a row do not
 turn tentative jumps off here (``max_rollbacks`` is for rollbacks that cost steps).
@@ -193,7 +194,9 @@ def verify_jump(params: dict[str, torch.Tensor], nowcast: dict[str, torch.Tensor
             break
     alpha, best = min(tried, key=lambda t: (t[1], -t[0]))  # the lowest probe; a tie goes to the longer jump
     accepted = math.isfinite(best) and best <= limit
-    tentative = tentative_ok and not accepted and len(tried) == 1 and math.isfinite(best)
+    # a shadow compares every full jump with plain training, one that passes at once too: "not worse than
+    # before" right after the jump says nothing about being ahead of plain training later
+    tentative = tentative_ok and (cfg.shadow or not accepted) and len(tried) == 1 and math.isfinite(best)
     accepted = accepted or tentative
     if accepted:
         if alpha != tried[-1][0]:
