@@ -117,6 +117,24 @@ def test_a_kept_jump_is_the_branch_plain_delay_would_have_kept():
     assert not torch.equal(runs[True][0][0].weight, ref[0].weight)
 
 
+def test_a_jump_that_passes_at_once_is_still_compared_with_plain_training():
+    """Probe 1.0 -> 0.8 right after the jump passes the immediate check, but 5 calls later plain training (0.7)
+    is ahead of the jump's branch (0.75): the shadow rolls it back, where a delay without shadow accepts it at
+    once and never looks again."""
+    model, probe = bn_model(), Scripted([1.0, 0.8, 0.75, 0.7])
+    opt = shadow_opt(model, probe, 5, 40)
+    train_closure(model, opt, 25)
+    d = opt.nowcasts[0]
+    assert (d["tried"], d["delayed"], d["accepted"], d["probe_plain"]) == ([[1.0, 0.8]], "rolled_back", False, 0.7)
+    assert probe.done
+    assert_same_run(model, opt.optimizer, *plain_adamw(bn_model, 25))
+    plain_delay = shadow_opt(bn_model(), Scripted([1.0, 0.8]), 5, 40, shadow=False)
+    assert plain_delay.verify.dip_limit == 2.0
+    m = plain_delay.model
+    train_closure(m, plain_delay, 25)
+    assert plain_delay.nowcasts[0]["accepted"] and "delayed" not in plain_delay.nowcasts[0]
+
+
 def test_real_probe_compares_with_plain_training_measured_independently():
     """A real held-out probe and linefit's real jumps: at the first check, ``probe_plain`` is the probe of an
     independent plain AdamW run at the same call (the copy *is* plain training), and every decision follows
