@@ -135,6 +135,42 @@ def test_a_jump_that_passes_at_once_is_still_compared_with_plain_training():
     assert plain_delay.nowcasts[0]["accepted"] and "delayed" not in plain_delay.nowcasts[0]
 
 
+class ScriptedLoss:
+    """A loss_fn whose values are given in advance, one per (batch) call, in the order the optimizer asks."""
+
+    def __init__(self, values: list[float]) -> None:
+        self.values = list(values)
+
+    def __call__(self, model: nn.Module, b) -> torch.Tensor:
+        assert self.values, "the optimizer scored the probe more often than expected"
+        return torch.tensor(self.values.pop(0))
+
+
+@pytest.mark.parametrize("after, confidence, kept", [
+    ([1.0, 1.0, 1.0, 0.2], 1.0, False),  # ahead by 0.1 on average, but behind on 3 of 4 batches: noise
+    ([1.0, 1.0, 1.0, 0.2], 0.0, True),  # the means alone
+    ([0.80, 0.81, 0.79, 0.80], 1.0, True),  # ahead on every batch
+])
+def test_several_probe_batches_make_the_jump_win_by_more_than_noise(after, confidence, kept):
+    """Four probe batches: before 1.0 each, the full jump 1.5 each (tentative), then at the check the jump's
+    branch ``after`` and plain training 0.9 on each batch. The mean difference plus ``confidence`` standard
+    errors decides; the record carries both means and the standard error."""
+    script = ScriptedLoss([1.0] * 4 + [1.5] * 4 + after + [0.9] * 4)
+    verify = Verify(batches=[batch(10**6 + i) for i in range(4)], loss_fn=script, delay=5, shadow=True,
+                    confidence=confidence)
+    model = bn_model()
+    opt = NowcastOptimizer(torch.optim.AdamW(model.parameters(), lr=LR), model, local=True, nowcaster="linefit",
+                           period=PERIOD, ctx=CTX, max_train_steps=40, verify=verify)
+    train_closure(model, opt, 25)
+    d = opt.nowcasts[0]
+    diffs = torch.tensor(after) - 0.9
+    assert not script.values and d["delayed"] == ("kept" if kept else "rolled_back")
+    assert d["probe_delayed"] == pytest.approx(sum(after) / 4) and d["probe_plain"] == pytest.approx(0.9)
+    assert d["probe_se"] == pytest.approx(float(diffs.std() / 2), rel=1e-5)
+    if not kept:
+        assert_same_run(model, opt.optimizer, *plain_adamw(bn_model, 25))
+
+
 def test_real_probe_compares_with_plain_training_measured_independently():
     """A real held-out probe and linefit's real jumps: at the first check, ``probe_plain`` is the probe of an
     independent plain AdamW run at the same call (the copy *is* plain training), and every decision follows
@@ -164,6 +200,9 @@ def test_shadow_needs_a_delay_a_closure_and_one_process():
         Verify(probe=lambda m: 0.0, shadow=True)
     with pytest.raises(ValueError, match="does not apply"):
         Verify(probe=lambda m: 0.0, delay=5, shadow=True, baseline="trend")
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="confidence"):
+            Verify(probe=lambda m: 0.0, delay=5, shadow=True, confidence=bad)
     # a shadow makes a tentative jump cost no step, so its default max_dip is wider; an explicit one stands
     assert [Verify(probe=lambda m: 0.0, delay=5, **kw).dip_limit for kw in
             ({}, {"shadow": True}, {"shadow": True, "max_dip": 3.0})] == [2.0, 10.0, 3.0]
@@ -201,8 +240,9 @@ def test_bench_speedup_verify_shadow_smoke(tmp_path):
     tentative = [d for d in v["decisions"] if d["delayed"]]
     assert v["verify_shadow"] and tentative and v["shadow_steps"] == 31 * len(tentative)
     assert "training batch" in v["probe"]  # digits has no held-out training split: the default probe
-    for d in tentative:
-        assert (d["delayed"] == "rolled_back") == (d["probe_delayed"] > d["probe_plain"])
+    for d in tentative:  # the probe is 8 batches: the jump must win by one standard error (Verify's default)
+        assert d["probe_se"] is not None
+        assert (d["delayed"] == "rolled_back") == (d["probe_delayed"] - d["probe_plain"] + d["probe_se"] > 0)
     assert main(["bench", "speedup", "--task", "digits", "--nowcasters", "linefit", "--seeds", "1000",
                  "--period", "100", "--no-progress", "--out", str(tmp_path / "x"), "--verify-shadow"]) == 2
     assert "| shadow steps/run | median steps + shadow steps to target |" in (out / "results.md").read_text()

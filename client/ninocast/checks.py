@@ -168,6 +168,30 @@ class RunChecks:
         fall = max(0.0, earlier - before) if math.isfinite(earlier) and math.isfinite(before) else 0.0
         return before - fall * cfg.delay / max(1, t_last - t_prev)
 
+    def _compare_with_plain(self, pending: Tentative, record: dict[str, Any]) -> tuple[int, float]:
+        """Score the jump's branch and (swapped in) plain training's on the probe; keep the jump when it wins:
+        by the means with one probe batch, batch by batch within ``confidence`` standard errors with several."""
+        opt, cfg = self.opt, self.opt.verify
+        assert cfg is not None
+        per_batch = cfg.kind == "batch" and len(cfg.probe_batches) > 1
+        score: Callable[[], Any] = cfg.batch_scorer(opt.model) if per_batch else cfg.scorer(opt.model, None)
+        after = score()
+        pending.saved.swap(opt.model, opt.optimizer)
+        try:
+            plain = score()
+        finally:
+            pending.saved.swap(opt.model, opt.optimizer)
+        if not per_batch:
+            record["probe_plain"] = plain
+            return int(after <= limit_of(plain, cfg.tolerance)), after
+        diffs = [a - p for a, p in zip(after, plain)]
+        mean_after, mean_plain, mean_diff = (sum(v) / len(v) for v in (after, plain, diffs))
+        se = math.sqrt(sum((d - mean_diff) ** 2 for d in diffs) / (len(diffs) - 1) / len(diffs)) \
+            if all(math.isfinite(d) for d in diffs) else math.inf
+        record.update(probe_plain=mean_plain, probe_se=se)
+        bound = mean_diff + cfg.confidence * se
+        return int(math.isfinite(bound) and bound <= cfg.tolerance * abs(mean_plain)), mean_after
+
     def _delayed_check(self) -> None:
         """Probe the tentative jump's branch (rank 0); keep it, or restore the pre-jump run on every rank."""
         opt, cfg = self.opt, self.opt.verify
@@ -177,16 +201,10 @@ class RunChecks:
         if opt._rank0:
             t0 = time.perf_counter()
             record = pending.record
-            score = cfg.scorer(opt.model, None)
-            after = score()
             if cfg.shadow:  # the reference is plain training itself: the copy, trained on the same batches
-                pending.saved.swap(opt.model, opt.optimizer)
-                try:
-                    record["probe_plain"] = plain = score()
-                finally:
-                    pending.saved.swap(opt.model, opt.optimizer)
-                keep = int(after <= limit_of(plain, cfg.tolerance))
+                keep, after = self._compare_with_plain(pending, record)
             else:
+                after = cfg.scorer(opt.model, None)()
                 target = record.get("probe_expected", record["probe_before"])
                 keep = int(after <= target + cfg.tolerance * abs(record["probe_before"]))
             record.update(probe_delayed=after, delayed="kept" if keep else "rolled_back",

@@ -212,6 +212,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --verify-delay: train the pre-jump copy alongside while a check is pending and keep "
                    "the branch with the lower probe, Verify(shadow=True) (labelled NAME+vdDs): a rejected jump "
                    "costs D + 1 extra forward/backward passes instead of D training steps")
+    b.add_argument("--verify-confidence", type=float, default=None, metavar="Z",
+                   help="with --verify-shadow: standard errors by which the jump must beat plain training, batch by "
+                   "batch over the probe's batches (Verify(confidence=Z); default: Verify's, 1)")
     b.add_argument("--final-nowcast", choices=["skip", "keep"], default="skip",
                    help="NowcastOptimizer's rule for the budget's last nowcast (default skip: a normal step)")
     b.add_argument("--quick", action="store_true", help="smoke run in seconds (digits + linefit, tiny budget)")

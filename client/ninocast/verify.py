@@ -39,7 +39,12 @@ both branches have seen the same data, and the jump is kept only when its probe 
 training's (``probe_plain``, within ``tolerance``). Every full jump within ``max_dip`` is checked this way, one
 that passes the immediate check included. A rejected jump then costs no steps: the run continues
 exactly as plain training would have. The price is compute, ``D + 1`` extra forward and backward passes per
-tentative jump (``shadow_steps``), and the copy's memory; single process only. Rollbacks in a row do not
+tentative jump (``shadow_steps``), and the copy's memory; single process only. With a probe of several
+batches (``batches=[...]``) the two branches are compared batch by batch and the jump must win with
+``confidence``: the mean of the per-batch differences (jump minus plain) plus ``confidence`` standard errors of
+that mean must be <= ``tolerance * |probe_plain|`` (``confidence=0``: the means alone). A jump that is ahead by
+less than the probe's own noise is a coin flip, and a kept coin flip was measured to cost language runs later
+(docs/benchmarks-speedup.md). Rollbacks in a row do not
 turn tentative jumps off here (``max_rollbacks`` is for rollbacks that cost steps).
 """
 
@@ -78,6 +83,7 @@ class Verify:
     max_rollbacks: int = 2
     baseline: str = "before"
     shadow: bool = False
+    confidence: float = 1.0
 
     def __post_init__(self) -> None:
         given = [self.batch is not None, bool(self.batches), self.probe is not None, bool(self.closure)]
@@ -104,6 +110,8 @@ class Verify:
             raise ValueError(f"Verify max_rollbacks must be a whole number >= 1, got {self.max_rollbacks!r}")
         if self.baseline not in ("before", "trend"):
             raise ValueError(f"Verify baseline must be 'before' or 'trend', got {self.baseline!r}")
+        if not (math.isfinite(self.confidence) and self.confidence >= 0):
+            raise ValueError(f"Verify confidence must be a finite number >= 0 (standard errors), got {self.confidence}")
         if self.shadow and not self.delay:
             raise ValueError("Verify(shadow=True) trains the pre-jump copy until a delayed check: it needs delay=D")
         if self.shadow and self.baseline != "before":
@@ -134,18 +142,28 @@ class Verify:
             return score_closure
         if self.kind == "probe":
             return lambda: _number(self.probe(model))  # type: ignore[misc]
-        batches = list(self.batches) if self.batches else [self.batch]
+        per_batch = self.batch_scorer(model)
+        return lambda: sum(per_batch()) / len(self.probe_batches)
 
-        def score_batch() -> float:
+    @property
+    def probe_batches(self) -> list[Any]:
+        return list(self.batches) if self.batches else [self.batch]
+
+    def batch_scorer(self, model: nn.Module) -> Callable[[], list[float]]:
+        """The fixed probe's loss on each of its batches (``batch=`` / ``batches=`` probes only): the shadow
+        check compares the two branches batch by batch."""
+        batches = self.probe_batches
+
+        def score_batches() -> list[float]:
             was_training = model.training
             if self.eval_mode:
                 model.eval()
             try:
                 with torch.no_grad():
-                    return sum(_number(self.loss_fn(model, b)) for b in batches) / len(batches)  # type: ignore[misc]
+                    return [_number(self.loss_fn(model, b)) for b in batches]  # type: ignore[misc]
             finally:
                 model.train(was_training)
-        return score_batch
+        return score_batches
 
 
 def _number(value: Any) -> float:
@@ -237,7 +255,7 @@ def as_verify(verify: Verify | Callable[[nn.Module], float] | str | None) -> Ver
 
 REPORT_KEYS = ("k", "accepted", "skipped", "alpha", "probe", "probe_before", "probe_after", "tried", "probe_passes",
                "verify_s", "delayed", "delay", "check_step", "probe_delayed", "snapshot_bytes", "probe_plain",
-               "shadow_steps")
+               "probe_se", "shadow_steps")
 
 
 def report_body(record: dict[str, Any]) -> dict[str, Any]:

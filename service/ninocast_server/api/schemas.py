@@ -80,6 +80,8 @@ class NowcastReport(BaseModel):
                                        description="memory held for the rollback while the check was pending")
     probe_plain: float | None = Field(None, description="Verify(shadow=True): plain training's probe loss at the "
                                       "check (the pre-jump copy, trained on the same batches; null = infinite)")
+    probe_se: float | None = Field(None, ge=0, description="Verify(shadow=True) with several probe batches: the "
+                                   "standard error of the per-batch difference (jump minus plain)")
     shadow_steps: int | None = Field(None, ge=0, le=10**6,
                                      description="Verify(shadow=True): base-optimizer steps taken on the copy")
 

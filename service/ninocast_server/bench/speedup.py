@@ -39,7 +39,7 @@ VERIFIED = "+v"  # label suffix of a verified nowcaster's runs; "+vdD" with dela
 TRACED = "@traced"  # label suffix of runs whose spec carries the traced topology (--graph traced / both)
 DECISION_KEYS = ("step", "k", "accepted", "skipped", "alpha", "probe_before", "probe_after", "tried", "probe_passes",
                  "verify_s", "delayed", "check_step", "probe_delayed", "probe_expected", "snapshot_bytes", "probe_plain",
-                 "shadow_steps")
+                 "probe_se", "shadow_steps")
 
 
 # ---------------------------------------------------------------------------------------------- methods
@@ -89,8 +89,8 @@ def run_one(task, method: str, ref: str | None, seed: int, *, max_steps: int, pe
     """Train one (task, method, seed); returns the run record (see module doc).
 
     ``verify``: ``ninocast.Verify`` options (tolerance, delay, max_dip, baseline, shadow); every nowcast is then
-    checked on the task's probe batch (``task.probe_batch``: held-out training images for Fashion-MNIST, else
-    the first batch of an independent shuffle of the training data; never the test data the metric uses). With
+    checked on the task's probe batches (``task.probe_batches``: held-out training images for Fashion-MNIST,
+    else the first batches of an independent shuffle of the training data; never the test data the metric uses). With
     ``delay``: delayed checks and rollback (rolled-back jumps are evaluated at their rollback step and listed in
     ``rollback_steps``; their D steps count); with ``shadow`` every call goes through ``step(closure)`` and the
     copy's steps are counted in ``shadow_steps`` (compute, not training steps). ``graph="traced"``: the spec carries the model's traced topology
@@ -115,7 +115,7 @@ def run_one(task, method: str, ref: str | None, seed: int, *, max_steps: int, pe
         if verify is not None:
             from ninocast import Verify
 
-            kw["verify"] = Verify(batch=task.probe_batch(seed), loss_fn=task.loss, **verify)
+            kw["verify"] = Verify(batches=task.probe_batches(seed), loss_fn=task.loss, **verify)
         if server:
             kw.update(server=server, api_key=api_key, session_name=f"bench-{task.name}-{method}-{seed}")
         else:
@@ -221,6 +221,7 @@ def run_one(task, method: str, ref: str | None, seed: int, *, max_steps: int, pe
         "verify_max_dip": opt.verify.dip_limit if verify and opt.verify.delay else None,
         "verify_baseline": opt.verify.baseline if verify and opt.verify.delay else None,
         "verify_shadow": shadow, "probe": task.probe_description if verify is not None else None,
+        "verify_confidence": opt.verify.confidence if shadow else None,
         "shadow_steps": sum(n.get("shadow_steps") or 0 for n in decisions),
         "rollback_steps": rollback_steps,
         "snapshot_bytes_max": max((n.get("snapshot_bytes") or 0 for n in decisions), default=0),
@@ -530,6 +531,8 @@ def run_bench_speedup(args: argparse.Namespace) -> int:
                                       "baseline": args.verify_baseline, "shadow": args.verify_shadow}
     if args.verify_max_dip is not None:
         verify_options["max_dip"] = args.verify_max_dip
+    if args.verify_confidence is not None:
+        verify_options["confidence"] = args.verify_confidence
     if args.verify != "off":
         from ninocast import Verify
 
@@ -585,6 +588,7 @@ def run_bench_speedup(args: argparse.Namespace) -> int:
               "methods": dict(methods), "verify": args.verify, "verify_tolerance": args.verify_tolerance,
               "verify_delay": args.verify_delay, "verify_max_dip": args.verify_max_dip,
               "verify_baseline": args.verify_baseline, "verify_shadow": args.verify_shadow,
+              "verify_confidence": args.verify_confidence,
               "final_nowcast": args.final_nowcast, "graph": graph,
               "probe": {t.name: t.probe_description for t in {id(p[0]): p[0] for p in plan}.values()},
               "seeds": seeds, "server": args.server, "threads": torch.get_num_threads(),

@@ -11,6 +11,7 @@ from torch import nn
 
 
 PROBE_SEED_OFFSET = 7919  # the probe's shuffle is independent of every training seed's
+PROBE_BATCHES = 8  # batches in a verification probe
 
 
 class Task(ABC):
@@ -48,14 +49,17 @@ class Task(ABC):
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         """Held-out metrics; includes ``self.metric``."""
 
-    probe_description: str = "the first training batch of an independent shuffle (seed + 7919)"
+    probe_description: str = (f"the first {PROBE_BATCHES} training batches of an independent shuffle "
+                               f"(seed + {PROBE_SEED_OFFSET})")
 
-    def probe_batch(self, seed: int) -> Any:
-        """The fixed batch a verified run scores its nowcasts on (``ninocast.Verify(batch=...)``), never from the
-        data ``evaluate`` measures. Default: the first batch of an independent shuffle of the training data, for
-        tasks with no held-out training split (the language tasks, where training and validation loss move
-        together); tasks that have one override it."""
-        return next(iter(self.batches(seed + PROBE_SEED_OFFSET)))
+    def probe_batches(self, seed: int) -> list[Any]:
+        """The fixed batches a verified run scores its nowcasts on (``ninocast.Verify(batches=...)``; several, so
+        that a shadow check can tell a real lead from noise), never from the data ``evaluate`` measures.
+        Default: the first batches of an independent shuffle of the training data, for tasks with no held-out
+        training split (digits, the language tasks, where training and validation loss move together); tasks
+        that have one override it."""
+        stream = self.batches(seed + PROBE_SEED_OFFSET)
+        return [next(stream) for _ in range(PROBE_BATCHES)]
 
     def reached(self, value: float) -> bool:
         return value >= self.target if self.higher_is_better else value <= self.target
