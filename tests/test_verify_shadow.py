@@ -240,9 +240,9 @@ def test_bench_speedup_verify_shadow_smoke(tmp_path):
     tentative = [d for d in v["decisions"] if d["delayed"]]
     assert v["verify_shadow"] and tentative and v["shadow_steps"] == 31 * len(tentative)
     assert "training batch" in v["probe"]  # digits has no held-out training split: the default probe
-    for d in tentative:  # the probe is 8 batches: the jump must win by one standard error (Verify's default)
+    for d in tentative:  # the probe is 8 batches; Verify's default confidence 0 compares the means
         assert d["probe_se"] is not None
-        assert (d["delayed"] == "rolled_back") == (d["probe_delayed"] - d["probe_plain"] + d["probe_se"] > 0)
+        assert (d["delayed"] == "rolled_back") == (d["probe_delayed"] > d["probe_plain"])
     assert main(["bench", "speedup", "--task", "digits", "--nowcasters", "linefit", "--seeds", "1000",
                  "--period", "100", "--no-progress", "--out", str(tmp_path / "x"), "--verify-shadow"]) == 2
     assert "| shadow steps/run | median steps + shadow steps to target |" in (out / "results.md").read_text()

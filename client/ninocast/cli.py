@@ -214,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "costs D + 1 extra forward/backward passes instead of D training steps")
     b.add_argument("--verify-confidence", type=float, default=None, metavar="Z",
                    help="with --verify-shadow: standard errors by which the jump must beat plain training, batch by "
-                   "batch over the probe's batches (Verify(confidence=Z); default: Verify's, 1)")
+                   "batch over the probe's batches (Verify(confidence=Z); default: Verify's, 0: the means alone)")
     b.add_argument("--final-nowcast", choices=["skip", "keep"], default="skip",
                    help="NowcastOptimizer's rule for the budget's last nowcast (default skip: a normal step)")
     b.add_argument("--quick", action="store_true", help="smoke run in seconds (digits + linefit, tiny budget)")
