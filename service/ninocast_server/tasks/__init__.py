@@ -23,6 +23,16 @@ def _fm32() -> Task:
     return fm32()
 
 
+def _fm16_bn() -> Task:
+    from .normalized import FashionMNISTBatchNormTask
+    return FashionMNISTBatchNormTask()
+
+
+def _fm_mlp_ln() -> Task:
+    from .normalized import FashionMNISTMLPTask
+    return FashionMNISTMLPTask()
+
+
 def _lm(key: str) -> Callable[[], Task]:
     def make() -> Task:
         from .language import language_task
@@ -44,6 +54,8 @@ def _digits_cnn() -> Task:
 TASKS: dict[str, Callable[[], Task]] = {
     "fm-16": _fm16,
     "fm-32": _fm32,
+    "fm-16-bn": _fm16_bn,
+    "fm-mlp-ln": _fm_mlp_ln,
     "kjv-gpt2-3-24": _lm("kjv-gpt2-3-24"),
     "kjv-gpt2-2-32": _lm("kjv-gpt2-2-32"),
     "kjv-gpt2-3-64": _lm("kjv-gpt2-3-64"),
