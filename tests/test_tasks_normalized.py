@@ -176,9 +176,10 @@ def test_fm16_batches_and_adamw_learns(name):
     for seed in (0, 1000):
         (x, y), (rx, ry) = next(task.batches(seed)), next(ref.batches(seed))
         assert x.shape == (128, 1, 28, 28) and torch.equal(x, rx) and torch.equal(y, ry)
-    px, py = task.probe_batch(3)
-    rx, ry = ref.probe_batch(3)
-    assert torch.equal(px, rx) and torch.equal(py, ry)
+    probes, ref_probes = task.probe_batches(3), ref.probe_batches(3)
+    assert len(probes) == len(ref_probes) == 8
+    for (px, py), (rx, ry) in zip(probes, ref_probes):
+        assert torch.equal(px, rx) and torch.equal(py, ry)
     model = task.build_model(0)
     opt = task.make_optimizer(model)
     batches = task.batches(0)
