@@ -14,8 +14,8 @@ benchmark a BatchNorm ConvNet and a LayerNorm MLP on exactly the FM tasks' data,
   LayerNorm → ReLU → Linear(128, 10). Parameters: ``fc.1`` (Linear), ``fc.2`` (LN), ``fc.4``, ``fc.5``, ``fc.7``, each
   ``weight`` and ``bias``.
 
-Learning rates (a 2,000-step scan on seed 0) and targets (AdamW's test accuracy around step 9,000, seeds 10-12;
-fm-16-bn's provisional, from seeds 10 and 11) are measured: docs/tasks.md, "Normalisation layers".
+Learning rates (a 2,000-step scan on seed 0) and targets (AdamW's test accuracy around step 9,000, seeds 10-12)
+are measured: docs/tasks.md, "Normalisation layers".
 """
 
 from __future__ import annotations
