@@ -2,6 +2,7 @@
 one-line message with exit status 2."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -212,3 +213,16 @@ def test_spec_command_from_a_factory_and_from_a_hugging_face_config(tmp_path, mo
                          ("missing.json", "no such file")):
         assert main(["spec", bad, "-o", "x.json"]) == 2
         assert message in capsys.readouterr().err
+
+
+def test_bench_speedup_help_names_every_registered_task():
+    """The task list in ``bench speedup --help`` is written by hand (the client does not import the server);
+    this keeps it in step with the registry."""
+    from ninocast_server.tasks import TASKS
+
+    res = subprocess.run([sys.executable, "-m", "ninocast", "bench", "speedup", "--help"], capture_output=True,
+                         text=True, env={**os.environ, "COLUMNS": "400"})
+    assert res.returncode == 0
+    text = " ".join(res.stdout.replace("-\n", "-").split())  # argparse may wrap a name at a hyphen
+    missing = [name for name in TASKS if f" {name}," not in text and f" {name}." not in text]
+    assert not missing, f"bench speedup --help does not name {missing}"
