@@ -230,6 +230,8 @@ def _ddp_worker(rank: int, world: int, init_file: str, url: str, out: str) -> No
         torch.save({"final": params(model), "after": after, "windows": windows if rank == 0 else {},
                     "nowcasts": opt.nowcasts, "failures": dict(opt.failures), "backend": opt.backend is not None,
                     "spec": opt.spec.to_json()}, os.path.join(out, f"rank{rank}.pt"))
+        del opt, ddp
+        dist.barrier()  # neither rank tears gloo down while the other still uses it (a rank aborted in teardown once)
     finally:
         dist.destroy_process_group()
 
