@@ -166,8 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
     b = bs.add_parser("speedup", help="steps to a task's target: AdamW vs AdamW + nowcasters, with plots",
                       description="Train each task with AdamW alone and wrapped by each nowcaster (NowcastOptimizer, "
                       "local engine or --server), same init and batches per seed; write results.md, summary.csv, "
-                      "runs.csv, runs.jsonl and plots/<task>.png to --out. Tasks (docs/tasks.md): fm-16, fm-32, fm-16-bn, "
-                      "fm-mlp-ln, digits, digits-cnn, kjv-gpt2-3-24, kjv-gpt2-2-32, kjv-gpt2-3-64, kjv-llama-3-24, "
+                      "runs.csv, runs.jsonl and plots/<task>.png to --out. Tasks (docs/tasks.md): fm-16, fm-32, "
+                      "fm-16-bn, fm-mlp-ln, digits, digits-cnn, kjv-gpt2-3-24, kjv-gpt2-2-32, kjv-gpt2-3-64, "
+                      "kjv-llama-3-24, "
                       "kjv-gpt2-3-24-10k, kjv-gpt2-2-32-10k, kjv-gpt2-3-64-10k, kjv-llama-3-24-10k, "
                       "fortunes-gpt2-3-24-10k.")
     b.add_argument("--task", action="append", metavar="NAME[,NAME]",

@@ -235,10 +235,9 @@ class _Trace(TorchFunctionMode):
         """A parameter may play one role, once; a second use (shared weights, a layer called twice) is refused."""
         first = self.used.setdefault(pname, where)
         if first != where:
-            second = where.split('#')[0].replace('embedding ', '')
-            raise TraceRefused(f"parameter {pname} is used twice ({first.split('#')[0].replace('embedding ', '')} and "
-                               f"{where.split('#')[0]}); "
-                               "a neural graph gives every weight one place. " + _hint([second]))
+            first_layer, second_layer = (w.split('#')[0].replace('embedding ', '') for w in (first, where))
+            raise TraceRefused(f"parameter {pname} is used twice ({first_layer} and {where.split('#')[0]}); "
+                               "a neural graph gives every weight one place. " + _hint([second_layer]))
 
     def link(self, pname: str | None, role: str, src: int, dst: int, offset: int = 0, rows: int = 0,
              dst_offset: int = 0, **options: Any) -> None:

@@ -45,8 +45,8 @@ batches (``batches=[...]``) the two branches are compared batch by batch and the
 that mean must be <= ``tolerance * |probe_plain|``. The default, 0, compares the means alone: measured, one
 standard error also threw away the long first jumps that carry most of NiNo's gain on Fashion-MNIST (they lead
 plain training by about one standard error 100 steps later), while it kept language runs from keeping jumps
-that were ahead by less than the probe's noise (docs/benchmarks-speedup.md, *Shadow branches*). Rollbacks in a row do not
-turn tentative jumps off here (``max_rollbacks`` is for rollbacks that cost steps).
+that were ahead by less than the probe's noise (docs/benchmarks-speedup.md, *Shadow branches*). Rollbacks in a
+row do not turn tentative jumps off here (``max_rollbacks`` is for rollbacks that cost steps).
 """
 
 from __future__ import annotations

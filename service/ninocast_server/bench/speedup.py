@@ -38,8 +38,8 @@ DIGITS_QUICK = {"max_steps": 1000, "period": 100, "eval_every": 10}  # digits: i
 VERIFIED = "+v"  # label suffix of a verified nowcaster's runs; "+vdD" with delayed checks (delay D)
 TRACED = "@traced"  # label suffix of runs whose spec carries the traced topology (--graph traced / both)
 DECISION_KEYS = ("step", "k", "accepted", "skipped", "alpha", "probe_before", "probe_after", "tried", "probe_passes",
-                 "verify_s", "delayed", "check_step", "probe_delayed", "probe_expected", "snapshot_bytes", "probe_plain",
-                 "probe_se", "shadow_steps")
+                 "verify_s", "delayed", "check_step", "probe_delayed", "probe_expected", "snapshot_bytes",
+                 "probe_plain", "probe_se", "shadow_steps")
 
 
 # ---------------------------------------------------------------------------------------------- methods
@@ -93,7 +93,8 @@ def run_one(task, method: str, ref: str | None, seed: int, *, max_steps: int, pe
     else the first batches of an independent shuffle of the training data; never the test data the metric uses). With
     ``delay``: delayed checks and rollback (rolled-back jumps are evaluated at their rollback step and listed in
     ``rollback_steps``; their D steps count); with ``shadow`` every call goes through ``step(closure)`` and the
-    copy's steps are counted in ``shadow_steps`` (compute, not training steps). ``graph="traced"``: the spec carries the model's traced topology
+    copy's steps are counted in ``shadow_steps`` (compute, not training steps). ``graph="traced"``: the spec
+    carries the model's traced topology
     (``ModelSpec.from_module(model, graph="traced")``), so the graph is built from it even where a hand-written
     layout exists."""
     import torch

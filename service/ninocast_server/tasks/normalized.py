@@ -11,8 +11,8 @@ benchmark a BatchNorm ConvNet and a LayerNorm MLP on exactly the FM tasks' data,
   ``fc.7.*``, ``fc.11.{weight,bias}`` (classifier); buffers ``fc.{1,4,7}.{running_mean,running_var,
   num_batches_tracked}`` (not parameters: optimisers and nowcasters never touch them).
 * ``LayerNormMLP`` (fm-mlp-ln): flatten → Linear(784, 128) → LayerNorm → ReLU → Linear(128, 128) →
-  LayerNorm → ReLU → Linear(128, 10). Parameters: ``fc.1`` (Linear), ``fc.2`` (LN), ``fc.4``, ``fc.5``, ``fc.7``, each
-  ``weight`` and ``bias``.
+  LayerNorm → ReLU → Linear(128, 10). Parameters: ``fc.1`` (Linear), ``fc.2`` (LN), ``fc.4``, ``fc.5``,
+  ``fc.7``, each ``weight`` and ``bias``.
 
 Learning rates (a 2,000-step scan on seed 0) and targets (AdamW's test accuracy around step 9,000, seeds 10-12)
 are measured: docs/tasks.md, "Normalisation layers".
