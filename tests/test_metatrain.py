@@ -488,3 +488,33 @@ def test_metatrain_task_weight_option_and_its_errors(tiny_store, tmp_path, capsy
                           ("tiny-conv=-1", "positive"), ("tiny-conv=nan", "positive")]:
         assert main(["metatrain", *args, "-o", str(tmp_path / "x"), "--task-weight", bad]) == 2, bad
         assert mentions in capsys.readouterr().err, bad
+
+
+def test_validation_is_per_task_and_kept_by_the_mean_ratio_to_last(tiny_store, tmp_path):
+    """With several tasks each one is validated on its own windows; the kept weights minimise the mean of
+    L1 / last-state L1, so a task with large graphs cannot decide alone."""
+    store = TrajectoryStore.open(tiny_store)
+    sampler = WindowSampler.from_stores([store], spacing=2, windows=2)
+    gen = torch.Generator().manual_seed(0)
+    conv_edges = sampler.sample(gen, 2, task="tiny-conv").edge_attr.shape[0]
+    mlp_edges = sampler.sample(gen, 2, task="tiny-mlp").edge_attr.shape[0]
+    assert conv_edges != mlp_edges  # each batch holds one task's graphs only
+    with pytest.raises(KeyError, match="no trajectories of task 'nope'"):
+        sampler.sample(gen, 1, task="nope")
+
+    out = tmp_path / "per-task"
+    summary = metatrain(_cfg([tiny_store], out, val_every=2), progress=False, log=lambda s: None)
+    assert summary["val_metric"] == "mean over tasks of L1 / last-state L1"
+    per = summary["val_tasks"]
+    assert set(per) == {"tiny-conv", "tiny-mlp"}
+    ratios = [v["l1"] / v["last"] for v in per.values()]
+    assert all(v["l1"] > 0 and v["last"] > 0 and v["linefit"] > 0 for v in per.values())
+    assert summary["val_loss"] == pytest.approx(sum(ratios) / 2)
+    hist = json.loads((out / "train" / "history.json").read_text())
+    assert [it for it, _ in hist["val_tasks"]] == [it for it, _ in hist["val"]]
+    card = (out / "MODEL_CARD.md").read_text()
+    assert "| tiny-conv |" in card and "L1 / last" in card
+
+    one = tmp_path / "one-task"  # a single task keeps the plain L1 (and the earlier rounds' validation draws)
+    summary = metatrain(_cfg([tiny_store], one, tasks=["tiny-mlp"]), progress=False, log=lambda s: None)
+    assert summary["val_metric"] == "L1" and "val_tasks" not in summary

@@ -292,13 +292,14 @@ class WindowSampler:
             return self.tasks[int(torch.randint(0, len(self.tasks), (1,), generator=gen))]
         return self.tasks[int(torch.multinomial(self._weights, 1, generator=gen))]
 
-    def sample(self, gen: torch.Generator, n_trajectories: int = 4) -> Batch:
-        """A batch of ``n_trajectories`` x ``windows`` windows: a task (uniformly or by weight), then a trajectory
-        uniformly."""
+    def sample(self, gen: torch.Generator, n_trajectories: int = 4, task: str | None = None) -> Batch:
+        """A batch of ``n_trajectories`` x ``windows`` windows: a task (uniformly or by weight, or ``task``), then
+        a trajectory uniformly."""
+        if task is not None and task not in self.by_task:
+            raise KeyError(f"no trajectories of task {task!r}; tasks: {self.tasks}")
         examples = []
         for _ in range(n_trajectories):
-            task = self.pick_task(gen)
-            trajs = self.by_task[task]
+            trajs = self.by_task[task or self.pick_task(gen)]
             traj = trajs[int(torch.randint(0, len(trajs), (1,), generator=gen))]
             examples.extend(self.trajectory_examples(traj, gen))
         return collate(examples)

@@ -11,6 +11,9 @@ started again with the same output directory continues from there.
 
 Validation: a fixed set of batches from held-out trajectories (per task, the runs chosen by ``val_fraction``),
 scored with the model and with two baselines in the same units: "last" (the newest input state) and "linefit".
+With several tasks the batches are drawn per task (``ceil(val_batches / tasks)``, at least 2 each) and the kept
+weights minimise the mean over tasks of L1 / last-state L1: an entry-weighted L1 would let the task with the
+largest graphs (a GPT-2's) decide alone, and the ratio puts tasks of different difficulty on one scale.
 """
 
 from __future__ import annotations
@@ -85,6 +88,8 @@ class History:
     wall_s: float = 0.0
     baselines: dict[str, float] = field(default_factory=dict)
     best: tuple[int, float] | None = None  # (iteration, validation loss) of the lowest validation so far
+    val_tasks: list[tuple[int, dict[str, float]]] = field(default_factory=list)  # (iteration, L1 per task)
+    task_baselines: dict[str, dict[str, float]] = field(default_factory=dict)  # task -> {"last": .., "linefit": ..}
 
 
 # ----------------------------------------------------------------------------- data split
@@ -151,7 +156,7 @@ def forward(model: nn.Module, batch: Batch) -> torch.Tensor:
 
 
 def evaluate(model: nn.Module, batches: Sequence[Batch], device: torch.device) -> float:
-    """Masked L1 over all validation batches (entry-weighted)."""
+    """Masked L1 over all the batches (entry-weighted)."""
     was = model.training
     model.eval()
     num = den = 0.0
@@ -164,6 +169,15 @@ def evaluate(model: nn.Module, batches: Sequence[Batch], device: torch.device) -
             den += n
     model.train(was)
     return num / den if den else math.nan
+
+
+def validation_batches(val_s: WindowSampler, cfg: MetaTrainConfig) -> dict[str, list[Batch]]:
+    """Fixed validation batches per task (one task: the draws of earlier rounds, so their runs reproduce)."""
+    vgen = torch.Generator().manual_seed(10_000 + cfg.seed)
+    if len(val_s.tasks) == 1:
+        return {val_s.tasks[0]: [val_s.sample(vgen, cfg.batch_trajectories) for _ in range(cfg.val_batches)]}
+    per = max(2, math.ceil(cfg.val_batches / len(val_s.tasks)))
+    return {t: [val_s.sample(vgen, cfg.batch_trajectories, task=t) for _ in range(per)] for t in val_s.tasks}
 
 
 def baseline_losses(batches: Sequence[Batch], horizon: int) -> dict[str, float]:
@@ -219,8 +233,8 @@ def metatrain(cfg: MetaTrainConfig, progress: bool = True, log: Callable[[str], 
     if val_s is None:
         log("no held-out trajectories: validating on training trajectories (add runs or raise --val-fraction)")
         val_s = train_s
-    vgen = torch.Generator().manual_seed(10_000 + cfg.seed)
-    val_batches = [val_s.sample(vgen, cfg.batch_trajectories) for _ in range(cfg.val_batches)]
+    val_sets = validation_batches(val_s, cfg)
+    val_batches = [b for bs in val_sets.values() for b in bs]
 
     model.to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -240,6 +254,8 @@ def metatrain(cfg: MetaTrainConfig, progress: bool = True, log: Callable[[str], 
         best_state = ck.get("best")
         log(f"resuming at iteration {hist.iteration} of {cfg.iters}")
     hist.baselines = baseline_losses(val_batches, cfg.horizon)
+    if len(val_sets) > 1:
+        hist.task_baselines = {t: baseline_losses(bs, cfg.horizon) for t, bs in val_sets.items()}
 
     def save_checkpoint() -> None:
         tmp = ck_path.with_suffix(".tmp")
@@ -251,7 +267,12 @@ def metatrain(cfg: MetaTrainConfig, progress: bool = True, log: Callable[[str], 
 
     def validate(iteration: int) -> None:
         nonlocal best_state
-        v = evaluate(model, val_batches, device)
+        if len(val_sets) > 1:
+            per = {t: evaluate(model, bs, device) for t, bs in val_sets.items()}
+            hist.val_tasks.append((iteration, per))
+            v = sum(per[t] / hist.task_baselines[t]["last"] for t in per) / len(per)
+        else:
+            v = evaluate(model, val_batches, device)
         hist.val.append((iteration, v))
         if math.isfinite(v) and (hist.best is None or v < hist.best[1]):
             best_state = {k: t.detach().cpu().clone() for k, t in model.state_dict().items()}
@@ -332,7 +353,11 @@ def finish(model: nn.Module, cfg: MetaTrainConfig, hist: History, stores: Sequen
         "kept_iteration": hist.best[0] if cfg.keep == "best" and hist.best else hist.iteration,
         "val_baselines": hist.baselines, "wall_s": round(hist.wall_s, 1), "tasks": tasks,
         "train_runs": len(train_keys), "val_runs": len(val_keys),
+        "val_metric": "mean over tasks of L1 / last-state L1" if hist.task_baselines else "L1",
     }
+    if hist.task_baselines:
+        kept = dict(hist.val_tasks).get(summary["kept_iteration"], {})
+        summary["val_tasks"] = {t: {"l1": kept.get(t), **b} for t, b in hist.task_baselines.items()}
     source = {"trained_by": "ninocast metatrain", "config": {k: v for k, v in asdict(cfg).items()},
               "summary": summary, **init_info}
     summary["scope"] = scope.to_json()
@@ -342,7 +367,8 @@ def finish(model: nn.Module, cfg: MetaTrainConfig, hist: History, stores: Sequen
     png = plot_losses(hist, out / "loss_curve.png")
     (out / "MODEL_CARD.md").write_text(model_card(name, cfg, hist, summary, stores, train_keys, val_keys,
                                                   init_info, png is not None))
-    log(f"wrote {out} ({cfg.model}, {hist.iteration} iterations, val L1 {summary['val_loss']:.4f}; "
+    log(f"wrote {out} ({cfg.model}, {hist.iteration} iterations, validation {summary['val_metric']} "
+        f"{summary['val_loss']:.4f}; "
         f"last-state {hist.baselines.get('last', math.nan):.4f}, linefit {hist.baselines.get('linefit', math.nan):.4f}"
         f"; {hist.skipped} skipped steps)")
     return summary
@@ -427,6 +453,7 @@ def model_card(name: str, cfg: MetaTrainConfig, hist: History, summary: dict, st
         f"- weights kept: iteration {summary['kept_iteration']} ("
         + ("lowest validation loss" if cfg.keep == "best" else "the last") + ")",
     ]
+    val_label = f": {summary['val_metric']}" if summary.get("val_tasks") else ""
     if init_info:
         lines.append(f"- fine-tuned from `{init_info.get('init')}` ({init_info.get('init_name')})")
     lines += [
@@ -434,10 +461,17 @@ def model_card(name: str, cfg: MetaTrainConfig, hist: History, summary: dict, st
         "## Losses (masked L1 on scaled future states, all horizons)", "",
         "| | loss |", "|---|---|",
         f"| train (mean of the last 50 iterations) | {fmt(summary['final_train_loss'])} |",
-        f"| validation (held-out trajectories), kept weights | {fmt(summary['val_loss'])} |",
+        f"| validation (held-out trajectories), kept weights{val_label} | {fmt(summary['val_loss'])} |",
         f"| baseline: last state, same windows | {fmt(hist.baselines.get('last'))} |",
         f"| baseline: linefit, same windows | {fmt(hist.baselines.get('linefit'))} |", "",
     ]
+    if summary.get("val_tasks"):
+        lines += ["Per task (validation windows of each task, kept weights):", "",
+                  "| task | L1 | last state | linefit | L1 / last |", "|---|---|---|---|---|"]
+        lines += [f"| {t} | {fmt(v['l1'])} | {fmt(v['last'])} | {fmt(v['linefit'])} | "
+                  f"{fmt(v['l1'] / v['last'] if v['l1'] is not None and v['last'] else None)} |"
+                  for t, v in summary["val_tasks"].items()]
+        lines.append("")
     if has_png:
         lines += ["![loss curve](loss_curve.png)", ""]
     lines += ["## Data", "", f"Tasks: {', '.join(summary['tasks'])}", "",
