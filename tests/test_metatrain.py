@@ -518,3 +518,24 @@ def test_validation_is_per_task_and_kept_by_the_mean_ratio_to_last(tiny_store, t
     one = tmp_path / "one-task"  # a single task keeps the plain L1 (and the earlier rounds' validation draws)
     summary = metatrain(_cfg([tiny_store], one, tasks=["tiny-mlp"]), progress=False, log=lambda s: None)
     assert summary["val_metric"] == "L1" and "val_tasks" not in summary
+
+
+def test_unused_padding_slots_are_dropped_without_changing_the_loss(tiny_store):
+    """MLP edges hold one weight: training on the first slot only gives the loss of the padded batch."""
+    from ninocast_server.engine.nowcasters.config import NiNoConfig
+    from ninocast_server.engine.nowcasters.layers import init_weights
+    from ninocast_server.engine.nowcasters.nino import NiNoModel
+    from ninocast_server.metatrain.train import forward, trim_unused_slots
+
+    torch.manual_seed(0)
+    model = NiNoModel(NiNoConfig(ctx=5, hid=16, layers=2, seq_len=6))
+    init_weights(model)
+    sampler = WindowSampler.from_stores([TrajectoryStore.open(tiny_store)], spacing=2, windows=2, horizon=6)
+    gen = torch.Generator().manual_seed(1)
+    mlp, conv = sampler.sample(gen, 2, task="tiny-mlp"), sampler.sample(gen, 2, task="tiny-conv")
+    small = trim_unused_slots(mlp, 6)
+    assert small.edge_attr.shape == (mlp.edge_attr.shape[0], 5) and small.target.shape[1] == 6
+    full_loss = masked_l1(forward(model, mlp), mlp.target, mlp.mask)
+    assert float(masked_l1(forward(model, small), small.target, small.mask)) == pytest.approx(float(full_loss),
+                                                                                             rel=1e-5)
+    assert trim_unused_slots(conv, 6) is conv  # 3x3 kernels fill all nine slots
