@@ -215,10 +215,11 @@ def test_fortunes_corpus_and_10k_language_tasks():
     old = get_task("kjv-gpt2-3-24")  # the first round's tasks are unchanged (stored benchmark runs refer to them)
     assert (old.budget, old.period, old.eval_every, old.target) == (1_000, 100, 20, 6.94)
     held_out = {"kjv-gpt2-3-64-10k", "kjv-llama-3-24-10k", "fortunes-gpt2-3-24-10k"}
-    for name in ("kjv-gpt2-3-24-10k", "kjv-gpt2-2-32-10k", *sorted(held_out)):
+    for name in ("kjv-gpt2-3-24-10k", "kjv-gpt2-2-32-10k", "kjv-gpt2-4-16-10k", "kjv-llama-2-32-10k", *sorted(held_out)):
         t = get_task(name)
         assert (t.budget, t.period, t.eval_every, t.ctx, t.eval_before_nowcast) == (10_000, 1000, 100, 5, True), name
         assert t.in_distribution == (name not in held_out) and 3.0 < t.target < 8.0, name
+        assert t.budget == 10_000 and t.cfg.n_layer * t.cfg.d_model > 0, name
         assert k_schedule(t.budget, t.period) == [40, 33, 26, 21, 16, 11, 8, 5, 3, 1]
     if not Path(FORTUNES_DIR, "fortunes").is_file():
         pytest.skip("the fortunes package is absent (apt-get install fortunes)")

@@ -65,6 +65,8 @@ TASKS: dict[str, Callable[[], Task]] = {
     "kjv-gpt2-3-64-10k": _lm("kjv-gpt2-3-64-10k"),
     "kjv-llama-3-24-10k": _lm("kjv-llama-3-24-10k"),
     "fortunes-gpt2-3-24-10k": _lm("fortunes-gpt2-3-24-10k"),
+    "kjv-gpt2-4-16-10k": _lm("kjv-gpt2-4-16-10k"),
+    "kjv-llama-2-32-10k": _lm("kjv-llama-2-32-10k"),
     "digits": _digits,
     "digits-cnn": _digits_cnn,
 }

@@ -174,6 +174,12 @@ LM_CONFIGS.update({
     "fortunes-gpt2-3-24-10k": LMConfig("gpt2", 3, 24, 3, 3e-3, 7.78, False, _NOTE_10K.format("0, 1", "7.695, 7.774"),
                                         corpus="fortunes", **_LONG),
 })
+# Meta-training variants (issue 11: several depths/widths, and Llama in the training mix): in-distribution only,
+# never part of the benchmark suite's held-out scoring; targets by the same rule.
+LM_CONFIGS.update({
+    "kjv-gpt2-4-16-10k": LMConfig("gpt2", 4, 16, 2, 3e-3, 5.22, True, _NOTE_10K.format("0", "5.219"), **_LONG),
+    "kjv-llama-2-32-10k": LMConfig("llama", 2, 32, 2, 3e-3, 3.88, True, _NOTE_10K.format("0", "3.878"), **_LONG),
+})
 
 
 class LanguageTask(Task):
