@@ -322,6 +322,24 @@ def test_bench_speedup_quick_smoke(tmp_path, capsys):
     assert "--retarget-out only applies with --report-only --target" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
 
+    # bench suite: the same runs twice (duplicates dropped), a method renamed, one task re-scored
+    suite = tmp_path / "suite"
+    assert main(["bench", "suite", str(out), str(out / "runs.jsonl"), "--label", "linefit=lf", "--out", str(suite)]) == 0
+    assert "4 duplicate runs dropped" in capsys.readouterr().err
+    cells = {r["method"]: r for r in csv.DictReader(open(suite / "suite.csv"))}
+    assert set(cells) == {"adamw", "lf"} and cells["lf"]["speedup"] == rows["linefit"]["speedup"]
+    md = (suite / "suite.md").read_text()
+    assert f"{float(rows['linefit']['speedup']):.2f}x over 1" in md  # the geometric mean of one task
+    assert main(["bench", "suite", str(out), "--target", f"digits={loose:g}", "--out", str(suite)]) == 0
+    lf = next(r for r in csv.DictReader(open(suite / "suite.csv")) if r["method"] == "linefit")
+    assert float(lf["median_steps"]) == statistics.median(
+        int(retargeted[("linefit", str(s))]["steps_to_target"] or 2000) for s in (1000, 2000))
+    capsys.readouterr()
+    for bad, says in [(["--label", "linefit"], "OLD=NEW"), (["--target", "digits=x"], "TASK=NUMBER"),
+                      (["--target", "fm-16=90"], "without runs"), (["--methods", "nino"], "no runs of method")]:
+        assert main(["bench", "suite", str(out), *bad, "--out", str(suite)]) == 2, bad
+        assert says in capsys.readouterr().err, bad
+
 
 def test_bench_run_through_server_matches_local(server, api_keys):
     """--server mode: the same run through a real server gives the same curve as the local engine (linefit)."""

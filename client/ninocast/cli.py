@@ -223,6 +223,18 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--quick", action="store_true", help="smoke run in seconds (digits + linefit, tiny budget)")
     b.add_argument("--out", default="bench-speedup", metavar="DIR", help="output directory (default ./bench-speedup)")
     b.set_defaults(func=_lazy("ninocast_server.bench.speedup", "run_bench_speedup"))
+    b = bs.add_parser("suite", help="one task x method table (speedups, geometric means) over bench speedup folders",
+                      description="Merge the runs.jsonl of several `bench speedup --out` folders (the first folder wins "
+                      "where a (task, method, seed) repeats) into suite.md and suite.csv: median steps and speedup "
+                      "vs AdamW per task and method, then each method's geometric mean and how many tasks it is "
+                      "slower than AdamW on.")
+    b.add_argument("folders", nargs="+", metavar="FOLDER", help="bench speedup output folders (or runs.jsonl files)")
+    b.add_argument("--label", action="append", metavar="OLD=NEW", help="rename a method (repeatable)")
+    b.add_argument("--methods", metavar="M[,M]", help="columns, in order (default: every method found)")
+    b.add_argument("--target", action="append", metavar="TASK=VALUE",
+                   help="re-score a task's stored curves at another target (repeatable; e.g. fm-32=90)")
+    b.add_argument("--out", default="bench-suite", metavar="DIR", help="output directory (default ./bench-suite)")
+    b.set_defaults(func=_lazy("ninocast_server.bench.suite", "run_bench_suite"))
     _add_metatrain_parsers(sub)
     _add_graph_parser(sub)
     return p
