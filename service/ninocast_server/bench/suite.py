@@ -86,7 +86,9 @@ def markdown(tasks: list[str], methods: list[str], cells: dict, totals: dict) ->
             return "—"
         med = r["median_steps"]
         med_s = f"{med:g}" + (" *" if r["reached"] * 2 <= r["seeds"] else "")
-        return f"{med_s}" if r["speedup"] is None else f"{r['speedup']:.2f}x ({med_s})"
+        a = cells.get((t, "adamw"))
+        part = f", {r['seeds']} of {a['seeds']} seeds" if a and r["seeds"] < a["seeds"] else ""
+        return f"{med_s}{part}" if r["speedup"] is None else f"{r['speedup']:.2f}x ({med_s}{part})"
 
     head = ["task", "AdamW (median steps)", *methods]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -100,7 +102,8 @@ def markdown(tasks: list[str], methods: list[str], cells: dict, totals: dict) ->
     s = [str(len(totals[m]["slower"])) for m in methods]
     lines.append("| tasks slower than AdamW | | " + " | ".join(s) + " |")
     lines += ["", "Cells: speedup vs AdamW on the same seeds (median steps to target). * = at most half the seeds "
-              "reach the target (a miss counts as 2 x budget in the median)."]
+              "reach the target (a miss counts as 2 x budget in the median). Cells with fewer seeds than AdamW say so and are "
+              "left out of the last two rows."]
     return "\n".join(lines)
 
 
