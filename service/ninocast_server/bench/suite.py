@@ -29,9 +29,13 @@ def merge_runs(folders: list[Path], labels: dict[str, str]) -> tuple[list[dict],
         path = folder / "runs.jsonl" if folder.is_dir() else folder
         if not path.is_file():
             raise FileNotFoundError(f"{folder}: no runs.jsonl (a `ninocast bench speedup --out` folder?)")
-        for r in load_runs(path):
-            r = {**r, "method": labels.get(r["method"], r["method"])}
-            key = (r["task"], r["method"], r["seed"])
+        try:
+            stored = load_runs(path)
+            keys = [(r["task"], labels.get(r["method"], r["method"]), r["seed"]) for r in stored]
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{path}: not a bench speedup runs.jsonl ({type(e).__name__}: {e})") from None
+        for r, key in zip(stored, keys):
+            r = {**r, "method": key[1]}
             if key in seen:
                 dropped += 1
                 continue
@@ -68,11 +72,11 @@ def suite_table(runs: list[dict], methods: list[str] | None = None) -> tuple[lis
     missing = [m for m in methods if m not in found]
     if missing:
         raise KeyError(f"no runs of method(s) {missing}; found {found}")
-    adamw_seeds = {t: {r["seed"] for r in runs if r["task"] == t and r["method"] == "adamw"} for t in tasks}
     totals = {}
     for m in methods:
+        # a speedup exists only where AdamW ran every seed of the method; equal counts then mean the same seeds
         full = [t for t in tasks if (t, m) in cells and cells[(t, m)]["speedup"] is not None
-                and {r["seed"] for r in runs if r["task"] == t and r["method"] == m} >= adamw_seeds[t]]
+                and cells[(t, m)]["seeds"] == cells[(t, "adamw")]["seeds"]]
         speedups = [cells[(t, m)]["speedup"] for t in full]
         totals[m] = {"tasks": len(full), "geomean": geomean(speedups),
                      "slower": sorted(t for t in full if cells[(t, m)]["speedup"] < 1.0)}
@@ -117,14 +121,15 @@ def run_bench_suite(args: argparse.Namespace) -> int:
         labels[old] = new
     targets = {}
     for item in args.target or []:
-        task, sep, value = item.partition("=")
+        task, _, value = item.partition("=")
         try:
-            targets[task] = float(value)
+            number = float(value)
         except ValueError:
-            sep = ""
-        if not sep or not task or not math.isfinite(targets.get(task, math.nan)):
+            number = math.nan
+        if not task or not math.isfinite(number):
             print(f"ninocast bench suite: --target expects TASK=NUMBER, got {item!r}", file=sys.stderr)
             return 2
+        targets[task] = number
     try:
         runs, dropped = merge_runs([Path(p) for p in args.folders], labels)
         runs = retarget_tasks(runs, targets)
