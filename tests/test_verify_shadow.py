@@ -6,10 +6,11 @@ AdamW steps, the real bench command."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
-from ninocast import ModelSpec, NowcastOptimizer, Verify
+from ninocast import ModelSpec, NowcastClient, NowcastOptimizer, Verify
 from ninocast.spec import SpecError
 from ninocast.verify import report_body
 from ninocast_server.api.schemas import NowcastReport
@@ -91,9 +92,15 @@ def test_a_rejected_jump_costs_no_step_the_run_is_plain_adamw(make):
     assert probe.done and opt.checks.pending is None
     assert_same_run(model, opt.optimizer, *plain_adamw(make, check + 1))
 
-    nxt = next(s for s in range(check + 1, steps) if (s + 1) % (PERIOD // CTX) == 0) + (CTX - 1) * (PERIOD // CTX)
+    # the next nowcast keeps plain training's schedule (call 39): the snapshot taken during the race (call 23)
+    # is plain training's, taken from the copy, not the rejected branch's
+    nxt = 19 + PERIOD
     train_closure(model, opt, nxt, start=check + 1)  # plain calls up to the next nowcast
     assert_same_run(model, opt.optimizer, *plain_adamw(make, nxt))
+    assert [t for t, _ in opt.snapshots] == [23, 27, 31, 35]
+    ref, _ = plain_adamw(make, 23)
+    for name, value in opt.snapshots[0][1].items():
+        assert torch.equal(value, ref.state_dict()[name]), name
     assert not opt.delayed_off and not opt.failures
 
 
@@ -157,7 +164,7 @@ def test_several_probe_batches_make_the_jump_win_by_more_than_noise(after, confi
     errors decides; the record carries both means and the standard error."""
     script = ScriptedLoss([1.0] * 4 + [1.5] * 4 + after + [0.9] * 4)
     verify = Verify(batches=[batch(10**6 + i) for i in range(4)], loss_fn=script, delay=5, shadow=True,
-                    confidence=confidence)
+                    confidence=confidence, patience=0)  # one look: the race is tested on its own below
     model = bn_model()
     opt = NowcastOptimizer(torch.optim.AdamW(model.parameters(), lr=LR), model, local=True, nowcaster="linefit",
                            period=PERIOD, ctx=CTX, max_train_steps=40, verify=verify)
@@ -190,9 +197,15 @@ def test_real_probe_compares_with_plain_training_measured_independently():
         assert first["probe_plain"] == pytest.approx(loss_fn(ref.eval(), PROBE).item(), rel=1e-6)
     for n in tentative:
         assert n["delayed"] == ("kept" if n["probe_delayed"] <= n["probe_plain"] else "rolled_back")
-        assert n["shadow_steps"] == delay + 1
+        looks = n["race"]
+        assert len(looks) == n.get("extended", 0) + 1 <= 3 and looks[-1][1] == n["probe_delayed"] - n["probe_plain"]
+        assert [t for t, _ in looks] == [n["step"] + delay * (i + 1) for i in range(len(looks))]
+        gaps = [n["probe_after"] - n["probe_before"]] + [g for _, g in looks]
+        assert all(0 < b < a for a, b in zip(gaps[:-2], gaps[1:-1]))  # raced on only while behind and closing
+        assert n["shadow_steps"] == delay * len(looks) + 1
         body = NowcastReport.model_validate(report_body(n))
-        assert body.probe_plain == pytest.approx(n["probe_plain"]) and body.shadow_steps == delay + 1
+        assert body.probe_plain == pytest.approx(n["probe_plain"]) and body.shadow_steps == n["shadow_steps"]
+        assert body.race == [tuple(x) for x in looks]
 
 
 def test_shadow_needs_a_delay_a_closure_and_one_process():
@@ -235,16 +248,20 @@ def test_bench_speedup_verify_shadow_smoke(tmp_path):
                  "--verify-delay", "30", "--verify-shadow", "--verify-max-dip", "50", "--seeds", "1000",
                  "--max-steps", "300", "--period", "100", "--no-progress", "--out", str(out)]) == 0
     runs = {r["method"]: r for r in map(json.loads, (out / "runs.jsonl").read_text().splitlines())}
-    assert set(runs) == {"adamw", "linefit+vd30s"}
-    v = runs["linefit+vd30s"]
+    assert set(runs) == {"adamw", "linefit+vd30sp2"}  # a shadow races on for 2 more delays by default
+    v = runs["linefit+vd30sp2"]
     tentative = [d for d in v["decisions"] if d["delayed"]]
-    assert v["verify_shadow"] and tentative and v["shadow_steps"] == 31 * len(tentative)
+    assert v["verify_shadow"] and v["verify_patience"] == 2 and tentative
+    assert v["shadow_steps"] == sum(31 + 30 * (d["extended"] or 0) for d in tentative)
     assert "training batch" in v["probe"]  # digits has no held-out training split: the default probe
     for d in tentative:  # the probe is 8 batches; Verify's default confidence 0 compares the means
         assert d["probe_se"] is not None
         assert (d["delayed"] == "rolled_back") == (d["probe_delayed"] > d["probe_plain"])
     assert main(["bench", "speedup", "--task", "digits", "--nowcasters", "linefit", "--seeds", "1000",
                  "--period", "100", "--no-progress", "--out", str(tmp_path / "x"), "--verify-shadow"]) == 2
+    assert main(["bench", "speedup", "--task", "digits", "--nowcasters", "linefit", "--verify", "on",
+                 "--verify-delay", "30", "--verify-patience", "1", "--no-progress", "--out",
+                 str(tmp_path / "x")]) == 2  # racing on needs the shadow
     assert "| shadow steps/run | median steps + shadow steps to target |" in (out / "results.md").read_text()
 
 
@@ -256,3 +273,82 @@ def test_compute_to_target_counts_the_shadow_steps_of_checks_begun_before_it():
                          {"step": 240, "shadow_steps": 31}, {"step": 299, "shadow_steps": 31}]}
     assert compute_to_target(run) == 250 + 31 + 31
     assert compute_to_target(run | {"reached": False}) == 600
+
+
+# ---------------------------------------------------------------------------- racing on (Verify(patience=P))
+def test_a_jump_behind_but_closing_races_on_and_is_kept():
+    """Dip 1.0 -> 1.5 (gap +0.5); first look at 19 + 4: jump 1.2, plain 1.0 (+0.2, closing): another 4 calls;
+    second look: 0.9 against 0.95, kept. The live run is the one the jump gives with no check at all."""
+    model, probe = bn_model(), Scripted([1.0, 1.5, 1.2, 1.0, 0.9, 0.95])
+    opt = shadow_opt(model, probe, 4, 80)
+    train_closure(model, opt, 30)
+    d = opt.nowcasts[0]
+    assert probe.done and (d["delayed"], d["accepted"], d["extended"], d["check_step"]) == ("kept", True, 1, 27)
+    assert d["race"] == [[23, pytest.approx(0.2)], [27, pytest.approx(-0.05)]]
+    assert (d["probe_delayed"], d["probe_plain"], d["shadow_steps"], d["probe_passes"]) == (0.9, 0.95, 9, 6)
+    plain = shadow_opt(bn_model(), Scripted([1.0, 1.5]), 4, 80, shadow=False, max_dip=50.0, tolerance=1.0)
+    train_closure(plain.model, plain, 30)  # the same jump, accepted at once (tolerance 1.0) and never checked
+    assert plain.nowcasts[0]["accepted"] and "delayed" not in plain.nowcasts[0]
+    assert_same_run(model, opt.optimizer, plain.model, plain.optimizer)
+    assert NowcastReport.model_validate(report_body(d)).extended == 1
+
+
+@pytest.mark.parametrize("patience, script, looks", [
+    (2, [1.0, 1.5, 1.2, 1.0, 1.1, 1.0, 1.05, 1.0], 3),  # closing every time, still behind after 2 more delays
+    (2, [1.0, 1.5, 1.2, 1.0, 1.3, 1.0], 2),  # fell back at the second look: rejected there
+    (0, [1.0, 1.5, 1.2, 1.0], 1),  # one look
+    (5, [1.0, 1.5, 1.4, 1.0, 1.3, 1.0, 1.2, 1.0], 3),  # a fourth look would be the next nowcast's call (39)
+])
+def test_a_race_that_does_not_overtake_leaves_plain_adamw(patience, script, looks):
+    """Rejected after ``looks`` looks: the run, its snapshots and the next nowcast's timing are plain AdamW's."""
+    delay = 4 if patience != 5 else 5  # 5: looks at 24, 29 and 34; 39 is the next nowcast's call
+    model, probe = bn_model(), Scripted(script)
+    opt = shadow_opt(model, probe, delay, 80, patience=patience)
+    end = 19 + delay * looks
+    train_closure(model, opt, end + 1)
+    d = opt.nowcasts[0]
+    assert probe.done and (d["delayed"], d["accepted"], d.get("extended", 0)) == ("rolled_back", False, looks - 1)
+    assert len(d["race"]) == looks and d["shadow_steps"] == delay * looks + 1
+    assert_same_run(model, opt.optimizer, *plain_adamw(bn_model, end + 1))
+    ref, _ = plain_adamw(bn_model, 23)
+    assert [t for t, _ in opt.snapshots] == [t for t in (23, 27, 31, 35) if t <= end]
+    assert all(torch.equal(v, ref.state_dict()[n]) for n, v in opt.snapshots[0][1].items())
+
+
+def test_patience_is_checked():
+    assert [Verify(probe=lambda m: 0.0, delay=5, **kw).race_limit for kw in
+            ({}, {"shadow": True}, {"shadow": True, "patience": 0}, {"shadow": True, "patience": 7})] == [0, 2, 0, 7]
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="patience must be a whole number"):
+            Verify(probe=lambda m: 0.0, delay=5, shadow=True, patience=bad)
+    with pytest.raises(ValueError, match="needs shadow=True"):
+        Verify(probe=lambda m: 0.0, delay=5, patience=1)
+
+
+def test_the_server_gets_the_snapshots_of_the_branch_that_goes_on(server, api_keys, tmp_path):
+    """Remote: the snapshot taken during a race is held back until the check. A rejected jump (19, checked at
+    23) leaves plain training's snapshot at 23 on the server (record mode keeps every state); the next nowcast
+    comes at 39 from the window 23..39, and the session history shows the race."""
+    from safetensors.torch import load_file
+
+    srv, key = server, api_keys["alice"]
+    model, probe = bn_model(), Scripted([1.0, 1.5, 2.0, 1.0, 1.0, 1.2, 1.1, 1.0, 1.0, 1.05])
+    verify = Verify(probe=probe, delay=4, shadow=True)
+    opt = NowcastOptimizer(torch.optim.AdamW(model.parameters(), lr=LR), model, server=srv.url, api_key=key,
+                           period=PERIOD, ctx=CTX, max_train_steps=80, retries=0, timeout=20, record=True,
+                           verify=verify)
+    train_closure(model, opt, 48)
+    opt.close()
+    assert probe.done and not set(opt.failures) - {"upload_dropped"}, opt.failures
+    first, second = opt.nowcasts[0], opt.nowcasts[1]
+    assert (first["delayed"], second["step"], second["delayed"], second["extended"]) == ("rolled_back", 39, "kept", 1)
+    sid = opt.backend.session_id
+    files = [f for f in Path(srv.settings["data_dir"]).rglob("states/23.safetensors") if sid in str(f)]
+    assert len(files) == 1
+    ref, _ = plain_adamw(bn_model, 23)
+    stored = load_file(files[0])
+    assert stored and all(torch.equal(v, ref.state_dict()[n]) for n, v in stored.items())
+    with NowcastClient(srv.url, api_key=key) as c:
+        view = c.get_session(sid)
+    reports = {r["step"]: r for r in view["reports"]}
+    assert reports[39]["extended"] == 1 and [t for t, _ in reports[39]["race"]] == [43, 47]

@@ -75,6 +75,23 @@ class RunChecks:
         if self.opt.verify.shadow:  # this call's gradients are theta's: the copy's first step uses them
             saved.grads = {i: p.grad for i, p in enumerate(ordered_params(self.opt.optimizer))}
             self.pending.fresh = True
+            record = self.pending.record  # the first look at the race: the dip right after the jump
+            if record.get("probe_after") is not None and record.get("probe_before") is not None:
+                self.pending.gap = record["probe_after"] - record["probe_before"]
+
+    def branch_snapshot(self, step: int) -> bool:
+        """While a shadow race is on, the snapshot just taken (the jump's branch) is provisional: take plain
+        training's too, from the copy, and hold both until the check says which branch goes on. True: the caller
+        must not upload its snapshot now."""
+        pending, opt = self.pending, self.opt
+        if pending is None or opt.verify is None or not opt.verify.shadow:
+            return False
+        pending.saved.swap(opt.model, opt.optimizer)
+        try:
+            pending.plain_snapshots[step] = opt.read_snapshot()
+        finally:
+            pending.saved.swap(opt.model, opt.optimizer)
+        return True
 
     def shadow_step(self, closure: Callable[[], Any] | None) -> None:
         """``Verify(shadow=True)``: take this call's base-optimizer step on the pending jump's pre-jump copy too,
@@ -203,6 +220,15 @@ class RunChecks:
             record = pending.record
             if cfg.shadow:  # the reference is plain training itself: the copy, trained on the same batches
                 keep, after = self._compare_with_plain(pending, record)
+                gap = after - record["probe_plain"]
+                record.setdefault("race", []).append([pending.check_step, gap if math.isfinite(gap) else None])
+                if not keep and self._races_on(pending, gap):
+                    record.update(extended=record.get("extended", 0) + 1, probe_passes=record["probe_passes"] + 2,
+                                  verify_s=record["verify_s"] + time.perf_counter() - t0)
+                    pending.gap, pending.check_step = gap, pending.check_step + cfg.delay
+                    record["check_step"] = pending.check_step
+                    self.pending = pending
+                    return
             else:
                 after = cfg.scorer(opt.model, None)()
                 target = record.get("probe_expected", record["probe_before"])
@@ -216,10 +242,23 @@ class RunChecks:
             self.rollbacks_in_a_row = 0
         else:
             pending.saved.restore(opt.model, opt.optimizer)
-            # snapshots of the rolled-back branch must not feed the next nowcast
-            opt.snapshots = [(t, snap) for t, snap in opt.snapshots if t <= pending.step]
+            # snapshots of the rolled-back branch must not feed the next nowcast; a shadow took plain training's
+            opt.snapshots = [(t, pending.plain_snapshots[t] if t in pending.plain_snapshots else snap)
+                             for t, snap in opt.snapshots if t <= pending.step or t in pending.plain_snapshots]
             self.rollbacks_in_a_row += 1
             if self.rollbacks_in_a_row >= cfg.max_rollbacks and not cfg.shadow:  # a shadow rollback costs no step
                 self.delayed_off = True
+        for t, snap in opt.snapshots:  # the race's snapshots were held back: send the branch that goes on
+            if t in pending.plain_snapshots:
+                opt.upload_snapshot(t, snap)
         if opt._rank0:
             self.report(pending.record)
+
+    def _races_on(self, pending: Tentative, gap: float) -> bool:
+        """``Verify(patience=P)``: a jump behind plain training but closing on it gets another ``delay`` steps,
+        at most P times, and never past the budget or the next nowcast's call."""
+        opt, cfg = self.opt, self.opt.verify
+        assert cfg is not None
+        nxt = pending.check_step + cfg.delay
+        return (pending.record.get("extended", 0) < cfg.race_limit and math.isfinite(gap) and gap < pending.gap
+                and nxt <= opt.max_train_steps - 1 and nxt < pending.step + opt.period)

@@ -218,6 +218,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--verify-confidence", type=float, default=None, metavar="Z",
                    help="with --verify-shadow: standard errors by which the jump must beat plain training, batch by "
                    "batch over the probe's batches (Verify(confidence=Z); default: Verify's, 0: the means alone)")
+    b.add_argument("--verify-patience", type=int, default=None, metavar="P",
+                   help="with --verify-shadow: a jump behind plain training at its check but closing on it races on "
+                   "for another delay, at most P times (Verify(patience=P); default: Verify's, 2 with a shadow; "
+                   "labelled NAME+vdDsP, 0: one look, NAME+vdDs)")
     b.add_argument("--final-nowcast", choices=["skip", "keep"], default="skip",
                    help="NowcastOptimizer's rule for the budget's last nowcast (default skip: a normal step)")
     b.add_argument("--quick", action="store_true", help="smoke run in seconds (digits + linefit, tiny budget)")

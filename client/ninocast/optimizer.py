@@ -337,10 +337,20 @@ class NowcastOptimizer(DelegatingOptimizer):
         if not self._rank0:
             self.snapshots.append((step, {}))  # other ranks only count the window
             return
-        with torch.no_grad():
-            snap = {n: self._params[n].detach().to("cpu", dtype=state_dtype(self._params[n].dtype), copy=True)
-                    for n in self.spec.names}
+        snap = self.read_snapshot()
         self.snapshots.append((step, snap))
+        if self.checks.branch_snapshot(step):  # a shadow race is on: the winning branch's snapshot is sent later
+            return
+        self.upload_snapshot(step, snap)
+
+    def read_snapshot(self) -> Snapshot:
+        """The tracked parameters as they are now, on the CPU in their state dtype."""
+        with torch.no_grad():
+            return {n: self._params[n].detach().to("cpu", dtype=state_dtype(self._params[n].dtype), copy=True)
+                    for n in self.spec.names}
+
+    def upload_snapshot(self, step: int, snap: Snapshot) -> None:
+        """Queue one snapshot for the server (remote mode; local mode keeps the window only)."""
         if self._worker is not None and not self._closed:
             backend = self.backend
             assert backend is not None

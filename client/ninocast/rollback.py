@@ -15,6 +15,7 @@ data is copied), so one base-optimizer step can be taken on it and the live run 
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -89,6 +90,8 @@ class Tentative:
     saved: RunCopy
     record: dict[str, Any] = field(default_factory=dict)  # rank 0: the decision in ``opt.nowcasts``
     fresh: bool = False  # shadow: the copy's step for the nowcast call itself is still to take
+    gap: float = math.inf  # shadow: the jump's probe minus plain training's at the last look
+    plain_snapshots: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)  # shadow: the copy's
 
 
 def ordered_params(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:

@@ -47,6 +47,16 @@ standard error also threw away the long first jumps that carry most of NiNo's ga
 plain training by about one standard error 100 steps later), while it kept language runs from keeping jumps
 that were ahead by less than the probe's noise (docs/benchmarks-speedup.md, *Shadow branches*). Rollbacks in a
 row do not turn tentative jumps off here (``max_rollbacks`` is for rollbacks that cost steps).
+
+Racing on (``patience=P``, shadow only; default 2 with a shadow): a jump behind plain training at its check
+whose gap to it (jump minus plain, on the probe) has narrowed since the last look -- the first look is the dip
+right after the jump -- races on for another ``D`` steps, at most ``P`` times, and never past the next
+nowcast's call or the budget. A good jump dips the probe and overtakes plain training 50-200 steps later
+(Fashion-MNIST: the first jump of a run is the longest and the slowest to pay off), so one fixed delay rejects
+some of the jumps that carry the speedup; a jump that falls further behind is rejected at the first look as
+before. While a race is on, snapshots of both branches are taken; the losing branch's are dropped, so after a
+rejection the nowcast window (and the next nowcast's timing) is plain training's. Cost: up to ``P * D`` more
+shadow steps per rejected jump (``extended`` and ``race`` in the decision).
 """
 
 from __future__ import annotations
@@ -62,6 +72,7 @@ from torch import nn
 Score = Callable[[], float]
 DEFAULT_MAX_DIP = 2.0  # a tentative jump may at most triple the probe loss (chosen in docs/benchmarks-speedup.md)
 SHADOW_MAX_DIP = 10.0  # with a shadow branch a rejected jump costs no step: only absurd dips are refused at once
+SHADOW_PATIENCE = 2  # a shadow race behind but closing goes on for up to 2 more delays (see the module doc)
 
 
 @dataclass
@@ -85,6 +96,7 @@ class Verify:
     baseline: str = "before"
     shadow: bool = False
     confidence: float = 0.0
+    patience: int | None = None  # None: SHADOW_PATIENCE with shadow, else 0 (see race_limit)
 
     def __post_init__(self) -> None:
         given = [self.batch is not None, bool(self.batches), self.probe is not None, bool(self.closure)]
@@ -115,6 +127,12 @@ class Verify:
             raise ValueError(f"Verify confidence must be a finite number >= 0 (standard errors), got {self.confidence}")
         if self.shadow and not self.delay:
             raise ValueError("Verify(shadow=True) trains the pre-jump copy until a delayed check: it needs delay=D")
+        if self.patience is not None and (isinstance(self.patience, bool) or not isinstance(self.patience, int)
+                                          or self.patience < 0):
+            raise ValueError(f"Verify patience must be a whole number of extra delays >= 0, got {self.patience!r}")
+        if self.patience and not self.shadow:
+            raise ValueError("Verify(patience=...) lets a jump race plain training for longer: it needs "
+                             "shadow=True (without a shadow branch every extra step would be spent on the jump)")
         if self.shadow and self.baseline != "before":
             raise ValueError("Verify(shadow=True) compares the jump with plain training itself; "
                              f"baseline={self.baseline!r} does not apply")
@@ -126,6 +144,13 @@ class Verify:
         if self.max_dip is not None:
             return self.max_dip
         return max(SHADOW_MAX_DIP if self.shadow else DEFAULT_MAX_DIP, self.tolerance)
+
+    @property
+    def race_limit(self) -> int:
+        """The ``patience`` in force: as given, else 2 with ``shadow`` and 0 without."""
+        if self.patience is not None:
+            return self.patience
+        return SHADOW_PATIENCE if self.shadow else 0
 
     @property
     def kind(self) -> str:
@@ -256,7 +281,7 @@ def as_verify(verify: Verify | Callable[[nn.Module], float] | str | None) -> Ver
 
 REPORT_KEYS = ("k", "accepted", "skipped", "alpha", "probe", "probe_before", "probe_after", "tried", "probe_passes",
                "verify_s", "delayed", "delay", "check_step", "probe_delayed", "snapshot_bytes", "probe_plain",
-               "probe_se", "shadow_steps")
+               "probe_se", "shadow_steps", "extended", "race")
 
 
 def report_body(record: dict[str, Any]) -> dict[str, Any]:

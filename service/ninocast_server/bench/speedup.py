@@ -39,7 +39,7 @@ VERIFIED = "+v"  # label suffix of a verified nowcaster's runs; "+vdD" with dela
 TRACED = "@traced"  # label suffix of runs whose spec carries the traced topology (--graph traced / both)
 DECISION_KEYS = ("step", "k", "accepted", "skipped", "alpha", "probe_before", "probe_after", "tried", "probe_passes",
                  "verify_s", "delayed", "check_step", "probe_delayed", "probe_expected", "snapshot_bytes",
-                 "probe_plain", "probe_se", "shadow_steps")
+                 "probe_plain", "probe_se", "shadow_steps", "extended", "race")
 
 
 # ---------------------------------------------------------------------------------------------- methods
@@ -223,6 +223,7 @@ def run_one(task, method: str, ref: str | None, seed: int, *, max_steps: int, pe
         "verify_baseline": opt.verify.baseline if verify and opt.verify.delay else None,
         "verify_shadow": shadow, "probe": task.probe_description if verify is not None else None,
         "verify_confidence": opt.verify.confidence if shadow else None,
+        "verify_patience": opt.verify.race_limit if shadow else None,
         "shadow_steps": sum(n.get("shadow_steps") or 0 for n in decisions),
         "rollback_steps": rollback_steps,
         "snapshot_bytes_max": max((n.get("snapshot_bytes") or 0 for n in decisions), default=0),
@@ -534,16 +535,20 @@ def run_bench_speedup(args: argparse.Namespace) -> int:
         verify_options["max_dip"] = args.verify_max_dip
     if args.verify_confidence is not None:
         verify_options["confidence"] = args.verify_confidence
+    if args.verify_patience is not None:
+        verify_options["patience"] = args.verify_patience
+    race = 0
     if args.verify != "off":
         from ninocast import Verify
 
         try:  # the options alone, checked before any training
-            Verify(probe=lambda m: 0.0, **verify_options)
+            race = Verify(probe=lambda m: 0.0, **verify_options).race_limit
         except ValueError as e:
             raise CommandError(f"--verify options: {e}") from None
     suffix = VERIFIED + (f"d{args.verify_delay}" if args.verify_delay else "")
     suffix += "-trend" if args.verify_delay and args.verify_baseline == "trend" else ""
     suffix += "s" if args.verify_shadow else ""
+    suffix += f"p{race}" if race else ""  # racing on (Verify.patience): "+vdDs" alone is a one-look check
     if args.verify != "off":  # NAME+v: the same nowcaster, every nowcast verified on a probe batch
         verified = [(label + suffix, ref) for label, ref in methods[1:]]
         methods = methods[:1] + (verified if args.verify == "on" else
@@ -590,6 +595,7 @@ def run_bench_speedup(args: argparse.Namespace) -> int:
               "verify_delay": args.verify_delay, "verify_max_dip": args.verify_max_dip,
               "verify_baseline": args.verify_baseline, "verify_shadow": args.verify_shadow,
               "verify_confidence": args.verify_confidence,
+              "verify_patience": race if args.verify_shadow else None,
               "final_nowcast": args.final_nowcast, "graph": graph,
               "probe": {t.name: t.probe_description for t in {id(p[0]): p[0] for p in plan}.values()},
               "seeds": seeds, "server": args.server, "threads": torch.get_num_threads(),
