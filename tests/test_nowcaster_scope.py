@@ -143,7 +143,7 @@ def test_remote_optimizer_warns_once_for_a_family_outside_the_default_scope(srv)
         opt.close()
     lines = scope_warnings(record)
     assert len(lines) == 1 and "'ninocast-nino'" in lines[0] and "'gpt2'" in lines[0], lines
-    assert opt.failures == {}
+    assert opt.failures == {} and opt.backend.out_of_scope  # verification reads it (Verify's patience)
 
 
 def test_local_optimizer_warns_once_outside_the_scope_and_not_inside():
@@ -156,10 +156,12 @@ def test_local_optimizer_warns_once_outside_the_scope_and_not_inside():
         opt.close()
     lines = scope_warnings(record)
     assert len(lines) == 1 and "'ninocast-nino'" in lines[0] and "'gpt2'" in lines[0], lines
+    assert opt.backend.out_of_scope
     mlp = tiny_mlp()
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
-        NowcastOptimizer(torch.optim.AdamW(mlp.parameters()), mlp, local=True, period=20).close()
+        inside = NowcastOptimizer(torch.optim.AdamW(mlp.parameters()), mlp, local=True, period=20)
         # the official model was trained on GPT-2
-        NowcastOptimizer(torch.optim.AdamW(model.parameters()), model, nowcaster=official_pt(), period=20).close()
-    assert scope_warnings(record) == []
+        official = NowcastOptimizer(torch.optim.AdamW(model.parameters()), model, nowcaster=official_pt(), period=20)
+    assert scope_warnings(record) == [] and not inside.backend.out_of_scope and not official.backend.out_of_scope
+    inside.close(), official.close()

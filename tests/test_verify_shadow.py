@@ -262,7 +262,11 @@ def test_bench_speedup_verify_shadow_smoke(tmp_path):
     assert main(["bench", "speedup", "--task", "digits", "--nowcasters", "linefit", "--verify", "on",
                  "--verify-delay", "30", "--verify-patience", "1", "--no-progress", "--out",
                  str(tmp_path / "x")]) == 2  # racing on needs the shadow
-    assert "| shadow steps/run | median steps + shadow steps to target |" in (out / "results.md").read_text()
+    md = (out / "results.md").read_text()
+    assert "| shadow steps/run | median steps + shadow steps to target |" in md
+    raced = [d for d in tentative if d["extended"]]
+    row = next(line for line in md.splitlines() if line.startswith("| digits | linefit+vd30sp2 | 1 |"))
+    assert f"| {len(raced)} ({sum(d['delayed'] == 'kept' for d in raced)}) |" in row
 
 
 def test_compute_to_target_counts_the_shadow_steps_of_checks_begun_before_it():
@@ -352,3 +356,17 @@ def test_the_server_gets_the_snapshots_of_the_branch_that_goes_on(server, api_ke
         view = c.get_session(sid)
     reports = {r["step"]: r for r in view["reports"]}
     assert reports[39]["extended"] == 1 and [t for t, _ in reports[39]["race"]] == [43, 47]
+
+
+@pytest.mark.parametrize("patience, out_of_scope, extended", [(None, False, 1), (None, True, 0), (2, True, 1)])
+def test_the_default_race_is_withheld_from_an_out_of_scope_nowcaster(patience, out_of_scope, extended):
+    """The same closing gap (+0.5 -> +0.2) races on by default, not when the nowcaster warned that the model is
+    outside its scope (the backend's ``out_of_scope``, set from the warning), unless patience is given."""
+    script = [1.0, 1.5, 1.2, 1.0] + ([0.9, 0.95] if extended else [])
+    model, probe = bn_model(), Scripted(script)
+    opt = shadow_opt(model, probe, 4, 80, patience=patience)
+    opt.backend.out_of_scope = out_of_scope
+    train_closure(model, opt, 19 + 4 * (1 + extended) + 1)
+    d = opt.nowcasts[0]
+    assert probe.done and d.get("extended", 0) == extended and d["patience"] == (0 if extended == 0 else 2)
+    assert d["delayed"] == ("kept" if extended else "rolled_back")

@@ -23,6 +23,7 @@ Snapshot = dict[str, torch.Tensor]
 
 class Backend(Protocol):
     streams_states: bool  # True: every snapshot is handed to add_state (on the worker thread)
+    out_of_scope: bool  # the nowcaster warned that this model is outside what it was meta-trained on
 
     def add_state(self, step: int, snapshot: Snapshot) -> None: ...
     def nowcast(self, window: list[tuple[int, Snapshot]], k: int,
@@ -100,6 +101,7 @@ class RemoteBackend:
         self.closed = False
         self._lock = threading.Lock()  # session_id / acked: read by checkpoints on the training thread
         self.warned: set[str] = set()  # server warnings already shown (a re-created session repeats them)
+        self.out_of_scope = False  # the server's create answer warned (its one warning: the nowcaster's scope)
 
     def _session(self, deadline: float | None = None) -> str:
         if self.closed:
@@ -110,6 +112,7 @@ class RemoteBackend:
                 self.session_id, self.acked = created["id"], set()
             for line in created.get("warnings") or []:
                 warn_once(self.warned, line)
+                self.out_of_scope = True
         return self.session_id
 
     def _forget_session(self) -> None:
@@ -228,6 +231,7 @@ class LocalBackend:
         check_spec_for(spec, self.model)  # a spec its graph cannot describe fails here, not at the first nowcast
         self.spec = spec
         line = self.model.scope_warning(spec)
+        self.out_of_scope = line is not None
         if line:  # the local nowcaster is chosen once per optimizer: one warning
             warnings.warn(f"ninocast: {line}", RuntimeWarning, stacklevel=4)
 

@@ -86,6 +86,8 @@ class NowcastReport(BaseModel):
                                      description="Verify(shadow=True): base-optimizer steps taken on the copy")
     extended: int | None = Field(None, ge=0, le=1000, description="Verify(patience=P): times the check was put off "
                                  "by another delay (the jump was behind plain training but closing on it)")
+    patience: int | None = Field(None, ge=0, le=10**6, description="Verify(shadow=True): the extra delays a jump "
+                                 "behind but closing could race for (0 by default for an out-of-scope nowcaster)")
     race: list[tuple[int, float | None]] = Field([], max_length=1001, description="Verify(shadow=True): [check "
                                                  "step, jump's probe minus plain training's] at each look")
 

@@ -39,7 +39,7 @@ VERIFIED = "+v"  # label suffix of a verified nowcaster's runs; "+vdD" with dela
 TRACED = "@traced"  # label suffix of runs whose spec carries the traced topology (--graph traced / both)
 DECISION_KEYS = ("step", "k", "accepted", "skipped", "alpha", "probe_before", "probe_after", "tried", "probe_passes",
                  "verify_s", "delayed", "check_step", "probe_delayed", "probe_expected", "snapshot_bytes",
-                 "probe_plain", "probe_se", "shadow_steps", "extended", "race")
+                 "probe_plain", "probe_se", "shadow_steps", "extended", "race", "patience")
 
 
 # ---------------------------------------------------------------------------------------------- methods
@@ -368,6 +368,8 @@ def decision_rows(runs: list[dict]) -> list[dict]:
             "final_change": statistics.median(finals) if finals else None,
             "tentative": sum(1 for d in verified if d.get("delayed")),
             "rolled_back": sum(1 for d in verified if d.get("delayed") == "rolled_back"),
+            "raced": sum(1 for d in verified if d.get("extended")),
+            "raced_kept": sum(1 for d in verified if d.get("extended") and d.get("delayed") == "kept"),
             "max_delayed_change": max((d["probe_delayed"] - d["probe_before"] for d in verified
                                        if d.get("delayed") == "kept" and d.get("probe_delayed") is not None),
                                       default=None),
@@ -394,16 +396,18 @@ def decisions_markdown(rows: list[dict]) -> str:
     if not rows:
         return ""
     out = ["### Nowcast decisions and the last call\n",
-           "| task | method | runs | nowcasts accepted / computed (shrunk) | tentative (rolled back) | largest "
+           "| task | method | runs | nowcasts accepted / computed (shrunk) | tentative (rolled back) | raced on "
+           "(then kept) | largest "
            "probe-loss change after an accepted nowcast | largest probe-loss change at the delayed check of a kept "
            "jump | largest metric worsening after an accepted nowcast (pre/post evals) | median metric change over "
            "the last call | verify s/run | probe passes/run | rollback copy MB | shadow steps/run | median steps + "
            "shadow steps to target |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     f = lambda v, p=4: "n/a" if v is None else f"{v:+.{p}f}"  # noqa: E731
     for r in rows:
         out.append(f"| {r['task']} | {r['method']} | {r['runs']} | {r['accepted']} / {r['nowcasts']} ({r['shrunk']}) | "
-                   f"{r['tentative']} ({r['rolled_back']}) | {f(r['max_probe_increase'])} | "
+                   f"{r['tentative']} ({r['rolled_back']}) | {r['raced']} ({r['raced_kept']}) | "
+                   f"{f(r['max_probe_increase'])} | "
                    f"{f(r['max_delayed_change'])} | {f(r['max_metric_worsening'], 3)} | {f(r['final_change'], 3)} | "
                    f"{r['verify_s_mean']:.2f} | {r['probe_passes_mean']:.0f} | {r['snapshot_bytes_max'] / 1e6:.2f} | "
                    f"{r['shadow_mean']:.0f} | {r['compute_to_target']:.0f} |")
