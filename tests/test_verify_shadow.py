@@ -349,6 +349,9 @@ def test_the_server_gets_the_snapshots_of_the_branch_that_goes_on(server, api_ke
     sid = opt.backend.session_id
     files = [f for f in Path(srv.settings["data_dir"]).rglob("states/23.safetensors") if sid in str(f)]
     assert len(files) == 1
+    # one session from the first snapshot on: had the rejected branch's 23 been sent first, plain training's
+    # would have met a step conflict and the client would have started a new session without steps 3..19
+    assert sorted(int(f.stem) for f in files[0].parent.glob("*.safetensors"))[:6] == [3, 7, 11, 15, 19, 23]
     ref, _ = plain_adamw(bn_model, 23)
     stored = load_file(files[0])
     assert stored and all(torch.equal(v, ref.state_dict()[n]) for n, v in stored.items())
