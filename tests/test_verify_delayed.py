@@ -188,7 +188,7 @@ def test_a_kept_jump_resets_the_count_and_no_check_runs_past_the_budget():
 def test_delay_arguments_are_checked():
     with pytest.raises(ValueError, match="fixed probe"):
         Verify(closure=True, delay=5)
-    for bad in (dict(delay=-1), dict(delay=2.5), dict(max_dip=-0.5), dict(max_dip=math.inf),
+    for bad in (dict(delay=-1), dict(delay=2.5), dict(max_dip=-0.5), dict(max_dip=math.nan),
                 dict(tolerance=0.5, max_dip=0.1), dict(max_rollbacks=0)):
         with pytest.raises(ValueError):
             Verify(probe=lambda m: 0.0, **bad)

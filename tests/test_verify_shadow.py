@@ -6,6 +6,7 @@ AdamW steps, the real bench command."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -216,9 +217,12 @@ def test_shadow_needs_a_delay_a_closure_and_one_process():
     for bad in (-1.0, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="confidence"):
             Verify(probe=lambda m: 0.0, delay=5, shadow=True, confidence=bad)
-    # a shadow makes a tentative jump cost no step, so its default max_dip is wider; an explicit one stands
+    # a shadow makes a tentative jump cost no step, so by default it has no dip limit; an explicit one stands
     assert [Verify(probe=lambda m: 0.0, delay=5, **kw).dip_limit for kw in
-            ({}, {"shadow": True}, {"shadow": True, "max_dip": 3.0})] == [2.0, 10.0, 3.0]
+            ({}, {"shadow": True}, {"shadow": True, "max_dip": 3.0})] == [2.0, math.inf, 3.0]
+    assert Verify(probe=lambda m: 0.0, delay=5, max_dip=math.inf).dip_limit == math.inf
+    with pytest.raises(ValueError, match="max_dip"):
+        Verify(probe=lambda m: 0.0, delay=5, shadow=True, max_dip=float("nan"))
     model = bn_model()
     opt = shadow_opt(model, Scripted([1.0, 1.5]), 5, 40)
     for s in range(21):  # no closure: the nowcast call's own copy step uses its gradients, the next call cannot
@@ -320,7 +324,7 @@ def test_a_race_that_does_not_overtake_leaves_plain_adamw(patience, script, look
 
 
 def test_patience_is_checked():
-    assert [Verify(probe=lambda m: 0.0, delay=5, **kw).race_limit for kw in
+    assert [Verify(probe=lambda m: 0.0, delay=5, **kw).patience_asked for kw in
             ({}, {"shadow": True}, {"shadow": True, "patience": 0}, {"shadow": True, "patience": 7})] == [0, 2, 0, 7]
     for bad in (-1, 1.5, True):
         with pytest.raises(ValueError, match="patience must be a whole number"):
@@ -373,3 +377,31 @@ def test_the_default_race_is_withheld_from_an_out_of_scope_nowcaster(patience, o
     d = opt.nowcasts[0]
     assert probe.done and d.get("extended", 0) == extended and d["patience"] == (0 if extended == 0 else 2)
     assert d["delayed"] == ("kept" if extended else "rolled_back")
+
+
+def test_with_a_shadow_any_finite_dip_gets_its_check_and_a_nan_jump_is_shortened():
+    """Probe 1.0 -> 40.0 right after the jump (a 39x dip, beyond the old default limit of 10): with a shadow and
+    no max_dip the jump is kept tentatively and decided against plain training at the check (0.9 < 1.0: kept),
+    with only the full jump scored. An explicit max_dip refuses it at once and tries the shorter jumps; a jump
+    whose probe is NaN is never kept tentatively, limit or not: the shorter jumps are tried."""
+    model, probe = bn_model(), Scripted([1.0, 40.0, 0.9, 1.0])
+    opt = shadow_opt(model, probe, 5, 40)
+    train_closure(model, opt, 25)
+    d = opt.nowcasts[0]
+    assert (d["tried"], d["delayed"], d["accepted"], d["probe_plain"]) == ([[1.0, 40.0]], "kept", True, 1.0)
+    assert probe.done
+
+    limited, probe = bn_model(), Scripted([1.0, 40.0, 3.0, 2.0])
+    opt = shadow_opt(limited, probe, 5, 40, max_dip=10.0)
+    train_closure(limited, opt, 25)
+    d = opt.nowcasts[0]
+    assert [a for a, _ in d["tried"]] == [1.0, 0.5, 0.25] and not d["accepted"] and "delayed" not in d
+    assert probe.done
+    assert_same_run(limited, opt.optimizer, *plain_adamw(bn_model, 25))
+
+    broken, probe = bn_model(), Scripted([1.0, float("nan"), 0.95, 2.0])
+    opt = shadow_opt(broken, probe, 5, 40)
+    train_closure(broken, opt, 25)
+    d = opt.nowcasts[0]
+    assert [a for a, _ in d["tried"]] == [1.0, 0.5, 0.25] and math.isinf(d["tried"][0][1])
+    assert (d["accepted"], d["alpha"]) == (True, 0.5) and "delayed" not in d and probe.done

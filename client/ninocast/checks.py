@@ -221,7 +221,7 @@ class RunChecks:
             if cfg.shadow:  # the reference is plain training itself: the copy, trained on the same batches
                 keep, after = self._compare_with_plain(pending, record)
                 gap = after - record["probe_plain"]
-                record["patience"] = self.race_limit()
+                record["patience"] = self.patience()
                 record.setdefault("race", []).append([pending.check_step, gap if math.isfinite(gap) else None])
                 if not keep and self._races_on(pending, gap):
                     record.update(extended=record.get("extended", 0) + 1, probe_passes=record["probe_passes"] + 2,
@@ -261,10 +261,10 @@ class RunChecks:
         opt, cfg = self.opt, self.opt.verify
         assert cfg is not None
         nxt = pending.check_step + cfg.delay
-        return (pending.record.get("extended", 0) < self.race_limit() and math.isfinite(gap) and gap < pending.gap
+        return (pending.record.get("extended", 0) < self.patience() and math.isfinite(gap) and gap < pending.gap
                 and nxt <= opt.max_train_steps - 1 and nxt < pending.step + opt.period)
 
-    def race_limit(self) -> int:
+    def patience(self) -> int:
         """The patience in force: as given; by default 2 with a shadow, but 0 when the nowcaster warned that the
         model is outside its scope (a race extends trust the one-look check would not give, and a short check
         cannot see a jump that slows training down later: measured on GPT-2 with the FM-16-only default)."""
@@ -272,4 +272,4 @@ class RunChecks:
         assert cfg is not None
         if cfg.patience is None and getattr(self.opt.backend, "out_of_scope", False):
             return 0
-        return cfg.race_limit
+        return cfg.patience_asked

@@ -36,11 +36,11 @@ training away, and "no worse than before the jump" is a weak reference for plain
 moved on too. With ``shadow`` the pre-jump copy keeps training while the check is pending: every call also
 takes the base optimizer's step on the copy with the same batch (the closure runs once more), so at the check
 both branches have seen the same data, and the jump is kept only when its probe is no worse than plain
-training's (``probe_plain``, within ``tolerance``). Every full jump within ``max_dip`` is checked this way, one
-that passes the immediate check included. A rejected jump then costs no steps: the run continues
-exactly as plain training would have. The price is compute, ``D + 1`` extra forward and backward passes per
-tentative jump (``shadow_steps``), and the copy's memory; single process only. With a probe of several
-batches (``batches=[...]``) the two branches are compared batch by batch and the jump must win with
+training's (``probe_plain``, within ``tolerance``). Every full jump with a finite probe is checked this way (no
+``max_dip`` by default here), one that passes the immediate check included. A rejected jump then costs no steps:
+the run continues exactly as plain training would have. The price is compute, ``D + 1`` extra forward and
+backward passes per tentative jump (``shadow_steps``), and the copy's memory; single process only. With a
+probe of several batches (``batches=[...]``) the two branches are compared batch by batch and the jump must win with
 ``confidence``: the mean of the per-batch differences (jump minus plain) plus ``confidence`` standard errors of
 that mean must be <= ``tolerance * |probe_plain|``. The default, 0, compares the means alone: measured, one
 standard error also threw away the long first jumps that carry most of NiNo's gain on Fashion-MNIST (they lead
@@ -75,7 +75,7 @@ from torch import nn
 
 Score = Callable[[], float]
 DEFAULT_MAX_DIP = 2.0  # a tentative jump may at most triple the probe loss (chosen in docs/benchmarks-speedup.md)
-SHADOW_MAX_DIP = 10.0  # with a shadow branch a rejected jump costs no step: only absurd dips are refused at once
+SHADOW_MAX_DIP = math.inf  # with a shadow branch a rejected jump costs no step: every full jump gets its check
 SHADOW_PATIENCE = 2  # a shadow race behind but closing goes on for up to 2 more delays (see the module doc)
 
 
@@ -100,7 +100,7 @@ class Verify:
     baseline: str = "before"
     shadow: bool = False
     confidence: float = 0.0
-    patience: int | None = None  # None: SHADOW_PATIENCE with shadow (0 out of scope), else 0 (see race_limit)
+    patience: int | None = None  # None: SHADOW_PATIENCE with shadow (0 out of scope), else 0 (see patience_asked)
 
     def __post_init__(self) -> None:
         given = [self.batch is not None, bool(self.batches), self.probe is not None, bool(self.closure)]
@@ -120,9 +120,9 @@ class Verify:
         if self.delay and self.closure:
             raise ValueError("Verify(delay=...) needs a fixed probe (batch=, batches= or probe=): the closure's "
                              "batch changes every step, so a later loss cannot be compared with the one before")
-        if self.max_dip is not None and not (math.isfinite(self.max_dip) and self.max_dip >= self.tolerance):
-            raise ValueError(f"Verify max_dip must be a finite number >= tolerance ({self.tolerance}), "
-                             f"got {self.max_dip}")
+        if self.max_dip is not None and not self.max_dip >= self.tolerance:  # NaN fails too
+            raise ValueError(f"Verify max_dip must be a number >= tolerance ({self.tolerance}) or math.inf "
+                             f"(no limit), got {self.max_dip}")
         if isinstance(self.max_rollbacks, bool) or not isinstance(self.max_rollbacks, int) or self.max_rollbacks < 1:
             raise ValueError(f"Verify max_rollbacks must be a whole number >= 1, got {self.max_rollbacks!r}")
         if self.baseline not in ("before", "trend"):
@@ -143,14 +143,16 @@ class Verify:
 
     @property
     def dip_limit(self) -> float:
-        """The ``max_dip`` in force: as given, else 2.0, or 10.0 with ``shadow`` (a rejected jump costs no step
-        there, so only jumps far beyond any measured good one are checked at once)."""
+        """The ``max_dip`` in force: as given, else 2.0, or no limit (``math.inf``) with ``shadow``: a rejected
+        jump costs no step there, so refusing one at once only saves the check's compute, and a limit of 10
+        refused a jump of the default nowcaster that paid off (docs/benchmarks-speedup.md, *The dip limit with a
+        shadow*)."""
         if self.max_dip is not None:
             return self.max_dip
         return max(SHADOW_MAX_DIP if self.shadow else DEFAULT_MAX_DIP, self.tolerance)
 
     @property
-    def race_limit(self) -> int:
+    def patience_asked(self) -> int:
         """The ``patience`` asked for: as given, else 2 with ``shadow`` and 0 without (the optimizer uses 0
         instead of the default for a nowcaster that warned the model is outside its scope)."""
         if self.patience is not None:
@@ -204,8 +206,9 @@ def _number(value: Any) -> float:
 
 
 def limit_of(before: float, relative: float) -> float:
-    """The highest probe value that passes: ``before`` raised by ``relative`` of its size (inf when unknown)."""
-    return before + relative * abs(before) if math.isfinite(before) else math.inf
+    """The highest probe value that passes: ``before`` raised by ``relative`` of its size (inf when unknown or
+    when ``relative`` is no limit)."""
+    return before + relative * abs(before) if math.isfinite(before) and math.isfinite(relative) else math.inf
 
 
 def verify_jump(params: dict[str, torch.Tensor], nowcast: dict[str, torch.Tensor], score: Score, cfg: Verify,
@@ -239,7 +242,9 @@ def verify_jump(params: dict[str, torch.Tensor], nowcast: dict[str, torch.Tensor
         place(a)
         tried.append([a, _number(score())])
         passes += 1
-        if a == 1.0 and (tried[0][1] <= limit or tentative_ok and tried[0][1] <= limit_of(before, cfg.dip_limit)):
+        full = tried[0][1]  # a NaN or infinite probe never passes, whatever the limits: shorter jumps are tried
+        dip_ok = tentative_ok and full <= limit_of(before, cfg.dip_limit)
+        if a == 1.0 and math.isfinite(full) and (full <= limit or dip_ok):
             break
     alpha, best = min(tried, key=lambda t: (t[1], -t[0]))  # the lowest probe; a tie goes to the longer jump
     accepted = math.isfinite(best) and best <= limit

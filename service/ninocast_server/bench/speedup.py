@@ -223,7 +223,7 @@ def run_one(task, method: str, ref: str | None, seed: int, *, max_steps: int, pe
         "verify_baseline": opt.verify.baseline if verify and opt.verify.delay else None,
         "verify_shadow": shadow, "probe": task.probe_description if verify is not None else None,
         "verify_confidence": opt.verify.confidence if shadow else None,
-        "verify_patience": opt.verify.race_limit if shadow else None,
+        "verify_patience": opt.checks.patience() if shadow else None,  # in force: 0 out of scope
         "shadow_steps": sum(n.get("shadow_steps") or 0 for n in decisions),
         "rollback_steps": rollback_steps,
         "snapshot_bytes_max": max((n.get("snapshot_bytes") or 0 for n in decisions), default=0),
@@ -546,7 +546,7 @@ def run_bench_speedup(args: argparse.Namespace) -> int:
         from ninocast import Verify
 
         try:  # the options alone, checked before any training
-            race = Verify(probe=lambda m: 0.0, **verify_options).race_limit
+            race = Verify(probe=lambda m: 0.0, **verify_options).patience_asked
         except ValueError as e:
             raise CommandError(f"--verify options: {e}") from None
     suffix = VERIFIED + (f"d{args.verify_delay}" if args.verify_delay else "")
