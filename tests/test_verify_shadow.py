@@ -125,16 +125,22 @@ def test_a_kept_jump_is_the_branch_plain_delay_would_have_kept():
     assert not torch.equal(runs[True][0][0].weight, ref[0].weight)
 
 
+def first_decision(script: list[float], calls: int = 25, delay: int = 5, **kw):
+    """A BatchNorm model trained ``calls`` calls with a shadow check of ``delay`` on a scripted probe; returns the
+    model, the optimizer and the first nowcast's decision, once every scripted value was used."""
+    model, probe = bn_model(), Scripted(script)
+    opt = shadow_opt(model, probe, delay, 40, **kw)
+    train_closure(model, opt, calls)
+    assert probe.done
+    return model, opt, opt.nowcasts[0]
+
+
 def test_a_jump_that_passes_at_once_is_still_compared_with_plain_training():
     """Probe 1.0 -> 0.8 right after the jump passes the immediate check, but 5 calls later plain training (0.7)
     is ahead of the jump's branch (0.75): the shadow rolls it back, where a delay without shadow accepts it at
     once and never looks again."""
-    model, probe = bn_model(), Scripted([1.0, 0.8, 0.75, 0.7])
-    opt = shadow_opt(model, probe, 5, 40)
-    train_closure(model, opt, 25)
-    d = opt.nowcasts[0]
+    model, opt, d = first_decision([1.0, 0.8, 0.75, 0.7])
     assert (d["tried"], d["delayed"], d["accepted"], d["probe_plain"]) == ([[1.0, 0.8]], "rolled_back", False, 0.7)
-    assert probe.done
     assert_same_run(model, opt.optimizer, *plain_adamw(bn_model, 25))
     plain_delay = shadow_opt(bn_model(), Scripted([1.0, 0.8]), 5, 40, shadow=False)
     assert plain_delay.verify.dip_limit == 2.0
@@ -384,24 +390,13 @@ def test_with_a_shadow_any_finite_dip_gets_its_check_and_a_nan_jump_is_shortened
     no max_dip the jump is kept tentatively and decided against plain training at the check (0.9 < 1.0: kept),
     with only the full jump scored. An explicit max_dip refuses it at once and tries the shorter jumps; a jump
     whose probe is NaN is never kept tentatively, limit or not: the shorter jumps are tried."""
-    model, probe = bn_model(), Scripted([1.0, 40.0, 0.9, 1.0])
-    opt = shadow_opt(model, probe, 5, 40)
-    train_closure(model, opt, 25)
-    d = opt.nowcasts[0]
+    _, _, d = first_decision([1.0, 40.0, 0.9, 1.0])
     assert (d["tried"], d["delayed"], d["accepted"], d["probe_plain"]) == ([[1.0, 40.0]], "kept", True, 1.0)
-    assert probe.done
 
-    limited, probe = bn_model(), Scripted([1.0, 40.0, 3.0, 2.0])
-    opt = shadow_opt(limited, probe, 5, 40, max_dip=10.0)
-    train_closure(limited, opt, 25)
-    d = opt.nowcasts[0]
+    limited, opt, d = first_decision([1.0, 40.0, 3.0, 2.0], max_dip=10.0)
     assert [a for a, _ in d["tried"]] == [1.0, 0.5, 0.25] and not d["accepted"] and "delayed" not in d
-    assert probe.done
     assert_same_run(limited, opt.optimizer, *plain_adamw(bn_model, 25))
 
-    broken, probe = bn_model(), Scripted([1.0, float("nan"), 0.95, 2.0])
-    opt = shadow_opt(broken, probe, 5, 40)
-    train_closure(broken, opt, 25)
-    d = opt.nowcasts[0]
+    _, _, d = first_decision([1.0, float("nan"), 0.95, 2.0])
     assert [a for a, _ in d["tried"]] == [1.0, 0.5, 0.25] and math.isinf(d["tried"][0][1])
-    assert (d["accepted"], d["alpha"]) == (True, 0.5) and "delayed" not in d and probe.done
+    assert (d["accepted"], d["alpha"]) == (True, 0.5) and "delayed" not in d
