@@ -207,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "NAME+vdD; default 0: immediate checks only)")
     b.add_argument("--verify-max-dip", type=float, default=None, metavar="X",
                    help="with --verify-delay: the largest relative rise of the probe a tentative jump may have "
-                   "(default: Verify's)")
+                   "(default: Verify's, 2, or no limit with --verify-shadow; 'inf' for none)")
     b.add_argument("--verify-baseline", choices=["before", "trend"], default="before",
                    help="with --verify-delay: what the delayed check compares with (Verify(baseline=...)): the "
                    "probe before the jump, or where plain training was heading (labelled NAME+vdD-trend)")
