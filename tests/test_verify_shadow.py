@@ -13,7 +13,7 @@ import pytest
 import torch
 from ninocast import ModelSpec, NowcastClient, NowcastOptimizer, Verify
 from ninocast.spec import SpecError
-from ninocast.verify import report_body
+from ninocast.verify import limit_of, report_body
 from ninocast_server.api.schemas import NowcastReport
 from test_verify import CTX, PERIOD, PROBE, batch, loss_fn
 from test_verify_delayed import LR, Scripted, assert_same_run, bn_model
@@ -227,6 +227,7 @@ def test_shadow_needs_a_delay_a_closure_and_one_process():
     assert [Verify(probe=lambda m: 0.0, delay=5, **kw).dip_limit for kw in
             ({}, {"shadow": True}, {"shadow": True, "max_dip": 3.0})] == [2.0, math.inf, 3.0]
     assert Verify(probe=lambda m: 0.0, delay=5, max_dip=math.inf).dip_limit == math.inf
+    assert limit_of(0.0, math.inf) == math.inf and limit_of(2.0, 0.5) == 3.0  # no limit even from a zero probe
     with pytest.raises(ValueError, match="max_dip"):
         Verify(probe=lambda m: 0.0, delay=5, shadow=True, max_dip=float("nan"))
     model = bn_model()

@@ -231,6 +231,8 @@ def verify_jump(params: dict[str, torch.Tensor], nowcast: dict[str, torch.Tensor
         before, passes = _number(score()), 1
     before = _number(before)
     limit = limit_of(before, cfg.tolerance)
+    # the full jump stops the search when it passes, or (tentative_ok) when it stays within the dip limit
+    full_limit = max(limit, limit_of(before, cfg.dip_limit)) if tentative_ok else limit
 
     def place(a: float) -> None:
         with torch.no_grad():
@@ -242,9 +244,8 @@ def verify_jump(params: dict[str, torch.Tensor], nowcast: dict[str, torch.Tensor
         place(a)
         tried.append([a, _number(score())])
         passes += 1
-        full = tried[0][1]  # a NaN or infinite probe never passes, whatever the limits: shorter jumps are tried
-        dip_ok = tentative_ok and full <= limit_of(before, cfg.dip_limit)
-        if a == 1.0 and math.isfinite(full) and (full <= limit or dip_ok):
+        # a NaN or infinite probe never passes, whatever the limits: the shorter jumps are tried
+        if a == 1.0 and math.isfinite(tried[0][1]) and tried[0][1] <= full_limit:
             break
     alpha, best = min(tried, key=lambda t: (t[1], -t[0]))  # the lowest probe; a tie goes to the longer jump
     accepted = math.isfinite(best) and best <= limit
