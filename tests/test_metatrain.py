@@ -539,3 +539,35 @@ def test_unused_padding_slots_are_dropped_without_changing_the_loss(tiny_store):
     assert float(masked_l1(forward(model, small), small.target, small.mask)) == pytest.approx(float(full_loss),
                                                                                              rel=1e-5)
     assert trim_unused_slots(conv, 6) is conv  # 3x3 kernels fill all nine slots
+
+
+def test_early_fraction_starts_that_share_of_windows_in_the_first_ctx_snapshots(tiny_store):
+    """The first nowcast (k = 40) jumps from the first ctx snapshots; --early-fraction makes that many windows start
+    there. At 0 the draws are exactly those of the uniform sampler (old runs resume with the same batches)."""
+    store = TrajectoryStore.open(tiny_store)
+    starts = lambda frac: [WindowSampler.from_stores([store], spacing=2, windows=2, early_fraction=frac)  # noqa: E731
+                           .window_start(60, 1, g) for g in [torch.Generator().manual_seed(0)] for _ in range(800)]
+    uniform, half, early = starts(0.0), starts(0.5), starts(1.0)
+    hi = 60 - (5 + 10 + 2)
+    assert max(early) == 5 and min(early) == 0  # ctx = 5: starts 0..5
+    assert max(uniform) == hi - 1 and sum(s <= 5 for s in uniform) / 800 < 0.2
+    assert 0.5 < sum(s <= 5 for s in half) / 800 < 0.65  # 50 % early + the uniform draws that land there
+    gen = torch.Generator().manual_seed(0)
+    assert uniform[:20] == [int(torch.randint(0, hi, (1,), generator=gen)) for _ in range(20)]
+    for bad in (-0.1, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="early_fraction"):
+            WindowSampler.from_stores([store], spacing=2, windows=2, early_fraction=bad)
+
+
+def test_metatrain_early_fraction_option_and_its_error(tiny_store, tmp_path, capsys):
+    from ninocast.cli import main
+
+    args = [str(tiny_store), "--iters", "2", "--spacing", "2", "--hid", "8", "--layers", "2",
+            "--batch-trajectories", "1", "--windows", "1", "--val-batches", "1", "-q"]
+    out = tmp_path / "early"
+    assert main(["metatrain", *args, "-o", str(out), "--early-fraction", "0.3"]) == 0
+    assert json.loads((out / "config.json").read_text())["source"]["config"]["early_fraction"] == 0.3
+    assert "30% of trajectories with windows from their first 5 snapshots" in (out / "MODEL_CARD.md").read_text()
+    capsys.readouterr()
+    assert main(["metatrain", *args, "-o", str(tmp_path / "x"), "--early-fraction", "2"]) == 2
+    assert "--early-fraction must be a number in [0, 1]" in capsys.readouterr().err

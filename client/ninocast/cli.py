@@ -310,6 +310,9 @@ def _add_metatrain_parsers(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--tasks", help="only these tasks (comma-separated)")
     s.add_argument("--task-weight", action="append", default=[], metavar="TASK=W",
                    help="sample TASK W times as often as a task of weight 1 (repeatable; default: uniform)")
+    s.add_argument("--early-fraction", type=float, default=0.0,
+                   help="share of training trajectories whose windows start in the first ctx snapshots, where the "
+                        "first (longest) nowcast jumps from (default 0: uniform, as the reference)")
     s.add_argument("--val-fraction", type=float, default=0.2, help="held-out runs per task (default 0.2)")
     s.add_argument("--val-batches", type=int, default=8)
     s.add_argument("--val-every", type=int, default=200)

@@ -229,6 +229,8 @@ class NowcasterInfo(BaseModel):
     families: list[str]
     scope: ScopeView | None = Field(None, description="what it was meta-trained on (null: no claim)")
     model_args: dict[str, bool | int | float] | None = Field(None, description="architecture (learned nowcasters)")
+    routes: dict[str, "NowcasterInfo"] | None = Field(
+        None, description="routed nowcasters: the member that serves each family (its own scope and architecture)")
 
 
 class NowcasterList(BaseModel):

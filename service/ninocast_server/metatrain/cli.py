@@ -81,7 +81,7 @@ def run_metatrain(args: argparse.Namespace) -> int:
         clip=args.clip, seed=args.seed, spacing=args.spacing, hid=args.hid, layers=args.layers,
         wte_pos_enc=args.wte_pos_enc, lm_global_scaling=not args.per_tensor_lm_scaling,
         tasks=_csv(args.tasks) if args.tasks else None, task_weights=_task_weights(args.task_weight),
-        val_fraction=args.val_fraction,
+        val_fraction=args.val_fraction, early_fraction=args.early_fraction,
         val_batches=args.val_batches, val_every=args.val_every, ckpt_every=args.ckpt_every, init=args.init,
         work_dir=args.work_dir, threads=args.threads, device=args.device,
         max_minutes=args.max_minutes, keep=args.keep)

@@ -5,7 +5,8 @@ One example comes from one trajectory:
 1. pick a task (uniformly, or by ``task_weights``: unlisted tasks weigh 1), then one of its trajectories uniformly;
 2. stride Δ = max(1, spacing // interval) stored snapshots (spacing = 200 optimiser steps, as the deployed
    protocol records a state every 200 steps);
-3. start t0 uniform in [0, n - (ctx + min(T, 2 ctx) + windows) Δ); indices t0, t0 + Δ, ... truncated to ctx + T;
+3. start t0 uniform in [0, n - (ctx + min(T, 2 ctx) + windows) Δ) (with probability ``early_fraction``, our
+   addition, in [0, ctx Δ]); indices t0, t0 + Δ, ... truncated to ctx + T;
 4. GPT-2 trajectories with more than ``wte_size`` token rows: ``wte_size`` random token rows are kept (sorted),
    and the graph is the same architecture's graph with that vocabulary, pos_w = sampled id + 1;
 5. one random sign per LPE column, shared by the trajectory's windows;
@@ -175,6 +176,9 @@ class WindowSampler:
     wte_size: int = 1000
     feat: int = F_PAD
     task_weights: dict[str, float] | None = None  # relative sampling weight per task; None: uniform (§6.2)
+    # Share of trajectories whose windows start within the first ctx snapshots. Why: the first nowcast (k = 40)
+    # jumps from there, and only windows that start that early have a 40th target inside a 10k-step run.
+    early_fraction: float = 0.0
     _graphs: dict[str, _GraphEntry] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -186,6 +190,8 @@ class WindowSampler:
         for t in self.trajectories:
             self.by_task.setdefault(t.task, []).append(t)
         self.tasks = sorted(self.by_task)
+        if not (isinstance(self.early_fraction, (int, float)) and 0.0 <= self.early_fraction <= 1.0):
+            raise ValueError(f"early_fraction must be a number in [0, 1], got {self.early_fraction!r}")
         self._weights = None
         if self.task_weights:
             bad = {t: w for t, w in self.task_weights.items() if not (isinstance(w, (int, float)) and 0 < w < math.inf)}
@@ -247,11 +253,18 @@ class WindowSampler:
         return ModelSpec(spec.family, params, spec.num_heads, spec.num_key_value_heads), keep, ids
 
     # ------------------------------------------------------------------ sampling
+    def window_start(self, n: int, stride: int, gen: torch.Generator) -> int:
+        """The first snapshot index of a trajectory's windows (step 3 of the module docstring); with
+        ``early_fraction`` that share of starts lies in the first ctx snapshots."""
+        hi = n - (self.ctx + min(self.horizon, 2 * self.ctx) + self.windows) * stride
+        if self.early_fraction > 0 and float(torch.rand((), generator=gen)) < self.early_fraction:
+            hi = min(hi, self.ctx * stride + 1)  # no draw at 0: runs without it resume with the same batches
+        return int(torch.randint(0, max(1, hi), (1,), generator=gen))
+
     def trajectory_examples(self, traj: Trajectory, gen: torch.Generator) -> list[dict]:
         c, T, W, d = self.ctx, self.horizon, self.windows, traj.stride
         n = traj.states.shape[0]
-        hi = n - (c + min(T, 2 * c) + W) * d
-        t0 = int(torch.randint(0, max(1, hi), (1,), generator=gen))
+        t0 = self.window_start(n, d, gen)
         idx = torch.arange(t0, n, d)[: c + T]
         spec, keep, ids = self._vocab_subsample(traj.run, gen)
         ent = self._entry(spec)

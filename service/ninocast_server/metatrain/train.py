@@ -66,6 +66,7 @@ class MetaTrainConfig:
     wte_size: int = 1000
     tasks: list[str] | None = None
     task_weights: dict[str, float] | None = None  # sampling weight per task (others 1); None: uniform
+    early_fraction: float = 0.0  # share of training trajectories whose windows start in the first ctx snapshots
     val_fraction: float = 0.2
     val_batches: int = 8
     val_every: int = 200
@@ -117,13 +118,13 @@ def split_runs(stores: Sequence[TrajectoryStore], fraction: float, tasks: Sequen
 
 
 def _sampler(stores: Sequence[TrajectoryStore], keep: set[tuple[str, str]], cfg: MetaTrainConfig, mode: str,
-             log: Callable[[str], None]) -> WindowSampler | None:
+             log: Callable[[str], None], early_fraction: float = 0.0) -> WindowSampler | None:
     picked = [st for st in stores if any(root == str(st.root) for root, _ in keep)]
     try:
         return WindowSampler.from_stores(
             picked, runs=lambda r: any(rid == r.id for _, rid in keep), spacing=cfg.spacing, log=log, mode=mode,
             ctx=cfg.ctx, horizon=cfg.horizon, windows=cfg.windows, lm_global_scaling=cfg.lm_global_scaling,
-            wte_size=cfg.wte_size, task_weights=cfg.task_weights)
+            wte_size=cfg.wte_size, task_weights=cfg.task_weights, early_fraction=early_fraction)
     except ValueError:
         return None
 
@@ -235,8 +236,11 @@ def metatrain(cfg: MetaTrainConfig, progress: bool = True, log: Callable[[str], 
            if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0 < w < math.inf}
     if bad:
         raise ValueError(f"--task-weight: weights must be positive finite numbers, got {bad}")
+    if isinstance(cfg.early_fraction, bool) or not (isinstance(cfg.early_fraction, (int, float))
+                                                     and 0.0 <= cfg.early_fraction <= 1.0):
+        raise ValueError(f"--early-fraction must be a number in [0, 1], got {cfg.early_fraction!r}")
     train_keys, val_keys = split_runs(stores, cfg.val_fraction, cfg.tasks)
-    train_s = _sampler(stores, train_keys, cfg, mode, log)
+    train_s = _sampler(stores, train_keys, cfg, mode, log, cfg.early_fraction)
     if train_s is None:
         raise ValueError("no training trajectory is long enough: windows need "
                          f"{WindowSampler.min_snapshots(cfg.ctx, cfg.horizon, cfg.windows)} snapshots "
@@ -464,7 +468,9 @@ def model_card(name: str, cfg: MetaTrainConfig, hist: History, summary: dict, st
         f"- ctx {cfg.ctx}, horizons {cfg.horizon}, spacing {cfg.spacing} optimiser steps, hid {cfg.hid}, "
         f"layers {cfg.layers}" + (f", wte_pos_enc {cfg.wte_pos_enc}" if cfg.model == "nino" else ""),
         "- task sampling: " + (", ".join(f"{t} x{w:g}" for t, w in sorted(cfg.task_weights.items()))
-                               + " (other tasks x1)" if cfg.task_weights else "uniform over tasks"),
+                               + " (other tasks x1)" if cfg.task_weights else "uniform over tasks")
+        + (f"; {cfg.early_fraction:.0%} of trajectories with windows from their first {cfg.ctx} snapshots"
+           if cfg.early_fraction else ""),
         f"- skipped steps (non-finite loss or gradient): {hist.skipped}",
         f"- weights kept: iteration {summary['kept_iteration']} ("
         + ("lowest validation loss" if cfg.keep == "best" else "the last") + ")",

@@ -12,7 +12,10 @@ Two on-disk forms:
                                 "scope": {"families": [...], "tasks": [...]}}   (optional, scope.py)
       <dir>/model.safetensors  the state_dict
 
-``load_nowcaster("linefit" | <dir> | <file.pt>)`` returns a ready ``Nowcaster``.
+  or a routed directory (routed.py): ``"kind": "routed"``, ``"routes": {family: member}``, and each member a
+  subdirectory of the form above;
+
+``load_nowcaster("linefit" | <dir> | <routed dir> | <file.pt>)`` returns a ready ``Nowcaster``.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from .base import Nowcaster
 from .config import NiNoConfig, WNNConfig
 from .linefit import Linefit
 from .nino import NiNo, NiNoModel
+from .routed import RoutedNowcaster
 from .scope import OFFICIAL_SCOPE, Scope, ScopeError, parse_scope
 from .wnn import WNN, WNNModel
 
@@ -181,16 +185,13 @@ def save_nowcaster(model: NiNo | WNN | Model, out_dir: str | Path, name: str | N
     return out
 
 
-def load_directory(path: str | Path) -> tuple[Model, dict]:
-    """Our directory format -> (module, config); ``config["scope"]`` is checked and parsed into a Scope."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
+def read_config(path: str | Path) -> dict:
+    """A nowcaster directory's ``config.json``, checked for format and version (any kind)."""
     path = Path(path)
-    cfg_path, weights = path / CONFIG_FILE, path / WEIGHTS_FILE
+    cfg_path = path / CONFIG_FILE
     if path.is_dir() and not os.access(path, os.R_OK | os.X_OK):
         raise CheckpointError(f"{path}: permission denied (this process cannot list or open files in it)")
-    if not cfg_path.is_file() or not weights.is_file():
+    if not cfg_path.is_file():
         raise CheckpointError(f"{path}: a nowcaster directory needs {CONFIG_FILE} and {WEIGHTS_FILE}")
     try:
         config = json.loads(cfg_path.read_text())
@@ -203,9 +204,25 @@ def load_directory(path: str | Path) -> tuple[Model, dict]:
                               if isinstance(config, dict) else f"{cfg_path}: expected a JSON object")
     if config.get("version") != VERSION:
         raise CheckpointError(f"{cfg_path}: unsupported version {config.get('version')!r} (this code reads {VERSION})")
+    return config
+
+
+def load_directory(path: str | Path) -> tuple[Model, dict]:
+    """Our directory format -> (module, config); ``config["scope"]`` is checked and parsed into a Scope."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    cfg_path, weights = path / CONFIG_FILE, path / WEIGHTS_FILE
+    config = read_config(path)
+    if config.get("kind") == "routed":
+        raise CheckpointError(f"{cfg_path}: a routed nowcaster has no weights of its own; use one of its members "
+                              f"({', '.join(sorted(set(map(str, (config.get('routes') or {}).values()))))})")
+    if not weights.is_file():
+        raise CheckpointError(f"{path}: a nowcaster directory needs {CONFIG_FILE} and {WEIGHTS_FILE}")
     kind, args = config.get("kind"), config.get("model_args")
     if kind not in ("nino", "wnn"):
-        raise CheckpointError(f"{cfg_path}: kind must be 'nino' or 'wnn', got {kind!r}")
+        raise CheckpointError(f"{cfg_path}: kind must be 'nino', 'wnn' or 'routed', got {kind!r}")
     if not isinstance(args, dict):
         raise CheckpointError(f"{cfg_path}: model_args must be an object")
     try:
@@ -241,9 +258,37 @@ def load_nowcaster(ref: str, device: str | torch.device = "cpu", name: str | Non
         return Linefit(name=name or "linefit").to(device)
     path = Path(ref)
     if path.is_dir():
+        if read_config(path).get("kind") == "routed":
+            return load_routed(path, device, name)
         model, config = load_directory(path)
         return _wrap(model, name or str(config.get("name") or path.name), config["scope"]).to(device)
     if path.is_file():  # the reference's format: trained on the reference's meta-training set
         return _wrap(load_official(path), name or path.stem, OFFICIAL_SCOPE).to(device)
     raise CheckpointError(f"no nowcaster at {ref!r}: expected 'linefit', a directory with {CONFIG_FILE} and "
                           f"{WEIGHTS_FILE}, or an official .pt checkpoint")
+
+
+def load_routed(path: str | Path, device: str | torch.device = "cpu", name: str | None = None) -> RoutedNowcaster:
+    """A routed directory (routed.py): ``routes`` maps families to member subdirectories, each loaded once."""
+    path = Path(path)
+    config = read_config(path)
+    cfg_path = path / CONFIG_FILE
+    routes = config.get("routes")
+    if not isinstance(routes, dict) or not routes or not all(
+            isinstance(f, str) and isinstance(m, str) for f, m in routes.items()):
+        raise CheckpointError(f"{cfg_path}: routes must be a non-empty object of family -> member directory")
+    members: dict[str, Nowcaster] = {}
+    for member in dict.fromkeys(routes.values()):
+        sub = (path / member).resolve()
+        if sub.parent != path.resolve():
+            raise CheckpointError(f"{cfg_path}: member {member!r} must be a subdirectory of {path}")
+        if read_config(sub).get("kind") == "routed":
+            raise CheckpointError(f"{cfg_path}: member {member!r} is itself routed (members hold weights)")
+        model, member_config = load_directory(sub)
+        members[member] = _wrap(model, f"{name or config.get('name') or path.name}/{member}", member_config["scope"])
+    try:
+        routed = RoutedNowcaster(str(name or config.get("name") or path.name),
+                                 {family: members[m] for family, m in routes.items()})
+    except ValueError as e:
+        raise CheckpointError(f"{cfg_path}: {e}") from None
+    return routed.to(device)

@@ -1,0 +1,147 @@
+"""A routed nowcaster (issue 11): one name, a member per graph family. Each model must get its family's member,
+the warning must come from that member's scope under the routed name, and a bad routed directory must be a
+clear error naming its config."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ninocast import ModelSpec
+from ninocast_server.engine.nowcasters.checkpoint import (BUNDLED_DIR, CheckpointError, load_directory,
+                                                              load_nowcaster)
+from ninocast_server.engine.runner import nowcast
+from server_utils import Server
+
+
+def tiny_gpt2() -> nn.Module:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=16, n_positions=8,
+                                      resid_pdrop=0, embd_pdrop=0, attn_pdrop=0))
+
+
+def tiny_llama() -> nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(num_hidden_layers=1, hidden_size=8, intermediate_size=16,
+                                        num_attention_heads=2, num_key_value_heads=2, vocab_size=16))
+
+
+def tiny_mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+
+
+def _member(dst: Path, src: str, scale: float, scope: dict) -> None:
+    """A copy of a bundled nowcaster with its weights scaled (so members predict differently) and a scope."""
+    shutil.copytree(BUNDLED_DIR / src, dst)
+    weights = {k: v * scale for k, v in load_file(str(dst / "model.safetensors")).items()}
+    save_file(weights, str(dst / "model.safetensors"))
+    cfg = json.loads((dst / "config.json").read_text())
+    cfg["scope"] = scope
+    (dst / "config.json").write_text(json.dumps(cfg))
+
+
+def make_routed(root: Path, routes: dict | None = None, name: str | None = None) -> Path:
+    root.mkdir(parents=True)
+    _member(root / "vision", "ninocast-nino", 1.0, {"families": ["generic"], "tasks": ["fm-16"]})
+    _member(root / "language", "ninocast-nino", 0.9, {"families": ["gpt2"], "tasks": ["kjv-gpt2-3-24-10k"]})
+    routes = routes or {"generic": "vision", "gpt2": "language", "llama": "language"}
+    (root / "config.json").write_text(json.dumps({"format": "ninocast-nowcaster", "version": 1, "kind": "routed",
+                                                  "name": name or root.name, "routes": routes}))
+    return root
+
+
+def _states(spec: ModelSpec) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1)
+    base = torch.randn(spec.n_params, 1, generator=g) * 0.1
+    return base + torch.linspace(0, 0.01, 5) * torch.randn(spec.n_params, 1, generator=g)
+
+
+@pytest.fixture(scope="module")
+def routed_dir(tmp_path_factory) -> Path:
+    return make_routed(tmp_path_factory.mktemp("routed") / "duo")
+
+
+def test_each_family_gets_its_members_prediction(routed_dir):
+    duo = load_nowcaster(str(routed_dir))
+    vision, language = load_nowcaster(str(routed_dir / "vision")), load_nowcaster(str(routed_dir / "language"))
+    assert duo.kind == "routed" and duo.families == ("generic", "gpt2", "llama")
+    for module, member, other in [(tiny_mlp(), vision, language), (tiny_gpt2(), language, vision),
+                                  (tiny_llama(), language, vision)]:
+        spec = ModelSpec.from_module(module)
+        x = _states(spec)
+        got = nowcast(duo, spec, x, 3)
+        assert torch.equal(got, nowcast(member, spec, x, 3)), spec.family
+        assert not torch.allclose(got, nowcast(other, spec, x, 3)), spec.family
+    traced = ModelSpec.from_module(tiny_gpt2(), graph="traced")  # a transformer whatever its family says
+    assert traced.family == "generic" and duo.member_for(traced) is duo.routes["gpt2"]
+    assert duo.member_for(ModelSpec.from_module(tiny_mlp(), graph="traced")) is duo.routes["generic"]
+
+
+def test_scope_is_the_union_and_the_warning_is_the_serving_members(routed_dir, tmp_path):
+    duo = load_nowcaster(str(routed_dir))
+    assert duo.scope.families == ("generic", "gpt2")
+    assert duo.scope.tasks == ("fm-16", "kjv-gpt2-3-24-10k")
+    assert duo.scope_warning(ModelSpec.from_module(tiny_mlp())) is None
+    assert duo.scope_warning(ModelSpec.from_module(tiny_gpt2())) is None
+    line = duo.scope_warning(ModelSpec.from_module(tiny_llama()))  # routed to a member not trained on Llama
+    assert line is not None and "'duo'" in line and "'llama'" in line and "kjv-gpt2-3-24-10k" in line
+    crossed = load_nowcaster(str(make_routed(tmp_path / "crossed", {"generic": "vision", "gpt2": "vision",
+                                                                     "llama": "language"})))
+    assert "gpt2" in crossed.scope.families  # the union has it, the member that serves GPT-2 does not
+    line = crossed.scope_warning(ModelSpec.from_module(tiny_gpt2()))
+    assert line is not None and "'crossed'" in line and "'gpt2'" in line
+    d = duo.describe()
+    assert d["kind"] == "routed" and set(d["routes"]) == {"generic", "gpt2", "llama"}
+    assert d["routes"]["gpt2"]["scope"]["families"] == ["gpt2"] and d["routes"]["gpt2"]["model_args"]["hid"] == 128
+    assert d["parameters"] == 2 * d["routes"]["generic"]["parameters"]  # two members, each counted once
+
+
+@pytest.mark.parametrize("routes, mentions", [
+    ({}, "routes must be"), ({"generic": 3}, "routes must be"), ({"resnet": "vision"}, "unknown families"),
+    ({"generic": "../vision"}, "subdirectory"), ({"generic": "missing"}, "needs config.json"),
+    ({"generic": "wnn"}, "differ in"), ({"generic": "inner"}, "itself routed")])
+def test_a_bad_routed_directory_is_a_clear_checkpoint_error(tmp_path, routes, mentions):
+    root = make_routed(tmp_path / "duo", routes={"generic": "vision", "gpt2": "vision"})
+    shutil.copytree(BUNDLED_DIR / "ninocast-wnn", root / "wnn")
+    make_routed(root / "inner")
+    cfg = json.loads((root / "config.json").read_text())
+    cfg["routes"] = {**routes, "gpt2": "vision"} if routes.get("generic") == "wnn" else routes
+    (root / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=mentions) as e:
+        load_nowcaster(str(root))
+    assert "config.json" in str(e.value)
+
+
+def test_a_routed_directory_has_no_weights_to_fine_tune(routed_dir):
+    """metatrain --init reads weights with load_directory: a routed one points at its members instead."""
+    with pytest.raises(CheckpointError, match="routed nowcaster has no weights of its own.*language, vision"):
+        load_directory(str(routed_dir))
+
+
+def test_server_serves_and_lists_a_routed_nowcaster(tmp_path):
+    models = tmp_path / "models"
+    make_routed(models / "duo")
+    srv = Server(tmp_path / "data", models_dir=models, default_nowcaster="duo").start()
+    try:
+        with srv.client() as c:
+            cat = c.get("/v1/nowcasters").json()
+            duo = {n["name"]: n for n in cat["nowcasters"]}["duo"]
+            assert cat["default"] == "duo" and duo["kind"] == "routed"
+            assert duo["routes"]["llama"]["name"] == "duo/language"
+            r = c.post("/v1/sessions", json={"spec": ModelSpec.from_module(tiny_gpt2()).to_json()})
+            assert r.status_code == 201 and r.json()["warnings"] == [], r.text
+            r = c.post("/v1/sessions", json={"spec": ModelSpec.from_module(tiny_llama()).to_json()})
+            assert r.status_code == 201 and len(r.json()["warnings"]) == 1 and "'duo'" in r.json()["warnings"][0]
+    finally:
+        srv.stop()
