@@ -145,3 +145,36 @@ def test_server_serves_and_lists_a_routed_nowcaster(tmp_path):
             assert r.status_code == 201 and len(r.json()["warnings"]) == 1 and "'duo'" in r.json()["warnings"][0]
     finally:
         srv.stop()
+
+
+def test_route_command_writes_a_routed_nowcaster_and_refuses_bad_members(routed_dir, tmp_path, capsys):
+    from ninocast.cli import main
+
+    out = tmp_path / "team"
+    assert main(["route", "-o", str(out), "--member", f"generic={routed_dir / 'vision'}",
+                 "--member", f"gpt2,llama={routed_dir / 'language'}"]) == 0
+    assert "'team'" in capsys.readouterr().out
+    team, duo = load_nowcaster(str(out)), load_nowcaster(str(routed_dir))
+    spec = ModelSpec.from_module(tiny_gpt2())
+    assert torch.equal(nowcast(team, spec, _states(spec), 2), nowcast(duo, spec, _states(spec), 2))
+    assert json.loads((out / "config.json").read_text())["routes"] == {"generic": "vision", "gpt2": "language",
+                                                                       "llama": "language"}
+    other = tmp_path / "other" / "vision"  # a second member with the same directory name gets its own copy
+    shutil.copytree(routed_dir / "language", other)
+    assert main(["route", "-o", str(tmp_path / "two"), "--member", f"generic={routed_dir / 'vision'}",
+                 "--member", f"gpt2={other}"]) == 0
+    assert json.loads((tmp_path / "two" / "config.json").read_text())["routes"] == {"generic": "vision",
+                                                                                    "gpt2": "vision-2"}
+    capsys.readouterr()
+    wnn = BUNDLED_DIR / "ninocast-wnn"
+    for argv, mentions in [(["--member", "generic"], "FAMILIES=DIR"),
+                           (["--member", f"generic={wnn}", "--member", f"generic={wnn}"], "given twice"),
+                           (["--member", f"resnet={wnn}"], "unknown families"),
+                           (["--member", f"generic={routed_dir / 'vision'}", "--member", f"gpt2={wnn}"], "differ in"),
+                           (["--member", f"generic={tmp_path / 'nowhere'}"], "needs config.json"),
+                           (["--member", f"generic={routed_dir}"], "no weights of its own")]:
+        assert main(["route", "-o", str(tmp_path / "bad"), *argv]) == 2, argv
+        assert mentions in capsys.readouterr().err, argv
+        assert not (tmp_path / "bad").exists(), argv  # nothing half-written
+    assert main(["route", "-o", str(out), "--member", f"generic={wnn}"]) == 2
+    assert "already exists" in capsys.readouterr().err

@@ -78,6 +78,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--name", help="nowcaster name (default: the file's stem)")
     s.set_defaults(func=_lazy("ninocast_server.engine.step_cli", "run_import"))
 
+    s = sub.add_parser("route", help="combine nowcaster directories into one routed nowcaster (a member per family)",
+                       description="Copy each member directory into OUT and write a routed config.json: the "
+                       "nowcaster OUT serves every model with the member of its graph family, and warns with that "
+                       "member's scope.")
+    s.add_argument("-o", "--out", required=True, metavar="DIR", help="routed nowcaster directory to write (new)")
+    s.add_argument("--member", action="append", required=True, metavar="FAMILIES=DIR",
+                   help="e.g. generic=runs/vision or gpt2,llama=runs/language (repeatable)")
+    s.add_argument("--name", help="nowcaster name (default: OUT's directory name)")
+    s.set_defaults(func=_lazy("ninocast_server.engine.step_cli", "run_route"))
+
     s = sub.add_parser("serve", help="run the nowcast server (uvicorn)",
                        description="Serve nowcasters over HTTP. Settings come from NINOCAST_* environment "
                        "variables and an optional TOML file; flags override both.")

@@ -147,3 +147,25 @@ def run_import(args: argparse.Namespace) -> int:
         raise CommandError(f"cannot import {src}: {e}") from None
     print(f"imported {src.name} as {model.kind} nowcaster {name!r} ({model.num_parameters():,} parameters) -> {args.out}")
     return 0
+
+
+def run_route(args: argparse.Namespace) -> int:
+    from .nowcasters.checkpoint import CheckpointError, load_nowcaster, save_routed
+
+    members: dict[str, str] = {}
+    for item in args.member:
+        families, sep, src = item.partition("=")
+        if not sep or not families.strip() or not src.strip():
+            raise CommandError(f"--member {item!r}: expected FAMILIES=DIR, e.g. gpt2,llama=runs/language")
+        for family in (f.strip() for f in families.split(",")):
+            if family in members:
+                raise CommandError(f"--member: family {family!r} given twice")
+            members[family] = src.strip()
+    try:
+        out = save_routed(args.out, members, name=args.name)
+        routed = load_nowcaster(str(out))
+    except (CheckpointError, ValueError, OSError) as e:
+        raise CommandError(f"cannot write the routed nowcaster: {e}") from None
+    routes = ", ".join(f"{f} -> {m.name}" for f, m in routed.routes.items())
+    print(f"routed nowcaster {routed.name!r} ({routed.num_parameters():,} parameters): {routes} -> {out}")
+    return 0

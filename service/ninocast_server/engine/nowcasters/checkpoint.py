@@ -292,3 +292,34 @@ def load_routed(path: str | Path, device: str | torch.device = "cpu", name: str 
     except ValueError as e:
         raise CheckpointError(f"{cfg_path}: {e}") from None
     return routed.to(device)
+
+
+def save_routed(out_dir: str | Path, members: Mapping[str, str | Path], name: str | None = None) -> Path:
+    """family -> member directory: copy each distinct member into ``out_dir`` (named after its source) and write
+    the routed config. ``out_dir`` must not exist yet: a half-replaced nowcaster is worse than none."""
+    import shutil
+
+    out = Path(out_dir)
+    if out.exists():
+        raise CheckpointError(f"{out}: already exists (write a routed nowcaster into a new directory)")
+    sources = {str(Path(src).resolve()): Path(src) for src in members.values()}
+    names: dict[str, str] = {}
+    for key, src in sources.items():
+        load_directory(src)  # a member must load on its own (and hold weights) before anything is written
+        base, n = src.resolve().name, 1
+        names[key] = base
+        while names[key] in list(names.values())[:-1]:  # two members named alike: vision, vision-2, ...
+            n += 1
+            names[key] = f"{base}-{n}"
+    out.mkdir(parents=True)
+    try:
+        for key, sub in names.items():
+            shutil.copytree(sources[key], out / sub, ignore=shutil.ignore_patterns("train", "work*"))
+        routes = {family: names[str(Path(src).resolve())] for family, src in members.items()}
+        config = {"format": FORMAT, "version": VERSION, "kind": "routed", "name": name or out.name, "routes": routes}
+        (out / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+        load_routed(out)  # the members must agree (ctx, horizon, graph needs) and run their families
+    except Exception:
+        shutil.rmtree(out, ignore_errors=True)
+        raise
+    return out
