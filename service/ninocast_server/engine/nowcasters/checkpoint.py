@@ -318,8 +318,22 @@ def save_routed(out_dir: str | Path, members: Mapping[str, str | Path], name: st
         routes = {family: names[str(Path(src).resolve())] for family, src in members.items()}
         config = {"format": FORMAT, "version": VERSION, "kind": "routed", "name": name or out.name, "routes": routes}
         (out / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
-        load_routed(out)  # the members must agree (ctx, horizon, graph needs) and run their families
+        routed = load_routed(out)  # the members must agree (ctx, horizon, graph needs) and run their families
+        (out / "MODEL_CARD.md").write_text(_routed_card(routed, routes))
     except Exception:
         shutil.rmtree(out, ignore_errors=True)
         raise
     return out
+
+
+def _routed_card(routed: RoutedNowcaster, routes: Mapping[str, str]) -> str:
+    rows = []
+    for family, sub in routes.items():
+        scope = routed.routes[family].scope
+        trained = (", ".join(scope.tasks) or "/".join(scope.families)) if scope else "no claim"
+        rows.append(f"| {family} | [{sub}/]({sub}/MODEL_CARD.md) | {trained} |")
+    return "\n".join([
+        f"# {routed.name}", "",
+        "A routed nowcaster (`ninocast route`): each model is nowcast by the member trained on its graph family; "
+        "a model outside that member's scope gets its warning under this name.", "",
+        "| family | member | meta-trained on |", "|---|---|---|", *rows, ""])
