@@ -1,6 +1,10 @@
 """Out-of-distribution honesty (issue 11): a nowcaster declares what it was meta-trained on; a model outside that
 gets one warning line naming the nowcaster and the family, in the create-session answer, from the client (remote
-and local), and GET /v1/nowcasters shows the scope."""
+and local), and GET /v1/nowcasters shows the scope.
+
+The shipped default is routed (routed.py): its vision member is the FM-16-only model, its language member was
+fine-tuned on GPT-2 and Llama runs, so every family is inside it; ``ninocast-wnn`` (FM-16 only) is the nowcaster
+these tests take outside its scope."""
 
 from __future__ import annotations
 
@@ -42,10 +46,20 @@ def scope_warnings(record) -> list[str]:
 
 
 # ---------------------------------------------------------------------------- declared scopes
-def test_shipped_default_declares_generic_only_and_official_checkpoints_the_papers_tasks(tmp_path):
+VISION = str(BUNDLED_DIR / "ninocast-nino" / "vision")  # the default's FM-16-only member (the round-3 default)
+
+
+def test_shipped_default_routes_vision_and_language_and_official_checkpoints_declare_the_papers_tasks(tmp_path):
     nino = load_nowcaster("default")
-    assert nino.scope == Scope(("generic",), ("fm-16",))
-    assert nino.describe()["scope"] == {"families": ["generic"], "tasks": ["fm-16"]}
+    assert nino.kind == "routed" and nino.scope.families == ("generic", "gpt2", "llama")
+    assert nino.routes["generic"].scope == Scope(("generic",), ("fm-16",))
+    language = nino.routes["gpt2"]
+    assert nino.routes["llama"] is language and {"gpt2", "llama"} <= set(language.scope.families)
+    assert {"kjv-gpt2-3-24-10k", "kjv-llama-2-32-10k"} <= set(language.scope.tasks)
+    assert not set(language.scope.tasks) & {"fortunes-gpt2-3-24-10k", "kjv-gpt2-3-64-10k", "kjv-llama-3-24-10k"}
+    described = nino.describe()
+    assert described["scope"]["families"] == ["generic", "gpt2", "llama"]
+    assert described["routes"]["generic"]["scope"] == {"families": ["generic"], "tasks": ["fm-16"]}
     assert load_nowcaster("ninocast-wnn").scope.families == ("generic",)
     assert load_nowcaster("linefit").scope is None  # nothing learned, nothing claimed
     official = load_nowcaster(official_pt())
@@ -56,23 +70,26 @@ def test_shipped_default_declares_generic_only_and_official_checkpoints_the_pape
 
 
 def test_a_traced_attention_model_is_outside_a_generic_only_scope():
-    """graph='traced' gives GPT-2 the family 'generic'; the FM-16-only default must still warn (the official
+    """graph='traced' gives GPT-2 the family 'generic'; an FM-16-only model must still warn (the official
     checkpoints, trained on GPT-2s too, must not), and a traced plain chain stays inside 'generic'."""
     traced = ModelSpec.from_module(tiny_gpt2(), graph="traced")
     assert traced.family == "generic" and traced.topology is not None
-    line = load_nowcaster("default").scope.warning("ninocast-nino", traced)
+    line = load_nowcaster(VISION).scope.warning("ninocast-nino", traced)
     assert line is not None and "attention" in line and "'ninocast-nino'" in line
     assert OFFICIAL_SCOPE.warning("nino", traced) is None
     chain = ModelSpec.from_module(tiny_mlp(), graph="traced")
-    assert load_nowcaster("default").scope.warning("ninocast-nino", chain) is None
+    assert load_nowcaster(VISION).scope.warning("ninocast-nino", chain) is None
+    # the routed default sends the traced transformer to its language member, which was trained on attention
+    assert load_nowcaster("default").scope_warning(traced) is None
 
 
 def test_warning_names_nowcaster_and_family_and_checks_a_declared_size_range():
     gpt2, mlp = ModelSpec.from_module(tiny_gpt2()), ModelSpec.from_module(tiny_mlp())
-    nino = load_nowcaster("default")
-    line = nino.scope_warning(gpt2)
-    assert line is not None and "'ninocast-nino'" in line and "'gpt2'" in line and "\n" not in line
-    assert nino.scope_warning(mlp) is None
+    wnn = load_nowcaster("ninocast-wnn")
+    line = wnn.scope_warning(gpt2)
+    assert line is not None and "'ninocast-wnn'" in line and "'gpt2'" in line and "\n" not in line
+    assert wnn.scope_warning(mlp) is None
+    assert load_nowcaster("default").scope_warning(gpt2) is None
     official = load_nowcaster(official_pt())
     assert official.scope_warning(gpt2) is None
     assert mlp.n_params == 58
@@ -110,13 +127,16 @@ def test_server_warns_on_create_and_lists_scopes(srv):
         cat = c.get("/v1/nowcasters").json()
         by_name = {n["name"]: n for n in cat["nowcasters"]}
         assert cat["default"] == "ninocast-nino"
-        assert by_name["ninocast-nino"]["scope"] == {"families": ["generic"], "tasks": ["fm-16"]}
+        assert by_name["ninocast-wnn"]["scope"] == {"families": ["generic"], "tasks": ["fm-16"]}
+        assert by_name["ninocast-nino"]["routes"]["generic"]["scope"] == {"families": ["generic"], "tasks": ["fm-16"]}
         assert by_name["linefit"]["scope"] is None
         gpt2 = ModelSpec.from_module(tiny_gpt2()).to_json()
-        r = c.post("/v1/sessions", json={"spec": gpt2})
+        r = c.post("/v1/sessions", json={"spec": gpt2, "nowcaster": "ninocast-wnn"})
         assert r.status_code == 201, r.text
         assert len(r.json()["warnings"]) == 1
-        assert "'ninocast-nino'" in r.json()["warnings"][0] and "'gpt2'" in r.json()["warnings"][0]
+        assert "'ninocast-wnn'" in r.json()["warnings"][0] and "'gpt2'" in r.json()["warnings"][0]
+        r = c.post("/v1/sessions", json={"spec": gpt2})  # the default routes GPT-2 to its language member
+        assert r.status_code == 201 and r.json()["warnings"] == [], r.text
         r = c.post("/v1/sessions", json={"spec": gpt2, "nowcaster": "linefit"})
         assert r.status_code == 201 and r.json()["warnings"] == []
         r = c.post("/v1/sessions", json={"spec": ModelSpec.from_module(tiny_mlp()).to_json()})
@@ -132,17 +152,17 @@ def _train_gpt2(opt: NowcastOptimizer, model: nn.Module, steps: int) -> None:
         opt.step()
 
 
-def test_remote_optimizer_warns_once_for_a_family_outside_the_default_scope(srv):
+def test_remote_optimizer_warns_once_for_a_family_outside_the_nowcasters_scope(srv):
     model = tiny_gpt2()
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
         opt = NowcastOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-3), model, server=srv.url,
-                               period=20, ctx=5, max_train_steps=100, timeout=20, retries=0)
+                               nowcaster="ninocast-wnn", period=20, ctx=5, max_train_steps=100, timeout=20, retries=0)
         _train_gpt2(opt, model, 12)  # three snapshots uploaded into one session, no nowcast yet
         opt.flush()
         opt.close()
     lines = scope_warnings(record)
-    assert len(lines) == 1 and "'ninocast-nino'" in lines[0] and "'gpt2'" in lines[0], lines
+    assert len(lines) == 1 and "'ninocast-wnn'" in lines[0] and "'gpt2'" in lines[0], lines
     assert opt.failures == {} and opt.backend.out_of_scope  # verification reads it (Verify's patience)
 
 
@@ -151,17 +171,19 @@ def test_local_optimizer_warns_once_outside_the_scope_and_not_inside():
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
         opt = NowcastOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-3), model, local=True,
-                               period=20, ctx=5, max_train_steps=100)
+                               nowcaster="ninocast-wnn", period=20, ctx=5, max_train_steps=100)
         _train_gpt2(opt, model, 3)
         opt.close()
     lines = scope_warnings(record)
-    assert len(lines) == 1 and "'ninocast-nino'" in lines[0] and "'gpt2'" in lines[0], lines
+    assert len(lines) == 1 and "'ninocast-wnn'" in lines[0] and "'gpt2'" in lines[0], lines
     assert opt.backend.out_of_scope
     mlp = tiny_mlp()
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
         inside = NowcastOptimizer(torch.optim.AdamW(mlp.parameters()), mlp, local=True, period=20)
-        # the official model was trained on GPT-2
+        # the official model was trained on GPT-2, the default's language member on GPT-2 and Llama
         official = NowcastOptimizer(torch.optim.AdamW(model.parameters()), model, nowcaster=official_pt(), period=20)
-    assert scope_warnings(record) == [] and not inside.backend.out_of_scope and not official.backend.out_of_scope
-    inside.close(), official.close()
+        default = NowcastOptimizer(torch.optim.AdamW(model.parameters()), model, local=True, period=20)
+    assert scope_warnings(record) == []
+    assert not (inside.backend.out_of_scope or official.backend.out_of_scope or default.backend.out_of_scope)
+    inside.close(), official.close(), default.close()

@@ -43,7 +43,7 @@ def tiny_mlp() -> nn.Module:
 
 def _member(dst: Path, src: str, scale: float, scope: dict) -> None:
     """A copy of a bundled nowcaster with its weights scaled (so members predict differently) and a scope."""
-    shutil.copytree(BUNDLED_DIR / src, dst)
+    shutil.copytree(BUNDLED_DIR / src, dst, ignore=shutil.ignore_patterns("*.png"))
     weights = {k: v * scale for k, v in load_file(str(dst / "model.safetensors")).items()}
     save_file(weights, str(dst / "model.safetensors"))
     cfg = json.loads((dst / "config.json").read_text())
@@ -53,8 +53,8 @@ def _member(dst: Path, src: str, scale: float, scope: dict) -> None:
 
 def make_routed(root: Path, routes: dict | None = None, name: str | None = None) -> Path:
     root.mkdir(parents=True)
-    _member(root / "vision", "ninocast-nino", 1.0, {"families": ["generic"], "tasks": ["fm-16"]})
-    _member(root / "language", "ninocast-nino", 0.9, {"families": ["gpt2"], "tasks": ["kjv-gpt2-3-24-10k"]})
+    _member(root / "vision", "ninocast-nino/vision", 1.0, {"families": ["generic"], "tasks": ["fm-16"]})
+    _member(root / "language", "ninocast-nino/vision", 0.9, {"families": ["gpt2"], "tasks": ["kjv-gpt2-3-24-10k"]})
     routes = routes or {"generic": "vision", "gpt2": "language", "llama": "language"}
     (root / "config.json").write_text(json.dumps({"format": "ninocast-nowcaster", "version": 1, "kind": "routed",
                                                   "name": name or root.name, "routes": routes}))

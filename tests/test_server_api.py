@@ -93,7 +93,7 @@ def test_list_delete_and_catalogue(alice, server):
     lf = next(n for n in cat["nowcasters"] if n["name"] == "linefit")
     assert lf["kind"] == "linefit" and "gpt2" in lf["families"] and "parameters" in lf
     kinds = {n["name"]: n["kind"] for n in cat["nowcasters"]}  # the bundled nowcasters are served by default
-    assert kinds.get("ninocast-nino") == "nino" and kinds.get("ninocast-wnn") == "wnn"
+    assert kinds.get("ninocast-nino") == "routed" and kinds.get("ninocast-wnn") == "wnn"
     assert httpx.get(server.url + "/healthz").json() == {"status": "ok"}
     assert httpx.get(server.url + "/readyz").json()["status"] == "ready"
     assert "ninocast" in httpx.get(server.url + "/openapi.json").json()["info"]["title"]
@@ -225,8 +225,9 @@ def test_json_answers_hold_exactly_their_documented_fields(alice, server):
     assert r.json()["reports"][0]["step"] == 5000 and r.json()["verification"]["accepted"] == 1
     check(r, "/v1/sessions/{session_id}", "get")
     r = alice.get("/v1/nowcasters")
-    nino = next(n for n in r.json()["nowcasters"] if n["kind"] == "nino")
-    assert nino["model_args"]["gnn"] is True and nino["scope"]["families"]
+    nino = next(n for n in r.json()["nowcasters"] if n["name"] == "ninocast-nino")
+    assert nino["kind"] == "routed" and nino["scope"]["families"] and nino["model_args"] is None
+    assert all(m["kind"] == "nino" and m["model_args"]["gnn"] is True for m in nino["routes"].values())
     check(r, "/v1/nowcasters", "get")
     check(httpx.get(server.url + "/readyz"), "/readyz", "get")
     check(httpx.get(server.url + "/healthz"), "/healthz", "get")
