@@ -102,7 +102,9 @@ def test_warning_names_nowcaster_and_family_and_checks_a_declared_size_range():
     ({"families": ["resnet"]}, "scope.families"), ({"families": []}, "scope.families"), ("generic", "object"),
     ({"families": ["generic"], "params": [10]}, "scope.params"), ({"families": ["gpt2"], "params": [9, 3]},
                                                                   "scope.params"),
-    ({"families": ["gpt2"], "tasks": "fm-16"}, "scope.tasks"), ({"families": ["gpt2"], "size": 3}, "unknown")])
+    ({"families": ["gpt2"], "tasks": "fm-16"}, "scope.tasks"), ({"families": ["gpt2"], "size": 3}, "unknown"),
+    ({"families": ["gpt2"], "spacing": [200]}, "scope.spacing"), ({"families": ["gpt2"], "spacing": [0, 5]},
+                                                                    "scope.spacing")])
 def test_a_malformed_scope_is_a_clear_checkpoint_error(tmp_path, scope, mentions):
     d = tmp_path / "nc"
     shutil.copytree(BUNDLED_DIR / "ninocast-wnn", d)
@@ -181,9 +183,34 @@ def test_local_optimizer_warns_once_outside_the_scope_and_not_inside():
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
         inside = NowcastOptimizer(torch.optim.AdamW(mlp.parameters()), mlp, local=True, period=20)
-        # the official model was trained on GPT-2, the default's language member on GPT-2 and Llama
+        # the official model was trained on GPT-2, the default's language member on GPT-2 and Llama with
+        # snapshots 200 steps apart (period 1000 / ctx 5)
         official = NowcastOptimizer(torch.optim.AdamW(model.parameters()), model, nowcaster=official_pt(), period=20)
-        default = NowcastOptimizer(torch.optim.AdamW(model.parameters()), model, local=True, period=20)
+        default = NowcastOptimizer(torch.optim.AdamW(model.parameters()), model, local=True, period=1000)
     assert scope_warnings(record) == []
     assert not (inside.backend.out_of_scope or official.backend.out_of_scope or default.backend.out_of_scope)
     inside.close(), official.close(), default.close()
+
+
+def test_a_declared_snapshot_spacing_warns_a_run_outside_it_locally_and_on_the_server(srv):
+    """The default's language member declares the spacing it was trained and measured on (200 steps): a GPT-2 run
+    with period 100 (snapshots 20 steps apart, where it was measured slower than AdamW) is warned; its vision
+    member declares none (it speeds digits up at 20 steps apart), so an MLP at period 100 is not."""
+    gpt2, mlp = tiny_gpt2(), tiny_mlp()
+    assert load_nowcaster("default").routes["gpt2"].scope.spacing == (200, 200)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        short = NowcastOptimizer(torch.optim.AdamW(gpt2.parameters()), gpt2, local=True, period=100)
+        vision = NowcastOptimizer(torch.optim.AdamW(mlp.parameters()), mlp, local=True, period=100)
+    lines = scope_warnings(record)
+    assert len(lines) == 1 and "200 steps apart" in lines[0] and "every 20 steps" in lines[0], lines
+    assert short.backend.out_of_scope and not vision.backend.out_of_scope
+    short.close(), vision.close()
+    with srv.client() as c:
+        spec = ModelSpec.from_module(gpt2).to_json()
+        r = c.post("/v1/sessions", json={"spec": spec, "period": 100})
+        assert r.status_code == 201 and len(r.json()["warnings"]) == 1 and "every 20 steps" in r.json()["warnings"][0]
+        r = c.post("/v1/sessions", json={"spec": spec, "period": 1000})
+        assert r.status_code == 201 and r.json()["warnings"] == [], r.text
+        route = {n["name"]: n for n in c.get("/v1/nowcasters").json()["nowcasters"]}["ninocast-nino"]["routes"]["gpt2"]
+        assert route["scope"]["spacing"] == [200, 200]

@@ -218,7 +218,7 @@ class LocalBackend:
 
     streams_states = False  # the window itself is the state: snapshots need no background upload
 
-    def __init__(self, spec: ModelSpec, nowcaster: str, device: str = "cpu") -> None:
+    def __init__(self, spec: ModelSpec, nowcaster: str, device: str = "cpu", spacing: int | None = None) -> None:
         try:
             from ninocast_server.engine.graphs import check_spec_for
             from ninocast_server.engine.nowcasters.checkpoint import load_nowcaster
@@ -230,7 +230,7 @@ class LocalBackend:
         self.model = load_nowcaster(nowcaster, device=device)
         check_spec_for(spec, self.model)  # a spec its graph cannot describe fails here, not at the first nowcast
         self.spec = spec
-        line = self.model.scope_warning(spec)
+        line = self.model.scope_warning(spec, spacing)  # spacing: steps between the snapshots a nowcast reads
         self.out_of_scope = line is not None
         if line:  # the local nowcaster is chosen once per optimizer: one warning
             warnings.warn(f"ninocast: {line}", RuntimeWarning, stacklevel=4)

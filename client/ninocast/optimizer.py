@@ -151,7 +151,8 @@ class NowcastOptimizer(DelegatingOptimizer):
                                            max_train_steps=max_train_steps, name=session_name, record=record)
                 self.backend = RemoteBackend(server, settings, api_key=api_key, timeout=timeout, retries=retries)
             else:
-                self.backend = LocalBackend(self.spec, nowcaster or "default", device=device)
+                self.backend = LocalBackend(self.spec, nowcaster or "default", device=device,
+                                            spacing=self.snapshot_interval)
         self._worker: BackendWorker | None = None
         if self.backend is not None and self.backend.streams_states:
             self._worker = BackendWorker(max_uploads=max(2, ctx), on_error=self._upload_failed)

@@ -210,13 +210,16 @@ class ScopeView(BaseModel):
     tasks: list[str]
     params: list[int] | None = Field(None, min_length=2, max_length=2,
                                      description="[min, max] parameter count; absent: no bound")
+    spacing: list[int] | None = Field(None, min_length=2, max_length=2,
+                                      description="[min, max] steps between snapshots (period / ctx); absent: no bound")
 
     @model_serializer(mode="wrap")
     def _absent_params(self, handler: SerializerFunctionWrapHandler):  # no return type: keeps the schema
         """As in the nowcaster's config.json: no bound is no key."""
         out = handler(self)
-        if out.get("params") is None:
-            out.pop("params", None)
+        for key in ("params", "spacing"):
+            if out.get(key) is None:
+                out.pop(key, None)
         return out
 
 

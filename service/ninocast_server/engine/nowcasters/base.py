@@ -78,9 +78,10 @@ class Nowcaster(ABC):
                 "parameters": self.num_parameters(), "families": list(self.families),
                 "scope": self.scope.to_json() if self.scope else None}
 
-    def scope_warning(self, spec: ModelSpec) -> str | None:
-        """One line when ``spec`` is outside what this nowcaster was trained on (see scope.py), else None."""
-        return self.scope.warning(self.name, spec) if self.scope else None
+    def scope_warning(self, spec: ModelSpec, spacing: int | None = None) -> str | None:
+        """One line when ``spec`` (with snapshots ``spacing`` steps apart, if known) is outside what this
+        nowcaster was trained on (see scope.py), else None."""
+        return self.scope.warning(self.name, spec, spacing) if self.scope else None
 
 
 class ScaledNowcaster(Nowcaster):

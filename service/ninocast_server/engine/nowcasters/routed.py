@@ -83,10 +83,10 @@ class RoutedNowcaster(Nowcaster):
     def describe(self) -> dict:
         return {**super().describe(), "routes": {f: m.describe() for f, m in self.routes.items()}}
 
-    def scope_warning(self, spec: ModelSpec) -> str | None:
+    def scope_warning(self, spec: ModelSpec, spacing: int | None = None) -> str | None:
         """The serving member's warning, in the routed nowcaster's name (the one the user asked for)."""
         scope = self.member_for(spec).scope
-        return scope.warning(self.name, spec) if scope else None
+        return scope.warning(self.name, spec, spacing) if scope else None
 
 
 def _union(scopes: list[Scope | None]) -> Scope | None:

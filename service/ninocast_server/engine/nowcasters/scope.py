@@ -9,8 +9,11 @@ The scope is stored in a nowcaster directory's ``config.json``::
 
     "scope": {"families": ["generic"], "tasks": ["fm-16"], "params": [14378, 14378]}
 
-``families`` is required, ``tasks`` (informational) and ``params`` ([min, max] parameter count; a model outside
-it gets a warning too) are optional.
+``families`` is required, ``tasks`` (informational), ``params`` ([min, max] parameter count; a model outside
+it gets a warning too) and ``spacing`` ([min, max] optimiser steps between the snapshots a nowcast reads, i.e.
+period / ctx; a run outside it gets a warning) are optional. Spacing is declared by hand where it was measured to
+matter: the language member of the default, trained and validated with snapshots 200 steps apart, made the
+1,000-step language tasks (period 100: 20 steps apart) slower than AdamW (docs/metatrain.md, round 5).
 """
 
 from __future__ import annotations
@@ -30,15 +33,19 @@ class Scope:
     families: tuple[str, ...]
     tasks: tuple[str, ...] = ()
     params: tuple[int, int] | None = None
+    spacing: tuple[int, int] | None = None
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"families": list(self.families), "tasks": list(self.tasks)}
         if self.params is not None:
             out["params"] = list(self.params)
+        if self.spacing is not None:
+            out["spacing"] = list(self.spacing)
         return out
 
-    def warning(self, nowcaster: str, spec: ModelSpec) -> str | None:
-        """One line when ``spec`` falls outside this scope (family first, then size), else None."""
+    def warning(self, nowcaster: str, spec: ModelSpec, spacing: int | None = None) -> str | None:
+        """One line when ``spec`` (or a run whose snapshots are ``spacing`` steps apart) falls outside this scope
+        (family first, then size, then spacing), else None."""
         trained = f"meta-trained on {'/'.join(self.families)} models" + (
             f" ({', '.join(self.tasks)})" if self.tasks else "")
         if spec.family not in self.families:
@@ -51,6 +58,11 @@ class Scope:
         if self.params is not None and not self.params[0] <= spec.n_params <= self.params[1]:
             return (f"nowcaster {nowcaster!r} was {trained} of {self.params[0]:,}-{self.params[1]:,} parameters, "
                     f"this {spec.family!r} model has {spec.n_params:,}: its nowcasts may slow this training down")
+        if self.spacing is not None and spacing is not None and not self.spacing[0] <= spacing <= self.spacing[1]:
+            between = (f"{self.spacing[0]}" if self.spacing[0] == self.spacing[1]
+                       else f"{self.spacing[0]}-{self.spacing[1]}")
+            return (f"nowcaster {nowcaster!r} was {trained} with snapshots {between} steps apart, this run takes "
+                    f"one every {spacing} steps (period / ctx): its nowcasts may slow this training down")
         return None
 
 
@@ -76,23 +88,27 @@ def parse_scope(obj: Any, where: str) -> Scope | None:
         return None
     if not isinstance(obj, dict):
         raise ScopeError(f"{where}: scope must be an object, got {type(obj).__name__}")
-    unknown = sorted(set(obj) - {"families", "tasks", "params"})
+    unknown = sorted(set(obj) - {"families", "tasks", "params", "spacing"})
     if unknown:
-        raise ScopeError(f"{where}: unknown scope keys {unknown}; known: ['families', 'params', 'tasks']")
+        raise ScopeError(f"{where}: unknown scope keys {unknown}; known: ['families', 'params', 'spacing', 'tasks']")
     fams = obj.get("families")
     if not isinstance(fams, list) or not fams or any(f not in FAMILIES for f in fams):
         raise ScopeError(f"{where}: scope.families must be a non-empty list of {list(FAMILIES)}, got {fams!r}")
     tasks = obj.get("tasks", [])
     if not isinstance(tasks, list) or any(not isinstance(t, str) for t in tasks):
         raise ScopeError(f"{where}: scope.tasks must be a list of task names, got {tasks!r}")
-    params = obj.get("params")
-    if params is not None:
-        if (not isinstance(params, list) or len(params) != 2
-                or any(not isinstance(p, int) or isinstance(p, bool) or p < 1 for p in params)
-                or params[0] > params[1]):
-            raise ScopeError(f"{where}: scope.params must be [min, max] positive parameter counts, got {params!r}")
-        params = (params[0], params[1])
-    return Scope(tuple(fams), tuple(tasks), params)
+    params = _range(obj.get("params"), f"{where}: scope.params must be [min, max] positive parameter counts")
+    spacing = _range(obj.get("spacing"), f"{where}: scope.spacing must be [min, max] positive step counts")
+    return Scope(tuple(fams), tuple(tasks), params, spacing)
+
+
+def _range(value: Any, message: str) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    if (not isinstance(value, list) or len(value) != 2
+            or any(not isinstance(p, int) or isinstance(p, bool) or p < 1 for p in value) or value[0] > value[1]):
+        raise ScopeError(f"{message}, got {value!r}")
+    return value[0], value[1]
 
 
 def scope_of_runs(runs: Sequence[tuple[str, str]]) -> Scope:
