@@ -28,10 +28,11 @@ def official_pt() -> str:
 
 
 def tiny_gpt2() -> nn.Module:
+    """The shape of kjv-gpt2-2-32 (35,712 parameters): inside the size range of the default's language member."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
-    return GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=16, n_positions=8,
+    return GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=256, n_positions=64,
                                       resid_pdrop=0, embd_pdrop=0, attn_pdrop=0))
 
 
@@ -213,4 +214,18 @@ def test_a_declared_snapshot_spacing_warns_a_run_outside_it_locally_and_on_the_s
         r = c.post("/v1/sessions", json={"spec": spec, "period": 1000})
         assert r.status_code == 201 and r.json()["warnings"] == [], r.text
         route = {n["name"]: n for n in c.get("/v1/nowcasters").json()["nowcasters"]}["ninocast-nino"]["routes"]["gpt2"]
-        assert route["scope"]["spacing"] == [200, 200]
+        assert route["scope"]["spacing"] == [200, 200] and route["scope"]["params"] == [18272, 49312]
+
+
+def test_the_default_warns_a_language_model_larger_than_its_training_runs():
+    """The language member was trained on 18k-49k parameter models and measured no faster than AdamW on a 170k
+    one (GPT-2 3-64): a model outside that range is warned; one inside is not."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    big = GPT2LMHeadModel(GPT2Config(n_layer=3, n_embd=64, n_head=4, vocab_size=256, n_positions=64))
+    small = GPT2LMHeadModel(GPT2Config(n_layer=3, n_embd=24, n_head=3, vocab_size=256, n_positions=64))
+    nino = load_nowcaster("default")
+    line = nino.scope_warning(ModelSpec.from_module(big), spacing=200)
+    assert line is not None and "'ninocast-nino'" in line and "18,272-49,312" in line, line
+    assert nino.scope_warning(ModelSpec.from_module(small), spacing=200) is None
