@@ -18,14 +18,7 @@ from ninocast_server.engine.nowcasters.checkpoint import (BUNDLED_DIR, Checkpoin
                                                               load_nowcaster)
 from ninocast_server.engine.runner import nowcast
 from server_utils import Server
-
-
-def tiny_gpt2() -> nn.Module:
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(0)
-    return GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=16, n_positions=8,
-                                      resid_pdrop=0, embd_pdrop=0, attn_pdrop=0))
+from test_nowcaster_scope import tiny_gpt2, tiny_mlp
 
 
 def tiny_llama() -> nn.Module:
@@ -34,11 +27,6 @@ def tiny_llama() -> nn.Module:
     torch.manual_seed(0)
     return LlamaForCausalLM(LlamaConfig(num_hidden_layers=1, hidden_size=8, intermediate_size=16,
                                         num_attention_heads=2, num_key_value_heads=2, vocab_size=16))
-
-
-def tiny_mlp() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
 
 
 def _member(dst: Path, src: str, scale: float, scope: dict) -> None:
