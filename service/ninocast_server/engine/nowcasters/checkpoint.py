@@ -277,6 +277,7 @@ def load_routed(path: str | Path, device: str | torch.device = "cpu", name: str 
     if not isinstance(routes, dict) or not routes or not all(
             isinstance(f, str) and isinstance(m, str) for f, m in routes.items()):
         raise CheckpointError(f"{cfg_path}: routes must be a non-empty object of family -> member directory")
+    routed_name = str(name or config.get("name") or path.name)
     members: dict[str, Nowcaster] = {}
     for member in dict.fromkeys(routes.values()):
         sub = (path / member).resolve()
@@ -285,10 +286,9 @@ def load_routed(path: str | Path, device: str | torch.device = "cpu", name: str 
         if read_config(sub).get("kind") == "routed":
             raise CheckpointError(f"{cfg_path}: member {member!r} is itself routed (members hold weights)")
         model, member_config = load_directory(sub)
-        members[member] = _wrap(model, f"{name or config.get('name') or path.name}/{member}", member_config["scope"])
+        members[member] = _wrap(model, f"{routed_name}/{member}", member_config["scope"])
     try:
-        routed = RoutedNowcaster(str(name or config.get("name") or path.name),
-                                 {family: members[m] for family, m in routes.items()})
+        routed = RoutedNowcaster(routed_name, {family: members[m] for family, m in routes.items()})
     except ValueError as e:
         raise CheckpointError(f"{cfg_path}: {e}") from None
     return routed.to(device)
