@@ -161,7 +161,7 @@ def test_route_command_writes_a_routed_nowcaster_and_refuses_bad_members(routed_
                            (["--member", f"resnet={wnn}"], "unknown families"),
                            (["--member", f"generic={routed_dir / 'vision'}", "--member", f"gpt2={wnn}"], "differ in"),
                            (["--member", f"generic={tmp_path / 'nowhere'}"], "needs config.json"),
-                           (["--member", f"generic={routed_dir}"], "no weights of its own")]:
+                           (["--member", f"generic={routed_dir}"], f"{routed_dir}: is itself routed")]:
         assert main(["route", "-o", str(tmp_path / "bad"), *argv]) == 2, argv
         assert mentions in capsys.readouterr().err, argv
         assert not (tmp_path / "bad").exists(), argv  # nothing half-written

@@ -150,7 +150,7 @@ def run_import(args: argparse.Namespace) -> int:
 
 
 def run_route(args: argparse.Namespace) -> int:
-    from .nowcasters.checkpoint import CheckpointError, load_nowcaster, save_routed
+    from .nowcasters.checkpoint import CheckpointError, save_routed
 
     members: dict[str, str] = {}
     for item in args.member:
@@ -162,10 +162,9 @@ def run_route(args: argparse.Namespace) -> int:
                 raise CommandError(f"--member: family {family!r} given twice")
             members[family] = src.strip()
     try:
-        out = save_routed(args.out, members, name=args.name)
-        routed = load_nowcaster(str(out))
+        routed = save_routed(args.out, members, name=args.name)
     except (CheckpointError, ValueError, OSError) as e:
         raise CommandError(f"cannot write the routed nowcaster: {e}") from None
     routes = ", ".join(f"{f} -> {m.name}" for f, m in routed.routes.items())
-    print(f"routed nowcaster {routed.name!r} ({routed.num_parameters():,} parameters): {routes} -> {out}")
+    print(f"routed nowcaster {routed.name!r} ({routed.num_parameters():,} parameters): {routes} -> {args.out}")
     return 0

@@ -294,9 +294,10 @@ def load_routed(path: str | Path, device: str | torch.device = "cpu", name: str 
     return routed.to(device)
 
 
-def save_routed(out_dir: str | Path, members: Mapping[str, str | Path], name: str | None = None) -> Path:
-    """family -> member directory: copy each distinct member into ``out_dir`` (named after its source) and write
-    the routed config. ``out_dir`` must not exist yet: a half-replaced nowcaster is worse than none."""
+def save_routed(out_dir: str | Path, members: Mapping[str, str | Path], name: str | None = None) -> RoutedNowcaster:
+    """family -> member directory: copy each distinct member into ``out_dir`` (named after its source), write the
+    routed config and return it loaded. ``out_dir`` must not exist yet: a half-replaced nowcaster is worse than
+    none, so on any error nothing is left behind."""
     import shutil
 
     out = Path(out_dir)
@@ -305,7 +306,8 @@ def save_routed(out_dir: str | Path, members: Mapping[str, str | Path], name: st
     sources = {str(Path(src).resolve()): Path(src) for src in members.values()}
     names: dict[str, str] = {}
     for key, src in sources.items():
-        load_directory(src)  # a member must load on its own (and hold weights) before anything is written
+        if read_config(src).get("kind") == "routed":  # missing or foreign: fails here, before anything is written
+            raise CheckpointError(f"{src}: is itself routed (members hold weights; name its members instead)")
         base, n = src.resolve().name, 1
         names[key] = base
         while names[key] in list(names.values())[:-1]:  # two members named alike: vision, vision-2, ...
@@ -323,7 +325,7 @@ def save_routed(out_dir: str | Path, members: Mapping[str, str | Path], name: st
     except Exception:
         shutil.rmtree(out, ignore_errors=True)
         raise
-    return out
+    return routed
 
 
 def _routed_card(routed: RoutedNowcaster, routes: Mapping[str, str]) -> str:
