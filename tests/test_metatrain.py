@@ -262,6 +262,7 @@ def test_collect_metatrain_nowcast_end_to_end(tiny_store, tmp_path, kind):
     nc = load_nowcaster(str(out))
     assert nc.kind == kind and nc.name == f"ninocast-{kind}"
     assert nc.scope.families == ("generic",) and nc.scope.tasks == ("tiny-conv", "tiny-mlp")  # what it saw
+    assert nc.scope.spacing == (2, 2)  # its windows' states were 2 optimiser steps apart
     store = TrajectoryStore.open(tiny_store)
     run = store.runs["tiny-conv-seed2-lr0.01"]
     states = store.load(run.id)[1][-5:].float().T.contiguous()
@@ -278,10 +279,16 @@ def test_metatrain_cli_and_finetune(tiny_store, tmp_path, capsys):
                  "--layers", "2", "--batch-trajectories", "1", "--windows", "1", "--val-batches", "1", "-q"]) == 0
     assert json.loads(capsys.readouterr().out)["iterations"] == 3
     tuned = tmp_path / "tuned"
-    summary = metatrain(_cfg([tiny_store], tuned, init=str(out), iters=2, tasks=["tiny-mlp"]), progress=False,
-                        log=lambda s: None)
+    base_cfg = json.loads((out / "config.json").read_text())
+    base_cfg["scope"]["spacing"] = [200, 200]  # as if its --init was tuned elsewhere
+    (out / "config.json").write_text(json.dumps(base_cfg))
+    summary = metatrain(_cfg([tiny_store], tuned, init=str(out), iters=2, tasks=["tiny-mlp"], spacing=3),
+                        progress=False, log=lambda s: None)
     assert summary["tasks"] == ["tiny-mlp"]
-    assert load_nowcaster(str(tuned)).scope.tasks == ("tiny-conv", "tiny-mlp")  # its --init saw both tasks
+    scope = load_nowcaster(str(tuned)).scope
+    assert scope.tasks == ("tiny-conv", "tiny-mlp")  # its --init saw both tasks
+    assert scope.spacing == (2, 2)  # ... but the spacing is the fine-tune's own windows' (stride 1 of a store
+    #                                   collected every 2 steps, whatever --spacing 3 asked), not its --init's
     cfg = json.loads((tuned / "config.json").read_text())
     assert cfg["model_args"]["hid"] == 8 and cfg["source"]["init"] == str(out)
     from safetensors.torch import load_file

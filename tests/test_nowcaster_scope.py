@@ -53,9 +53,9 @@ VISION = str(BUNDLED_DIR / "ninocast-nino" / "vision")  # the default's FM-16-on
 def test_shipped_default_routes_vision_and_language_and_official_checkpoints_declare_the_papers_tasks(tmp_path):
     nino = load_nowcaster("default")
     assert nino.kind == "routed" and nino.scope.families == ("generic", "gpt2", "llama")
-    assert nino.routes["generic"].scope == Scope(("generic",), ("fm-16",))
-    language = nino.routes["gpt2"]
-    assert nino.routes["llama"] is language and {"gpt2", "llama"} <= set(language.scope.families)
+    assert nino.routes["generic"][0].scope == Scope(("generic",), ("fm-16",))
+    language = nino.routes["gpt2"][0]
+    assert nino.routes["llama"][0] is language and {"gpt2", "llama"} <= set(language.scope.families)
     assert {"kjv-gpt2-3-24-10k", "kjv-llama-2-32-10k"} <= set(language.scope.tasks)
     assert not set(language.scope.tasks) & {"fortunes-gpt2-3-24-10k", "kjv-gpt2-3-64-10k", "kjv-llama-3-24-10k"}
     described = nino.describe()
@@ -198,7 +198,7 @@ def test_a_declared_snapshot_spacing_warns_a_run_outside_it_locally_and_on_the_s
     with period 100 (snapshots 20 steps apart, where it was measured slower than AdamW) is warned; its vision
     member declares none (it speeds digits up at 20 steps apart), so an MLP at period 100 is not."""
     gpt2, mlp = tiny_gpt2(), tiny_mlp()
-    assert load_nowcaster("default").routes["gpt2"].scope.spacing == (200, 200)
+    assert load_nowcaster("default").routes["gpt2"][0].scope.spacing == (200, 200)
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
         short = NowcastOptimizer(torch.optim.AdamW(gpt2.parameters()), gpt2, local=True, period=100)

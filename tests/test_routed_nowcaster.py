@@ -10,14 +10,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, load_file, save_file
 from torch import nn
 
 from ninocast import ModelSpec
 from ninocast_server.engine.nowcasters.checkpoint import (BUNDLED_DIR, CheckpointError, load_directory,
                                                               load_nowcaster)
 from ninocast_server.engine.runner import nowcast
-from server_utils import Server
+from server_utils import Server, flatten_answer, upload_all
 from test_nowcaster_scope import tiny_gpt2, tiny_mlp
 
 
@@ -72,8 +72,8 @@ def test_each_family_gets_its_members_prediction(routed_dir):
         assert torch.equal(got, nowcast(member, spec, x, 3)), spec.family
         assert not torch.allclose(got, nowcast(other, spec, x, 3)), spec.family
     traced = ModelSpec.from_module(tiny_gpt2(), graph="traced")  # a transformer whatever its family says
-    assert traced.family == "generic" and duo.member_for(traced) is duo.routes["gpt2"]
-    assert duo.member_for(ModelSpec.from_module(tiny_mlp(), graph="traced")) is duo.routes["generic"]
+    assert traced.family == "generic" and duo.member_for(traced) is duo.routes["gpt2"][0]
+    assert duo.member_for(ModelSpec.from_module(tiny_mlp(), graph="traced")) is duo.routes["generic"][0]
 
 
 def test_scope_is_the_union_and_the_warning_is_the_serving_members(routed_dir, tmp_path):
@@ -98,7 +98,8 @@ def test_scope_is_the_union_and_the_warning_is_the_serving_members(routed_dir, t
 @pytest.mark.parametrize("routes, mentions", [
     ({}, "routes must be"), ({"generic": 3}, "routes must be"), ({"resnet": "vision"}, "unknown families"),
     ({"generic": "../vision"}, "subdirectory"), ({"generic": "missing"}, "needs config.json"),
-    ({"generic": "wnn"}, "differ in"), ({"generic": "inner"}, "itself routed")])
+    ({"generic": "wnn"}, "differ in"), ({"generic": "inner"}, "itself routed"), ({"generic": []}, "routes must be"),
+    ({"gpt2": ["vision", "vision"]}, "listed twice"), ({"gpt2": ["vision", "language"]}, "no scope.spacing")])
 def test_a_bad_routed_directory_is_a_clear_checkpoint_error(tmp_path, routes, mentions):
     root = make_routed(tmp_path / "duo", routes={"generic": "vision", "gpt2": "vision"})
     shutil.copytree(BUNDLED_DIR / "ninocast-wnn", root / "wnn")
@@ -147,7 +148,7 @@ def test_route_command_writes_a_routed_nowcaster_and_refuses_bad_members(routed_
     assert torch.equal(nowcast(team, spec, _states(spec), 2), nowcast(duo, spec, _states(spec), 2))
     assert json.loads((out / "config.json").read_text())["routes"] == {"generic": "vision", "gpt2": "language",
                                                                        "llama": "language"}
-    assert "| gpt2 | [language/](language/MODEL_CARD.md) | kjv-gpt2-3-24-10k |" in (out / "MODEL_CARD.md").read_text()
+    assert "| gpt2 | [language/](language/MODEL_CARD.md) | any | kjv-gpt2-3-24-10k |" in (out / "MODEL_CARD.md").read_text()
     other = tmp_path / "other" / "vision"  # a second member with the same directory name gets its own copy
     shutil.copytree(routed_dir / "language", other)
     assert main(["route", "-o", str(tmp_path / "two"), "--member", f"generic={routed_dir / 'vision'}",
@@ -157,7 +158,9 @@ def test_route_command_writes_a_routed_nowcaster_and_refuses_bad_members(routed_
     capsys.readouterr()
     wnn = BUNDLED_DIR / "ninocast-wnn"
     for argv, mentions in [(["--member", "generic"], "FAMILIES=DIR"),
-                           (["--member", f"generic={wnn}", "--member", f"generic={wnn}"], "given twice"),
+                           (["--member", f"generic={wnn}", "--member", f"generic={wnn}"], "listed twice"),
+                           (["--member", f"generic={routed_dir / 'vision'}", "--member",
+                             f"generic={routed_dir / 'language'}"], "declares no scope.spacing"),
                            (["--member", f"resnet={wnn}"], "unknown families"),
                            (["--member", f"generic={routed_dir / 'vision'}", "--member", f"gpt2={wnn}"], "differ in"),
                            (["--member", f"generic={tmp_path / 'nowhere'}"], "needs config.json"),
@@ -167,3 +170,97 @@ def test_route_command_writes_a_routed_nowcaster_and_refuses_bad_members(routed_
         assert not (tmp_path / "bad").exists(), argv  # nothing half-written
     assert main(["route", "-o", str(out), "--member", f"generic={wnn}"]) == 2
     assert "already exists" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- several members for one family,
+# chosen by the run's snapshot spacing (period / ctx)
+def make_spaced(root: Path) -> Path:
+    """duo with a GPT-2 member per spacing: ``language`` (200 steps apart, listed first) and ``short`` (20)."""
+    make_routed(root, routes={"generic": "vision", "gpt2": ["language", "short"], "llama": "language"})
+    _member(root / "short", "ninocast-nino/vision", 0.8, {"families": ["gpt2"], "tasks": ["kjv-gpt2-3-24"],
+                                                            "spacing": [20, 20]})
+    cfg = json.loads((root / "language" / "config.json").read_text())
+    cfg["scope"]["spacing"] = [200, 200]
+    (root / "language" / "config.json").write_text(json.dumps(cfg))
+    return root
+
+
+@pytest.fixture(scope="module")
+def spaced_dir(tmp_path_factory) -> Path:
+    return make_spaced(tmp_path_factory.mktemp("spaced") / "trio")
+
+
+def _member_predictions(root: Path, spec: ModelSpec, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    long, short = (nowcast(load_nowcaster(str(root / m)), spec, x, 2) for m in ("language", "short"))
+    assert not torch.equal(long, short)
+    return long, short
+
+
+def test_a_family_with_several_members_is_served_by_the_one_whose_spacing_holds_the_runs(spaced_dir):
+    from ninocast.backends import LocalBackend
+    from ninocast.flat import unflatten
+
+    trio = load_nowcaster(str(spaced_dir))
+    language, short = trio.routes["gpt2"]
+    assert trio.routes["llama"] == (language,) and short.scope.spacing == (20, 20)
+    spec = ModelSpec.from_module(tiny_gpt2())
+    x = _states(spec)
+    long_pred, short_pred = _member_predictions(spaced_dir, spec, x)
+    assert torch.equal(nowcast(trio, spec, x, 2, spacing=20), short_pred)
+    for spacing in (200, None, 100):  # 100: no member declares it -> the first listed, and its warning
+        assert torch.equal(nowcast(trio, spec, x, 2, spacing=spacing), long_pred), spacing
+    assert trio.scope_warning(spec, 20) is None and trio.scope_warning(spec, 200) is None
+    line = trio.scope_warning(spec, 100)
+    assert "'trio'" in line and "200 steps apart" in line and "one every 100 steps" in line
+    assert trio.member_for(ModelSpec.from_module(tiny_llama()), 20) is language  # llama lists only that one
+    d = trio.describe()
+    assert [m["scope"]["spacing"] for m in d["routes"]["gpt2"]] == [[200, 200], [20, 20]]
+    assert d["routes"]["generic"]["name"] == "trio/vision"  # a single member stays an object
+
+    window = [(i, unflatten(x[:, i].contiguous(), spec)) for i in range(5)]
+    local = LocalBackend(spec, str(spaced_dir), spacing=20)  # what NowcastOptimizer passes: its snapshot interval
+    assert not local.out_of_scope
+    assert torch.equal(flatten_answer(spec.to_json(), local.nowcast(window, 2)), short_pred)
+    with pytest.warns(RuntimeWarning, match="one every 100 steps"):
+        local = LocalBackend(spec, str(spaced_dir), spacing=100)
+    assert torch.equal(flatten_answer(spec.to_json(), local.nowcast(window, 2)), long_pred)
+
+
+def test_a_server_session_is_served_by_the_member_for_its_period(tmp_path):
+    from ninocast.flat import unflatten
+
+    models = tmp_path / "models"
+    root = make_spaced(models / "trio")
+    spec = ModelSpec.from_module(tiny_gpt2())
+    x = _states(spec)
+    long_pred, short_pred = _member_predictions(root, spec, x)
+    states = [unflatten(x[:, i].contiguous(), spec) for i in range(5)]
+    srv = Server(tmp_path / "data", models_dir=models, default_nowcaster="trio").start()
+    try:
+        with srv.client() as c:
+            listed = {n["name"]: n for n in c.get("/v1/nowcasters").json()["nowcasters"]}["trio"]
+            assert [m["name"] for m in listed["routes"]["gpt2"]] == ["trio/language", "trio/short"]
+            for period, want in [(100, short_pred), (1000, long_pred)]:  # ctx 5: snapshots 20 / 200 steps apart
+                r = c.post("/v1/sessions", json={"spec": spec.to_json(), "period": period})
+                assert r.status_code == 201 and r.json()["warnings"] == [], r.text
+                sid = r.json()["id"]
+                upload_all(c, sid, states, first_step=period // 5, every=period // 5)
+                r = c.post(f"/v1/sessions/{sid}/nowcast", json={"k": 2})
+                assert r.status_code == 200, r.text
+                assert torch.equal(flatten_answer(spec.to_json(), load(r.content)), want), period
+            r = c.post("/v1/sessions", json={"spec": spec.to_json(), "period": 500})
+            assert r.status_code == 201 and "one every 100 steps" in r.json()["warnings"][0]
+    finally:
+        srv.stop()
+
+
+def test_route_command_lists_a_family_named_twice_in_order(spaced_dir, tmp_path, capsys):
+    from ninocast.cli import main
+
+    out = tmp_path / "team"
+    assert main(["route", "-o", str(out), "--member", f"generic={spaced_dir / 'vision'}",
+                 "--member", f"gpt2,llama={spaced_dir / 'language'}", "--member", f"gpt2={spaced_dir / 'short'}"]) == 0
+    assert "gpt2 -> team/language | team/short" in capsys.readouterr().out
+    assert json.loads((out / "config.json").read_text())["routes"] == {
+        "generic": "vision", "gpt2": ["language", "short"], "llama": "language"}
+    assert "| gpt2 | [short/](short/MODEL_CARD.md) | 20-20 | kjv-gpt2-3-24 |" in (out / "MODEL_CARD.md").read_text()

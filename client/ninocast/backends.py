@@ -229,7 +229,7 @@ class LocalBackend:
         self._nowcast = nowcast
         self.model = load_nowcaster(nowcaster, device=device)
         check_spec_for(spec, self.model)  # a spec its graph cannot describe fails here, not at the first nowcast
-        self.spec = spec
+        self.spec, self.spacing = spec, spacing
         line = self.model.scope_warning(spec, spacing)  # spacing: steps between the snapshots a nowcast reads
         self.out_of_scope = line is not None
         if line:  # the local nowcaster is chosen once per optimizer: one warning
@@ -250,7 +250,7 @@ class LocalBackend:
         states = torch.empty(self.spec.n_params, len(window), dtype=torch.float32)
         for i, (_, snap) in enumerate(window):
             flatten(snap, self.spec, out=states[:, i])
-        pred = self._nowcast(self.model, self.spec, states, k)
+        pred = self._nowcast(self.model, self.spec, states, k, spacing=self.spacing)  # a routed model picks by it
         return unflatten(pred, self.spec)
 
     def report(self, step: int, body: dict[str, Any]) -> None:

@@ -84,7 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "member's scope.")
     s.add_argument("-o", "--out", required=True, metavar="DIR", help="routed nowcaster directory to write (new)")
     s.add_argument("--member", action="append", required=True, metavar="FAMILIES=DIR",
-                   help="e.g. generic=runs/vision or gpt2,llama=runs/language (repeatable)")
+                   help="e.g. generic=runs/vision or gpt2,llama=runs/language (repeatable; a family named again "
+                   "gets an alternate member, which serves runs whose snapshot spacing its scope.spacing holds)")
     s.add_argument("--name", help="nowcaster name (default: OUT's directory name)")
     s.set_defaults(func=_lazy("ninocast_server.engine.step_cli", "run_route"))
 

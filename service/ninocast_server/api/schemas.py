@@ -232,8 +232,10 @@ class NowcasterInfo(BaseModel):
     families: list[str]
     scope: ScopeView | None = Field(None, description="what it was meta-trained on (null: no claim)")
     model_args: dict[str, bool | int | float] | None = Field(None, description="architecture (learned nowcasters)")
-    routes: dict[str, "NowcasterInfo"] | None = Field(
-        None, description="routed nowcasters: the member that serves each family (its own scope and architecture)")
+    routes: dict[str, "NowcasterInfo | list[NowcasterInfo]"] | None = Field(
+        None, description="routed nowcasters: the member that serves each family (its own scope and architecture); "
+        "a list where a family has several: the first whose scope.spacing holds the session's period / ctx serves "
+        "it, else the first")
 
 
 class NowcasterList(BaseModel):

@@ -28,12 +28,17 @@ def check_request(model: Nowcaster, spec: ModelSpec, states: Tensor, k: int) -> 
 
 @torch.inference_mode()
 def nowcast(model: Nowcaster, spec: ModelSpec, states: Tensor, k: int,
-            graph_cache: GraphCache | None = None, *, consume_states: bool = False) -> Tensor:
+            graph_cache: GraphCache | None = None, *, consume_states: bool = False,
+            spacing: int | None = None) -> Tensor:
     """(P, ctx) states, oldest first -> (P,) float32 predicted parameters on the CPU. 16-bit states stay 16-bit
     for nowcasters that read them (half the memory of a float32 copy: what makes a 1B model fit in 20 GB).
 
     ``consume_states``: the caller no longer needs ``states``, so the nowcaster may overwrite them (scaling in
-    place saves a (P, ctx) copy). A float32 copy on another device or dtype is always used as scratch."""
+    place saves a (P, ctx) copy). A float32 copy on another device or dtype is always used as scratch.
+
+    ``spacing``: optimiser steps between the states (period / ctx), when known; a routed nowcaster picks its
+    member by it."""
+    model = model.for_run(spec, spacing)
     check_request(model, spec, states, k)
     if not all_finite(states):
         raise NowcastError("states contain NaN or Inf")

@@ -152,19 +152,17 @@ def run_import(args: argparse.Namespace) -> int:
 def run_route(args: argparse.Namespace) -> int:
     from .nowcasters.checkpoint import CheckpointError, save_routed
 
-    members: dict[str, str] = {}
+    members: dict[str, list[str]] = {}
     for item in args.member:
         families, sep, src = item.partition("=")
         if not sep or not families.strip() or not src.strip():
             raise CommandError(f"--member {item!r}: expected FAMILIES=DIR, e.g. gpt2,llama=runs/language")
         for family in (f.strip() for f in families.split(",")):
-            if family in members:
-                raise CommandError(f"--member: family {family!r} given twice")
-            members[family] = src.strip()
+            members.setdefault(family, []).append(src.strip())  # named again: an alternate, chosen by spacing
     try:
         routed = save_routed(args.out, members, name=args.name)
     except (CheckpointError, ValueError, OSError) as e:
         raise CommandError(f"cannot write the routed nowcaster: {e}") from None
-    routes = ", ".join(f"{f} -> {m.name}" for f, m in routed.routes.items())
+    routes = ", ".join(f"{f} -> {' | '.join(m.name for m in ms)}" for f, ms in routed.routes.items())
     print(f"routed nowcaster {routed.name!r} ({routed.num_parameters():,} parameters): {routes} -> {args.out}")
     return 0

@@ -143,6 +143,12 @@ def collate(examples: Sequence[dict]) -> Batch:
                  len(examples), examples[0]["ctx"])
 
 
+def window_stride(spacing: int, interval: int) -> int:
+    """Stored snapshots between a window's states: ``spacing`` optimiser steps, or every snapshot of a store
+    collected more sparsely than that."""
+    return max(1, spacing // interval)
+
+
 @dataclass
 class Trajectory:
     run: Run
@@ -216,7 +222,7 @@ class WindowSampler:
             for run in store.runs.values():
                 if runs is not None and not runs(run):
                     continue
-                stride = max(1, spacing // run.interval)
+                stride = window_stride(spacing, run.interval)
                 if len(run.steps) < (need - 1) * stride + 1:
                     if log:
                         log(f"skipping {run.id}: {len(run.steps)} snapshots, windows need {(need - 1) * stride + 1} "

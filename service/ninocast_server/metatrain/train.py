@@ -22,7 +22,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -35,7 +35,7 @@ from ..engine.nowcasters.layers import init_weights
 from ..engine.nowcasters.nino import NiNoModel
 from ..engine.nowcasters.scope import Scope, scope_of_runs
 from ..engine.nowcasters.wnn import WNNModel
-from .dataset import Batch, WindowSampler, baseline_predictions, masked_l1
+from .dataset import Batch, WindowSampler, baseline_predictions, masked_l1, window_stride
 from .store import Run, TrajectoryStore
 
 CHECKPOINT = "checkpoint.pt"
@@ -362,10 +362,12 @@ def finish(model: nn.Module, cfg: MetaTrainConfig, hist: History, stores: Sequen
            train_keys: set, val_keys: set, init_info: dict, log: Callable[[str], None]) -> dict[str, Any]:
     out = Path(cfg.out)
     name = cfg.name or out.name
-    trained = [(st.runs[rid].task, st.runs[rid].spec.family) for st in stores for root, rid in train_keys
-               if root == str(st.root)]
+    runs = [st.runs[rid] for st in stores for root, rid in train_keys if root == str(st.root)]
+    trained = [(run.task, run.spec.family) for run in runs]
     tasks = sorted({task for task, _ in trained})
-    scope = _merge_scopes(scope_of_runs(trained), init_info.pop("init_scope", None))
+    spacings = [window_stride(cfg.spacing, run.interval) * run.interval for run in runs]
+    scope = replace(_merge_scopes(scope_of_runs(trained), init_info.pop("init_scope", None)),
+                    spacing=(min(spacings), max(spacings)))
     summary = {
         "model": cfg.model, "iterations": hist.iteration, "skipped_steps": hist.skipped,
         "final_train_loss": _tail_mean(hist.train),
@@ -395,7 +397,9 @@ def finish(model: nn.Module, cfg: MetaTrainConfig, hist: History, stores: Sequen
 
 
 def _merge_scopes(new: Scope, init: Scope | None) -> Scope:
-    """A fine-tuned nowcaster was trained on its --init's data too (without a parameter range: sizes differ)."""
+    """A fine-tuned nowcaster was trained on its --init's data too (without a parameter range: sizes differ).
+    Its snapshot spacing is set by the caller from this training's windows alone: a fine-tune moves the model to
+    the new spacing and is validated there only."""
     if init is None:
         return new
     return Scope(tuple(dict.fromkeys(init.families + new.families)), tuple(sorted(set(init.tasks) | set(new.tasks))))

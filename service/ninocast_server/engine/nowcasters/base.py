@@ -78,6 +78,11 @@ class Nowcaster(ABC):
                 "parameters": self.num_parameters(), "families": list(self.families),
                 "scope": self.scope.to_json() if self.scope else None}
 
+    def for_run(self, spec: ModelSpec, spacing: int | None = None) -> "Nowcaster":
+        """The nowcaster that serves ``spec`` with snapshots ``spacing`` steps apart: itself, except for a routed
+        one, which hands each run to a member (routed.py)."""
+        return self
+
     def scope_warning(self, spec: ModelSpec, spacing: int | None = None) -> str | None:
         """One line when ``spec`` (with snapshots ``spacing`` steps apart, if known) is outside what this
         nowcaster was trained on (see scope.py), else None."""

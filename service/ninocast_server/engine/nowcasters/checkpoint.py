@@ -12,8 +12,8 @@ Two on-disk forms:
                                 "scope": {"families": [...], "tasks": [...]}}   (optional, scope.py)
       <dir>/model.safetensors  the state_dict
 
-  or a routed directory (routed.py): ``"kind": "routed"``, ``"routes": {family: member}``, and each member a
-  subdirectory of the form above;
+  or a routed directory (routed.py): ``"kind": "routed"``, ``"routes": {family: member | [member, ...]}``, and
+  each member a subdirectory of the form above;
 
 ``load_nowcaster("linefit" | <dir> | <routed dir> | <file.pt>)`` returns a ready ``Nowcaster``.
 """
@@ -26,7 +26,7 @@ import os
 import pickle
 import zipfile
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -217,7 +217,7 @@ def load_directory(path: str | Path) -> tuple[Model, dict]:
     config = read_config(path)
     if config.get("kind") == "routed":
         raise CheckpointError(f"{cfg_path}: a routed nowcaster has no weights of its own; use one of its members "
-                              f"({', '.join(sorted(set(map(str, (config.get('routes') or {}).values()))))})")
+                              f"({', '.join(sorted(_member_dirs(config.get('routes'))))})")
     if not weights.is_file():
         raise CheckpointError(f"{path}: a nowcaster directory needs {CONFIG_FILE} and {WEIGHTS_FILE}")
     kind, args = config.get("kind"), config.get("model_args")
@@ -275,11 +275,14 @@ def load_routed(path: str | Path, device: str | torch.device = "cpu", name: str 
     cfg_path = path / CONFIG_FILE
     routes = config.get("routes")
     if not isinstance(routes, dict) or not routes or not all(
-            isinstance(f, str) and isinstance(m, str) for f, m in routes.items()):
-        raise CheckpointError(f"{cfg_path}: routes must be a non-empty object of family -> member directory")
+            isinstance(f, str) and (isinstance(m, str) or isinstance(m, list) and m and all(
+                isinstance(x, str) for x in m)) for f, m in routes.items()):
+        raise CheckpointError(f"{cfg_path}: routes must be a non-empty object of family -> member directory "
+                              "(or a list of them, chosen by their scope.spacing)")
+    routes = {f: [m] if isinstance(m, str) else m for f, m in routes.items()}
     routed_name = str(name or config.get("name") or path.name)
     members: dict[str, Nowcaster] = {}
-    for member in dict.fromkeys(routes.values()):
+    for member in dict.fromkeys(m for ms in routes.values() for m in ms):
         sub = (path / member).resolve()
         if sub.parent != path.resolve():
             raise CheckpointError(f"{cfg_path}: member {member!r} must be a subdirectory of {path}")
@@ -288,22 +291,31 @@ def load_routed(path: str | Path, device: str | torch.device = "cpu", name: str 
         model, member_config = load_directory(sub)
         members[member] = _wrap(model, f"{routed_name}/{member}", member_config["scope"])
     try:
-        routed = RoutedNowcaster(routed_name, {family: members[m] for family, m in routes.items()})
+        routed = RoutedNowcaster(routed_name, {family: [members[m] for m in ms] for family, ms in routes.items()})
     except ValueError as e:
         raise CheckpointError(f"{cfg_path}: {e}") from None
     return routed.to(device)
 
 
-def save_routed(out_dir: str | Path, members: Mapping[str, str | Path], name: str | None = None) -> RoutedNowcaster:
-    """family -> member directory: copy each distinct member into ``out_dir`` (named after its source), write the
-    routed config and return it loaded. ``out_dir`` must not exist yet: a half-replaced nowcaster is worse than
-    none, so on any error nothing is left behind."""
+def _member_dirs(routes: object) -> set[str]:
+    """The member directory names a routes object mentions (each value a name or a list of names)."""
+    values = routes.values() if isinstance(routes, dict) else ()
+    return {str(x) for v in values for x in (v if isinstance(v, list) else [v])}
+
+
+def save_routed(out_dir: str | Path, members: Mapping[str, str | Path | Sequence[str | Path]],
+                name: str | None = None) -> RoutedNowcaster:
+    """family -> member directory (or several, the first the default, the others chosen by their scope.spacing):
+    copy each distinct member into ``out_dir`` (named after its source), write the routed config and return it
+    loaded. ``out_dir`` must not exist yet: a half-replaced nowcaster is worse than none, so on any error nothing
+    is left behind."""
     import shutil
 
     out = Path(out_dir)
     if out.exists():
         raise CheckpointError(f"{out}: already exists (write a routed nowcaster into a new directory)")
-    sources = {str(Path(src).resolve()): Path(src) for src in members.values()}
+    listed = {f: [Path(m)] if isinstance(m, (str, Path)) else [Path(x) for x in m] for f, m in members.items()}
+    sources = {str(src.resolve()): src for ms in listed.values() for src in ms}
     names: dict[str, str] = {}
     for key, src in sources.items():
         if read_config(src).get("kind") == "routed":  # missing or foreign: fails here, before anything is written
@@ -317,7 +329,10 @@ def save_routed(out_dir: str | Path, members: Mapping[str, str | Path], name: st
     try:
         for key, sub in names.items():
             shutil.copytree(sources[key], out / sub, ignore=shutil.ignore_patterns("train", "work*"))
-        routes = {family: names[str(Path(src).resolve())] for family, src in members.items()}
+        routes: dict[str, str | list[str]] = {}
+        for family, ms in listed.items():
+            subs = [names[str(src.resolve())] for src in ms]
+            routes[family] = subs[0] if len(subs) == 1 else subs
         config = {"format": FORMAT, "version": VERSION, "kind": "routed", "name": name or out.name, "routes": routes}
         (out / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
         routed = load_routed(out)  # the members must agree (ctx, horizon, graph needs) and run their families
@@ -328,14 +343,17 @@ def save_routed(out_dir: str | Path, members: Mapping[str, str | Path], name: st
     return routed
 
 
-def _routed_card(routed: RoutedNowcaster, routes: Mapping[str, str]) -> str:
+def _routed_card(routed: RoutedNowcaster, routes: Mapping[str, str | list[str]]) -> str:
     rows = []
-    for family, sub in routes.items():
-        scope = routed.routes[family].scope
-        trained = (", ".join(scope.tasks) or "/".join(scope.families)) if scope else "no claim"
-        rows.append(f"| {family} | [{sub}/]({sub}/MODEL_CARD.md) | {trained} |")
+    for family, subs in routes.items():
+        for sub, member in zip([subs] if isinstance(subs, str) else subs, routed.routes[family]):
+            scope = member.scope
+            trained = (", ".join(scope.tasks) or "/".join(scope.families)) if scope else "no claim"
+            spacing = f"{scope.spacing[0]}-{scope.spacing[1]}" if scope and scope.spacing else "any"
+            rows.append(f"| {family} | [{sub}/]({sub}/MODEL_CARD.md) | {spacing} | {trained} |")
     return "\n".join([
         f"# {routed.name}", "",
-        "A routed nowcaster (`ninocast route`): each model is nowcast by the member trained on its graph family; "
-        "a model outside that member's scope gets its warning under this name.", "",
-        "| family | member | meta-trained on |", "|---|---|---|", *rows, ""])
+        "A routed nowcaster (`ninocast route`): each model is nowcast by the member trained on its graph family "
+        "(where a family has several, the first whose snapshot spacing, period / ctx, is the run's; else the "
+        "first listed); a model outside that member's scope gets its warning under this name.", "",
+        "| family | member | snapshot spacing (steps) | meta-trained on |", "|---|---|---|---|", *rows, ""])

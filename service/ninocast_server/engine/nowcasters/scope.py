@@ -58,12 +58,16 @@ class Scope:
         if self.params is not None and not self.params[0] <= spec.n_params <= self.params[1]:
             return (f"nowcaster {nowcaster!r} was {trained} of {self.params[0]:,}-{self.params[1]:,} parameters, "
                     f"this {spec.family!r} model has {spec.n_params:,}: its nowcasts may slow this training down")
-        if self.spacing is not None and spacing is not None and not self.spacing[0] <= spacing <= self.spacing[1]:
+        if not self.covers_spacing(spacing):
             between = (f"{self.spacing[0]}" if self.spacing[0] == self.spacing[1]
                        else f"{self.spacing[0]}-{self.spacing[1]}")
             return (f"nowcaster {nowcaster!r} was {trained} with snapshots {between} steps apart, this run takes "
                     f"one every {spacing} steps (period / ctx): its nowcasts may slow this training down")
         return None
+
+    def covers_spacing(self, spacing: int | None) -> bool:
+        """False only when both are known and ``spacing`` is outside the declared range."""
+        return self.spacing is None or spacing is None or self.spacing[0] <= spacing <= self.spacing[1]
 
 
 TRANSFORMER_FAMILIES = {"gpt2", "llama"}
