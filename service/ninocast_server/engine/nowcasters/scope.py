@@ -11,9 +11,10 @@ The scope is stored in a nowcaster directory's ``config.json``::
 
 ``families`` is required, ``tasks`` (informational), ``params`` ([min, max] parameter count; a model outside
 it gets a warning too) and ``spacing`` ([min, max] optimiser steps between the snapshots a nowcast reads, i.e.
-period / ctx; a run outside it gets a warning) are optional. Spacing is declared by hand where it was measured to
-matter: the language member of the default, trained and validated with snapshots 200 steps apart, made the
-1,000-step language tasks (period 100: 20 steps apart) slower than AdamW (docs/metatrain.md, round 5).
+period / ctx; a run outside it gets a warning) are optional. ``metatrain`` writes the spacing of its training
+windows: it was measured to matter (the language member of the default, trained and validated with snapshots 200
+steps apart, made the 1,000-step language tasks, period 100: 20 steps apart, slower than AdamW; docs/metatrain.md,
+round 5), and a routed nowcaster picks among a family's members by it (routed.py).
 """
 
 from __future__ import annotations
