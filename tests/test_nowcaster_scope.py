@@ -193,28 +193,33 @@ def test_local_optimizer_warns_once_outside_the_scope_and_not_inside():
     inside.close(), official.close(), default.close()
 
 
-def test_a_declared_snapshot_spacing_warns_a_run_outside_it_locally_and_on_the_server(srv):
-    """The default's language member declares the spacing it was trained and measured on (200 steps): a GPT-2 run
-    with period 100 (snapshots 20 steps apart, where it was measured slower than AdamW) is warned; its vision
-    member declares none (it speeds digits up at 20 steps apart), so an MLP at period 100 is not."""
+def test_a_declared_snapshot_spacing_picks_the_member_and_warns_a_run_outside_every_member(srv):
+    """The default's language members declare the spacing they were trained on: 200 steps (period 1000) and 20
+    (period 100). A GPT-2 run at either is served by its member without a word; at period 500 (100 steps apart,
+    where neither was trained) it gets the first member and a warning. The vision member declares none (it speeds
+    digits up at 20 steps apart), so an MLP at period 500 is not warned."""
     gpt2, mlp = tiny_gpt2(), tiny_mlp()
-    assert load_nowcaster("default").routes["gpt2"][0].scope.spacing == (200, 200)
+    language, short = load_nowcaster("default").routes["gpt2"]
+    assert language.scope.spacing == (200, 200) and short.scope.spacing == (20, 20)
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
-        short = NowcastOptimizer(torch.optim.AdamW(gpt2.parameters()), gpt2, local=True, period=100)
-        vision = NowcastOptimizer(torch.optim.AdamW(mlp.parameters()), mlp, local=True, period=100)
+        at100 = NowcastOptimizer(torch.optim.AdamW(gpt2.parameters()), gpt2, local=True, period=100)
+        at500 = NowcastOptimizer(torch.optim.AdamW(gpt2.parameters()), gpt2, local=True, period=500)
+        vision = NowcastOptimizer(torch.optim.AdamW(mlp.parameters()), mlp, local=True, period=500)
     lines = scope_warnings(record)
-    assert len(lines) == 1 and "200 steps apart" in lines[0] and "every 20 steps" in lines[0], lines
-    assert short.backend.out_of_scope and not vision.backend.out_of_scope
-    short.close(), vision.close()
+    assert len(lines) == 1 and "200 steps apart" in lines[0] and "every 100 steps" in lines[0], lines
+    assert at500.backend.out_of_scope and not (at100.backend.out_of_scope or vision.backend.out_of_scope)
+    spec = ModelSpec.from_module(gpt2)
+    assert at100.backend.model.member_for(spec, at100.backend.spacing).name == "ninocast-nino/short"
+    at100.close(), at500.close(), vision.close()
     with srv.client() as c:
-        spec = ModelSpec.from_module(gpt2).to_json()
-        r = c.post("/v1/sessions", json={"spec": spec, "period": 100})
-        assert r.status_code == 201 and len(r.json()["warnings"]) == 1 and "every 20 steps" in r.json()["warnings"][0]
-        r = c.post("/v1/sessions", json={"spec": spec, "period": 1000})
-        assert r.status_code == 201 and r.json()["warnings"] == [], r.text
-        route = {n["name"]: n for n in c.get("/v1/nowcasters").json()["nowcasters"]}["ninocast-nino"]["routes"]["gpt2"]
-        assert route["scope"]["spacing"] == [200, 200] and route["scope"]["params"] == [18272, 49312]
+        for period, warned in [(100, False), (500, True), (1000, False)]:
+            r = c.post("/v1/sessions", json={"spec": spec.to_json(), "period": period})
+            assert r.status_code == 201 and len(r.json()["warnings"]) == warned, (period, r.text)
+            assert all("every 100 steps" in line for line in r.json()["warnings"])
+        routes = {n["name"]: n for n in c.get("/v1/nowcasters").json()["nowcasters"]}["ninocast-nino"]["routes"]
+        assert [m["scope"]["spacing"] for m in routes["gpt2"]] == [[200, 200], [20, 20]]
+        assert all(m["scope"]["params"] == [18272, 49312] for m in routes["llama"])
 
 
 def test_the_default_warns_a_language_model_larger_than_its_training_runs():

@@ -263,4 +263,4 @@ def test_route_command_lists_a_family_named_twice_in_order(spaced_dir, tmp_path,
     assert "gpt2 -> team/language | team/short" in capsys.readouterr().out
     assert json.loads((out / "config.json").read_text())["routes"] == {
         "generic": "vision", "gpt2": ["language", "short"], "llama": "language"}
-    assert "| gpt2 | [short/](short/MODEL_CARD.md) | 20-20 | kjv-gpt2-3-24 |" in (out / "MODEL_CARD.md").read_text()
+    assert "| gpt2 | [short/](short/MODEL_CARD.md) | 20 | kjv-gpt2-3-24 |" in (out / "MODEL_CARD.md").read_text()

@@ -349,7 +349,7 @@ def _routed_card(routed: RoutedNowcaster, routes: Mapping[str, str | list[str]])
         for sub, member in zip([subs] if isinstance(subs, str) else subs, routed.routes[family]):
             scope = member.scope
             trained = (", ".join(scope.tasks) or "/".join(scope.families)) if scope else "no claim"
-            spacing = f"{scope.spacing[0]}-{scope.spacing[1]}" if scope and scope.spacing else "any"
+            spacing = "any" if not scope or not scope.spacing else "-".join(map(str, dict.fromkeys(scope.spacing)))
             rows.append(f"| {family} | [{sub}/]({sub}/MODEL_CARD.md) | {spacing} | {trained} |")
     return "\n".join([
         f"# {routed.name}", "",
