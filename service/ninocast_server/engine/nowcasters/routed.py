@@ -7,7 +7,7 @@ nowcaster keeps one name (the default) and hands each model to the member traine
 On disk it is a directory whose ``config.json`` names the members (subdirectories in the usual format)::
 
     {"format": "ninocast-nowcaster", "version": 1, "kind": "routed", "name": "ninocast-nino",
-     "routes": {"generic": "vision", "gpt2": ["language", "language-short"], "llama": [...]}, "source": {...}}
+     "routes": {"generic": "vision", "gpt2": ["language", "short"], "llama": ["language", "short"]}}
 
 A family may list several members: the run is served by the first whose declared ``scope.spacing`` holds its
 snapshot spacing (period / ctx), else by the first listed. Why: the language member trained on snapshots 200
