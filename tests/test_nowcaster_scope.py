@@ -223,8 +223,8 @@ def test_a_declared_snapshot_spacing_picks_the_member_and_warns_a_run_outside_ev
 
 
 def test_the_default_warns_a_language_model_larger_than_its_training_runs():
-    """The language member was trained on 18k-49k parameter models and measured no faster than AdamW on a 170k
-    one (GPT-2 3-64): a model outside that range is warned; one inside is not."""
+    """The language members were trained on 18k-49k parameter models, and the default was slower than AdamW on a
+    170k one (GPT-2 3-64) at period 100: a model outside that range is warned; one inside is not."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)

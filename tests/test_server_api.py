@@ -227,7 +227,9 @@ def test_json_answers_hold_exactly_their_documented_fields(alice, server):
     r = alice.get("/v1/nowcasters")
     nino = next(n for n in r.json()["nowcasters"] if n["name"] == "ninocast-nino")
     assert nino["kind"] == "routed" and nino["scope"]["families"] and nino["model_args"] is None
-    assert all(m["kind"] == "nino" and m["model_args"]["gnn"] is True for m in nino["routes"].values())
+    members = [m for v in nino["routes"].values() for m in (v if isinstance(v, list) else [v])]
+    assert len(nino["routes"]["gpt2"]) == 2 and len(members) == 5  # gpt2 / llama: a member per spacing
+    assert all(m["kind"] == "nino" and m["model_args"]["gnn"] is True for m in members)
     check(r, "/v1/nowcasters", "get")
     check(httpx.get(server.url + "/readyz"), "/readyz", "get")
     check(httpx.get(server.url + "/healthz"), "/healthz", "get")
