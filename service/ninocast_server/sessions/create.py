@@ -38,5 +38,5 @@ def create_session(store: SessionStore, registry: NowcasterRegistry, queue: Comp
         raise ServiceError(422, "invalid_ctx", f"nowcaster {nowcaster!r} needs ctx={model.ctx}, got {ctx}")
     queue.check_fits(estimate_bytes(spec, ctx), "spec_too_large")
     s = store.create(owner, spec, nowcaster, ctx, period, max_train_steps, record, name)
-    out_of_scope = model.scope_warning(spec, period // ctx)  # served anyway, but said once, here (issue 11)
+    out_of_scope = model.scope_warning(spec, s.spacing)  # served anyway, but said once, here (issue 11)
     return s, [out_of_scope] if out_of_scope else []

@@ -120,13 +120,13 @@ def _run(s: Session, paths: list[Path], k: int, registry: NowcasterRegistry, gra
         try:
             flat = runner.nowcast(registry.for_session(s.nowcaster, s.ctx, device), s.spec, states, k,
                                   graph_cache=graphs, consume_states=True,  # a GPU run scales its own copy
-                                  spacing=s.period // s.ctx)
+                                  spacing=s.spacing)
         except torch.cuda.OutOfMemoryError:
             log.warning("CUDA out of memory on %s for %d parameters; nowcasting on the CPU", device, s.spec.n_params)
             torch.cuda.empty_cache()
             device = "cpu"
             flat = runner.nowcast(registry.for_session(s.nowcaster, s.ctx, "cpu"), s.spec, states, k,
-                                  graph_cache=graphs, consume_states=True, spacing=s.period // s.ctx)
+                                  graph_cache=graphs, consume_states=True, spacing=s.spacing)
     except NowcastError as e:
         raise ServiceError(422, "nowcast_rejected", str(e)) from None
     except FloatingPointError as e:

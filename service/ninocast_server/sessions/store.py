@@ -54,6 +54,11 @@ class Session:
     n_nowcasts: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
+    @property
+    def spacing(self) -> int:
+        """Optimiser steps between the snapshots a nowcast reads (what a routed nowcaster picks its member by)."""
+        return self.period // self.ctx
+
     @cached_property
     def spec_fingerprint(self) -> str:
         """Hashing a 10,000-tensor spec takes milliseconds: once per session, not once per GET."""
