@@ -190,6 +190,22 @@ def test_language_models_and_specs():
         assert torch.isfinite(task.loss(model, batch))
 
 
+def test_larger_meta_training_variants_bracket_the_held_out_gpt2_without_its_width():
+    from ninocast import ModelSpec
+
+    held_out = ModelSpec.from_module(get_task("kjv-gpt2-3-64").build_model(0)).n_params
+    sizes = {}
+    for name, family in {"kjv-gpt2-4-48": "gpt2", "kjv-gpt2-2-80": "gpt2", "kjv-llama-2-64": "llama"}.items():
+        task = get_task(name)
+        assert (task.budget, task.period, task.eval_every, task.in_distribution) == (1_000, 100, 20, True), name
+        assert 4.0 < task.target < 6.5, name  # AdamW's seed-1000 perplexity after 1,000 steps, rounded up
+        spec = ModelSpec.from_module(task.build_model(0))
+        assert (spec.family, spec.num_heads) == (family, 4), name
+        sizes[name] = spec.n_params
+    assert sizes["kjv-gpt2-4-48"] < held_out < sizes["kjv-gpt2-2-80"]
+    assert all(get_task(n).cfg.d_model != 64 for n in ("kjv-gpt2-4-48", "kjv-gpt2-2-80"))
+
+
 def test_fortunes_text_parsing(tmp_path, monkeypatch):
     from ninocast_server.tasks import language
 

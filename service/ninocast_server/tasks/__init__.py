@@ -67,6 +67,9 @@ TASKS: dict[str, Callable[[], Task]] = {
     "fortunes-gpt2-3-24-10k": _lm("fortunes-gpt2-3-24-10k"),
     "kjv-gpt2-4-16-10k": _lm("kjv-gpt2-4-16-10k"),
     "kjv-llama-2-32-10k": _lm("kjv-llama-2-32-10k"),
+    "kjv-gpt2-4-48": _lm("kjv-gpt2-4-48"),
+    "kjv-gpt2-2-80": _lm("kjv-gpt2-2-80"),
+    "kjv-llama-2-64": _lm("kjv-llama-2-64"),
     "digits": _digits,
     "digits-cnn": _digits_cnn,
 }
