@@ -148,7 +148,7 @@ def test_route_command_writes_a_routed_nowcaster_and_refuses_bad_members(routed_
     assert torch.equal(nowcast(team, spec, _states(spec), 2), nowcast(duo, spec, _states(spec), 2))
     assert json.loads((out / "config.json").read_text())["routes"] == {"generic": "vision", "gpt2": "language",
                                                                        "llama": "language"}
-    assert "| gpt2 | [language/](language/MODEL_CARD.md) | any | kjv-gpt2-3-24-10k |" in (out / "MODEL_CARD.md").read_text()
+    assert "| gpt2 | [language/](language/MODEL_CARD.md) | any | 1 | kjv-gpt2-3-24-10k |" in (out / "MODEL_CARD.md").read_text()
     other = tmp_path / "other" / "vision"  # a second member with the same directory name gets its own copy
     shutil.copytree(routed_dir / "language", other)
     assert main(["route", "-o", str(tmp_path / "two"), "--member", f"generic={routed_dir / 'vision'}",
@@ -170,6 +170,45 @@ def test_route_command_writes_a_routed_nowcaster_and_refuses_bad_members(routed_
         assert not (tmp_path / "bad").exists(), argv  # nothing half-written
     assert main(["route", "-o", str(out), "--member", f"generic={wnn}"]) == 2
     assert "already exists" in capsys.readouterr().err
+
+
+def test_a_member_may_have_its_own_update_scale_per_family_sharing_its_weights(routed_dir, tmp_path, capsys):
+    from ninocast.cli import main
+
+    out = tmp_path / "scaled"
+    assert main(["route", "-o", str(out), "--member", f"generic={routed_dir / 'vision'}",
+                 "--member", f"gpt2,llama={routed_dir / 'language'}", "--upd-scale", "llama=0.5"]) == 0
+    assert json.loads((out / "config.json").read_text())["routes"]["llama"] == {"member": "language",
+                                                                                "upd_scale": 0.5}
+    assert "| llama | [language/](language/MODEL_CARD.md) | any | 0.5 |" in (out / "MODEL_CARD.md").read_text()
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["language", "vision"]  # weights not copied twice
+    routed, language = load_nowcaster(str(out)), load_nowcaster(str(routed_dir / "language"))
+    gpt2, llama = routed.routes["gpt2"][0], routed.routes["llama"][0]
+    assert gpt2 is not llama and llama.name == "scaled/language@upd_scale=0.5"
+    assert llama.model.config.upd_scale == 0.5 and gpt2.model.config.upd_scale == 1.0
+    first = lambda m: next(m.model.parameters())  # noqa: E731
+    assert first(llama).data_ptr() == first(gpt2).data_ptr()  # one set of weights in memory
+    spec = ModelSpec.from_module(tiny_llama())
+    x = _states(spec)
+    own = nowcast(language, spec, x, 3) - x[:, -1]
+    got = nowcast(routed, spec, x, 3) - x[:, -1]
+    assert (got - 0.5 * own).abs().max() < 1e-3 * own.abs().max()  # the update, halved (float32 rounding)
+    spec = ModelSpec.from_module(tiny_gpt2())
+    assert torch.equal(nowcast(routed, spec, _states(spec), 3), nowcast(language, spec, _states(spec), 3))
+    assert routed.describe()["routes"]["llama"]["model_args"]["upd_scale"] == 0.5
+    capsys.readouterr()
+    for argv, mentions in [(["--upd-scale", "llama"], "FAMILY=X"), (["--upd-scale", "llama=big"], "FAMILY=X"),
+                           (["--upd-scale", "llama=-1"], "positive number"),
+                           (["--upd-scale", "generic=2"], "no member serves")]:
+        assert main(["route", "-o", str(tmp_path / "bad"), "--member", f"gpt2,llama={routed_dir / 'language'}",
+                     *argv]) == 2, argv
+        assert mentions in capsys.readouterr().err, argv
+        assert not (tmp_path / "bad").exists(), argv
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["routes"]["llama"] = {"member": "language", "upd_scale": 0.5, "hid": 64}
+    (out / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="only 'upd_scale'.*config.json|config.json.*only 'upd_scale'"):
+        load_nowcaster(str(out))
 
 
 # ----------------------------------------------------------------------------- several members for one family,
@@ -263,4 +302,4 @@ def test_route_command_lists_a_family_named_twice_in_order(spaced_dir, tmp_path,
     assert "gpt2 -> team/language | team/short" in capsys.readouterr().out
     assert json.loads((out / "config.json").read_text())["routes"] == {
         "generic": "vision", "gpt2": ["language", "short"], "llama": "language"}
-    assert "| gpt2 | [short/](short/MODEL_CARD.md) | 20 | kjv-gpt2-3-24 |" in (out / "MODEL_CARD.md").read_text()
+    assert "| gpt2 | [short/](short/MODEL_CARD.md) | 20 | 1 | kjv-gpt2-3-24 |" in (out / "MODEL_CARD.md").read_text()

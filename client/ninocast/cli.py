@@ -86,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--member", action="append", required=True, metavar="FAMILIES=DIR",
                    help="e.g. generic=runs/vision or gpt2,llama=runs/language (repeatable; a family named again "
                    "gets an alternate member, which serves runs whose snapshot spacing its scope.spacing holds)")
+    s.add_argument("--upd-scale", action="append", default=[], metavar="FAMILY=X",
+                   help="scale the predicted update of FAMILY's first member by X for that family (e.g. "
+                   "llama=1.0; the member's weights are shared, not copied; repeatable)")
     s.add_argument("--name", help="nowcaster name (default: OUT's directory name)")
     s.set_defaults(func=_lazy("ninocast_server.engine.step_cli", "run_route"))
 

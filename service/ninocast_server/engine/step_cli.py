@@ -159,8 +159,17 @@ def run_route(args: argparse.Namespace) -> int:
             raise CommandError(f"--member {item!r}: expected FAMILIES=DIR, e.g. gpt2,llama=runs/language")
         for family in (f.strip() for f in families.split(",")):
             members.setdefault(family, []).append(src.strip())  # named again: an alternate, chosen by spacing
+    scales: dict[str, float] = {}
+    for item in args.upd_scale:
+        family, sep, value = item.partition("=")
+        try:
+            scales[family.strip()] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep or not family.strip():
+            raise CommandError(f"--upd-scale {item!r}: expected FAMILY=X, e.g. llama=1.0")
     try:
-        routed = save_routed(args.out, members, name=args.name)
+        routed = save_routed(args.out, members, name=args.name, upd_scales=scales)
     except (CheckpointError, ValueError, OSError) as e:
         raise CommandError(f"cannot write the routed nowcaster: {e}") from None
     routes = ", ".join(f"{f} -> {' | '.join(m.name for m in ms)}" for f, ms in routed.routes.items())

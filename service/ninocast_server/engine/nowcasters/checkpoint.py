@@ -13,7 +13,8 @@ Two on-disk forms:
       <dir>/model.safetensors  the state_dict
 
   or a routed directory (routed.py): ``"kind": "routed"``, ``"routes": {family: member | [member, ...]}``, and
-  each member a subdirectory of the form above;
+  each member a subdirectory of the form above (or ``{"member": DIR, "upd_scale": X}``: that member with its
+  predicted update scaled by X for this family);
 
 ``load_nowcaster("linefit" | <dir> | <routed dir> | <file.pt>)`` returns a ready ``Nowcaster``.
 """
@@ -269,51 +270,97 @@ def load_nowcaster(ref: str, device: str | torch.device = "cpu", name: str | Non
 
 
 def load_routed(path: str | Path, device: str | torch.device = "cpu", name: str | None = None) -> RoutedNowcaster:
-    """A routed directory (routed.py): ``routes`` maps families to member subdirectories, each loaded once."""
+    """A routed directory (routed.py): ``routes`` maps families to member subdirectories, each loaded once (a
+    member listed with its own ``upd_scale`` shares that member's weights)."""
     path = Path(path)
     config = read_config(path)
     cfg_path = path / CONFIG_FILE
-    routes = config.get("routes")
-    if not isinstance(routes, dict) or not routes or not all(
-            isinstance(f, str) and (isinstance(m, str) or isinstance(m, list) and m and all(
-                isinstance(x, str) for x in m)) for f, m in routes.items()):
-        raise CheckpointError(f"{cfg_path}: routes must be a non-empty object of family -> member directory "
-                              "(or a list of them, chosen by their scope.spacing)")
-    routes = {f: [m] if isinstance(m, str) else m for f, m in routes.items()}
+    routes = _parse_routes(config.get("routes"), cfg_path)
     routed_name = str(name or config.get("name") or path.name)
-    members: dict[str, Nowcaster] = {}
-    for member in dict.fromkeys(m for ms in routes.values() for m in ms):
-        sub = (path / member).resolve()
-        if sub.parent != path.resolve():
-            raise CheckpointError(f"{cfg_path}: member {member!r} must be a subdirectory of {path}")
-        if read_config(sub).get("kind") == "routed":
-            raise CheckpointError(f"{cfg_path}: member {member!r} is itself routed (members hold weights)")
-        model, member_config = load_directory(sub)
-        members[member] = _wrap(model, f"{routed_name}/{member}", member_config["scope"])
+    loaded: dict[str, tuple[Model, dict]] = {}
+    members: dict[RouteEntry, Nowcaster] = {}
+    for entry in dict.fromkeys(e for es in routes.values() for e in es):
+        member, scale = entry
+        if member not in loaded:
+            sub = (path / member).resolve()
+            if sub.parent != path.resolve():
+                raise CheckpointError(f"{cfg_path}: member {member!r} must be a subdirectory of {path}")
+            if read_config(sub).get("kind") == "routed":
+                raise CheckpointError(f"{cfg_path}: member {member!r} is itself routed (members hold weights)")
+            loaded[member] = load_directory(sub)
+        model, member_config = loaded[member]
+        label = f"{routed_name}/{member}"
+        if scale is not None and scale != model.config.upd_scale:
+            where = f"{cfg_path}: member {member!r} at upd_scale {scale:g}"
+            model = _load_state(model_from_args({**member_config["model_args"], "upd_scale": scale}, where, "meta"),
+                                model.state_dict(), where)
+            label += f"@upd_scale={scale:g}"
+        members[entry] = _wrap(model, label, member_config["scope"])
     try:
-        routed = RoutedNowcaster(routed_name, {family: [members[m] for m in ms] for family, ms in routes.items()})
+        routed = RoutedNowcaster(routed_name, {family: [members[e] for e in es] for family, es in routes.items()})
     except ValueError as e:
         raise CheckpointError(f"{cfg_path}: {e}") from None
     return routed.to(device)
 
 
+RouteEntry = tuple[str, float | None]  # (member subdirectory, its update scale for this family, None = its own)
+
+
+def _parse_routes(routes: object, cfg_path: Path) -> dict[str, list[RouteEntry]]:
+    """``routes``: family -> a member, or a list of them; a member is its subdirectory's name, or
+    ``{"member": NAME, "upd_scale": X}`` to scale that member's predicted update by X for this family. Why: the
+    best scale was found to differ by family (docs/metatrain.md, round 7), and one set of weights then serves
+    both."""
+    bad = CheckpointError(f"{cfg_path}: routes must be a non-empty object of family -> member directory (or a "
+                          'list of them, chosen by their scope.spacing); a member may be {"member": DIR, '
+                          '"upd_scale": X}')
+    if not isinstance(routes, dict) or not routes:
+        raise bad
+    out: dict[str, list[RouteEntry]] = {}
+    for family, listed in routes.items():
+        items = listed if isinstance(listed, list) else [listed]
+        if not isinstance(family, str) or not items:
+            raise bad
+        out[family] = []
+        for item in items:
+            if isinstance(item, str):
+                out[family].append((item, None))
+                continue
+            if not isinstance(item, dict) or not isinstance(item.get("member"), str):
+                raise bad
+            extra = sorted(set(item) - {"member", "upd_scale"})
+            scale = item.get("upd_scale")
+            if extra or not (isinstance(scale, (int, float)) and not isinstance(scale, bool)
+                             and 0 < scale < math.inf):
+                raise CheckpointError(f"{cfg_path}: routes[{family!r}] member {item.get('member')!r}: only "
+                                      f"'upd_scale' (a positive number) may be set per family, got {item!r}")
+            out[family].append((item["member"], float(scale)))
+    return out
+
+
 def _member_dirs(routes: object) -> set[str]:
-    """The member directory names a routes object mentions (each value a name or a list of names)."""
+    """The member directory names a routes object mentions (each value a name, an object or a list of them)."""
     values = routes.values() if isinstance(routes, dict) else ()
-    return {str(x) for v in values for x in (v if isinstance(v, list) else [v])}
+    items = [x for v in values for x in (v if isinstance(v, list) else [v])]
+    return {str(x.get("member")) if isinstance(x, dict) else str(x) for x in items}
 
 
 def save_routed(out_dir: str | Path, members: Mapping[str, str | Path | Sequence[str | Path]],
-                name: str | None = None) -> RoutedNowcaster:
+                name: str | None = None, upd_scales: Mapping[str, float] | None = None) -> RoutedNowcaster:
     """family -> member directory (or several, the first the default, the others chosen by their scope.spacing):
     copy each distinct member into ``out_dir`` (named after its source), write the routed config and return it
-    loaded. ``out_dir`` must not exist yet: a half-replaced nowcaster is worse than none, so on any error nothing
-    is left behind."""
+    loaded. ``upd_scales``: family -> the update scale of its first member for that family (its weights are not
+    copied twice). ``out_dir`` must not exist yet: a half-replaced nowcaster is worse than none, so on any error
+    nothing is left behind."""
     import shutil
 
     out = Path(out_dir)
     if out.exists():
         raise CheckpointError(f"{out}: already exists (write a routed nowcaster into a new directory)")
+    upd_scales = dict(upd_scales or {})
+    unrouted = sorted(set(upd_scales) - set(members))
+    if unrouted:
+        raise CheckpointError(f"an update scale is given for {unrouted}, which no member serves")
     listed = {f: [Path(m)] if isinstance(m, (str, Path)) else [Path(x) for x in m] for f, m in members.items()}
     sources = {str(src.resolve()): src for ms in listed.values() for src in ms}
     names: dict[str, str] = {}
@@ -329,9 +376,11 @@ def save_routed(out_dir: str | Path, members: Mapping[str, str | Path | Sequence
     try:
         for key, sub in names.items():
             shutil.copytree(sources[key], out / sub, ignore=shutil.ignore_patterns("train", "work*"))
-        routes: dict[str, str | list[str]] = {}
+        routes: dict[str, str | dict | list[str | dict]] = {}
         for family, ms in listed.items():
-            subs = [names[str(src.resolve())] for src in ms]
+            subs: list[str | dict] = [names[str(src.resolve())] for src in ms]
+            if family in upd_scales:
+                subs[0] = {"member": subs[0], "upd_scale": upd_scales[family]}
             routes[family] = subs[0] if len(subs) == 1 else subs
         config = {"format": FORMAT, "version": VERSION, "kind": "routed", "name": name or out.name, "routes": routes}
         (out / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
@@ -343,17 +392,21 @@ def save_routed(out_dir: str | Path, members: Mapping[str, str | Path | Sequence
     return routed
 
 
-def _routed_card(routed: RoutedNowcaster, routes: Mapping[str, str | list[str]]) -> str:
+def _routed_card(routed: RoutedNowcaster, routes: Mapping[str, str | dict | list[str | dict]]) -> str:
     rows = []
     for family, subs in routes.items():
-        for sub, member in zip([subs] if isinstance(subs, str) else subs, routed.routes[family]):
+        for sub, member in zip(subs if isinstance(subs, list) else [subs], routed.routes[family]):
+            sub = sub["member"] if isinstance(sub, dict) else sub
             scope = member.scope
             trained = (", ".join(scope.tasks) or "/".join(scope.families)) if scope else "no claim"
             spacing = "any" if not scope or not scope.spacing else "-".join(map(str, dict.fromkeys(scope.spacing)))
-            rows.append(f"| {family} | [{sub}/]({sub}/MODEL_CARD.md) | {spacing} | {trained} |")
+            scale = getattr(getattr(getattr(member, "model", None), "config", None), "upd_scale", None)
+            scale = "-" if scale is None else f"{scale:g}"
+            rows.append(f"| {family} | [{sub}/]({sub}/MODEL_CARD.md) | {spacing} | {scale} | {trained} |")
     return "\n".join([
         f"# {routed.name}", "",
         "A routed nowcaster (`ninocast route`): each model is nowcast by the member trained on its graph family "
         "(where a family has several, the first whose snapshot spacing, period / ctx, is the run's; else the "
         "first listed); a model outside that member's scope gets its warning under this name.", "",
-        "| family | member | snapshot spacing (steps) | meta-trained on |", "|---|---|---|---|", *rows, ""])
+        "| family | member | snapshot spacing (steps) | update scale | meta-trained on |", "|---|---|---|---|---|",
+        *rows, ""])

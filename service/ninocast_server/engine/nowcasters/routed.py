@@ -14,6 +14,10 @@ snapshot spacing (period / ctx), else by the first listed. Why: the language mem
 steps apart slows down runs that nowcast every 100 steps (20 apart); a member trained on those serves them
 instead. Every member after the first must declare a spacing (or it could never be chosen).
 
+A member may be listed as ``{"member": "language", "upd_scale": 1.0}``: the same weights with the predicted
+update scaled differently for this family (checkpoint.py loads it; the best scale was measured to differ between
+GPT-2 and Llama runs).
+
 A traced ``generic`` spec that wires attention goes to the ``gpt2`` members when there are some (it is a
 transformer, whatever its family says).
 """
