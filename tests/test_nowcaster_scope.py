@@ -55,7 +55,10 @@ def test_shipped_default_routes_vision_and_language_and_official_checkpoints_dec
     assert nino.kind == "routed" and nino.scope.families == ("generic", "gpt2", "llama")
     assert nino.routes["generic"][0].scope == Scope(("generic",), ("fm-16",))
     language = nino.routes["gpt2"][0]
-    assert nino.routes["llama"][0] is language and {"gpt2", "llama"} <= set(language.scope.families)
+    llama = nino.routes["llama"][0]  # the same member and weights, its update at full scale (round 7)
+    assert llama.scope is language.scope and {"gpt2", "llama"} <= set(language.scope.families)
+    assert (language.model.config.upd_scale, llama.model.config.upd_scale) == (0.5, 1.0)
+    assert next(llama.model.parameters()).data_ptr() == next(language.model.parameters()).data_ptr()
     assert {"kjv-gpt2-3-24-10k", "kjv-llama-2-32-10k"} <= set(language.scope.tasks)
     assert not set(language.scope.tasks) & {"fortunes-gpt2-3-24-10k", "kjv-gpt2-3-64-10k", "kjv-llama-3-24-10k"}
     described = nino.describe()

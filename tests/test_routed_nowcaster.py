@@ -187,7 +187,8 @@ def test_a_member_may_have_its_own_update_scale_per_family_sharing_its_weights(r
     assert gpt2 is not llama and llama.name == "scaled/language@upd_scale=0.5"
     assert llama.model.config.upd_scale == 0.5 and gpt2.model.config.upd_scale == 1.0
     first = lambda m: next(m.model.parameters())  # noqa: E731
-    assert first(llama).data_ptr() == first(gpt2).data_ptr()  # one set of weights in memory
+    assert first(llama).data_ptr() == first(gpt2).data_ptr()  # one set of weights in memory, counted once
+    assert routed.num_parameters() == load_nowcaster(str(routed_dir)).num_parameters()
     spec = ModelSpec.from_module(tiny_llama())
     x = _states(spec)
     own = nowcast(language, spec, x, 3) - x[:, -1]

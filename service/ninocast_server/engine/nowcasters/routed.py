@@ -105,7 +105,12 @@ class RoutedNowcaster(Nowcaster):
         return self
 
     def num_parameters(self) -> int:
-        return sum(m.num_parameters() for m in self._members())
+        """Each set of weights once: a member listed with another update scale shares its weights."""
+        counted: dict[object, int] = {}
+        for m in self._members():
+            first = next(iter(getattr(getattr(m, "model", None), "parameters", lambda: iter(()))()), None)
+            counted[id(m) if first is None else first.data_ptr()] = m.num_parameters()
+        return sum(counted.values())
 
     def describe(self) -> dict:
         return {**super().describe(), "routes": {
