@@ -161,13 +161,14 @@ def run_route(args: argparse.Namespace) -> int:
             members.setdefault(family, []).append(src.strip())  # named again: an alternate, chosen by spacing
     scales: dict[str, float] = {}
     for item in args.upd_scale:
-        family, sep, value = item.partition("=")
+        family, sep, value = (part.strip() for part in item.partition("="))
+        usage = CommandError(f"--upd-scale {item!r}: expected FAMILY=X, e.g. llama=1.0")
+        if not (sep and family):
+            raise usage
         try:
-            scales[family.strip()] = float(value)
+            scales[family] = float(value)
         except ValueError:
-            sep = ""
-        if not sep or not family.strip():
-            raise CommandError(f"--upd-scale {item!r}: expected FAMILY=X, e.g. llama=1.0")
+            raise usage from None
     try:
         routed = save_routed(args.out, members, name=args.name, upd_scales=scales)
     except (CheckpointError, ValueError, OSError) as e:

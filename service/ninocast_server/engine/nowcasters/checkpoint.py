@@ -400,7 +400,7 @@ def _routed_card(routed: RoutedNowcaster, routes: Mapping[str, str | dict | list
             scope = member.scope
             trained = (", ".join(scope.tasks) or "/".join(scope.families)) if scope else "no claim"
             spacing = "any" if not scope or not scope.spacing else "-".join(map(str, dict.fromkeys(scope.spacing)))
-            scale = getattr(getattr(getattr(member, "model", None), "config", None), "upd_scale", None)
+            scale = member.describe().get("model_args", {}).get("upd_scale")
             scale = "-" if scale is None else f"{scale:g}"
             rows.append(f"| {family} | [{sub}/]({sub}/MODEL_CARD.md) | {spacing} | {scale} | {trained} |")
     return "\n".join([

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Mapping, Sequence
 
-from torch import Tensor
+from torch import Tensor, nn
 
 from ninocast.spec import FAMILIES, ModelSpec
 
@@ -106,9 +106,10 @@ class RoutedNowcaster(Nowcaster):
 
     def num_parameters(self) -> int:
         """Each set of weights once: a member listed with another update scale shares its weights."""
-        counted: dict[object, int] = {}
+        counted: dict[int, int] = {}
         for m in self._members():
-            first = next(iter(getattr(getattr(m, "model", None), "parameters", lambda: iter(()))()), None)
+            model = getattr(m, "model", None)
+            first = next(model.parameters(), None) if isinstance(model, nn.Module) else None
             counted[id(m) if first is None else first.data_ptr()] = m.num_parameters()
         return sum(counted.values())
 
