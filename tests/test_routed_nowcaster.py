@@ -199,17 +199,21 @@ def test_a_member_may_have_its_own_update_scale_per_family_sharing_its_weights(r
     assert routed.describe()["routes"]["llama"]["model_args"]["upd_scale"] == 0.5
     capsys.readouterr()
     for argv, mentions in [(["--upd-scale", "llama"], "FAMILY=X"), (["--upd-scale", "llama=big"], "FAMILY=X"),
-                           (["--upd-scale", "llama=-1"], "positive number"),
+                           (["--upd-scale", "llama=-1"], "positive finite"),
+                           (["--upd-scale", "llama=inf"], "positive finite"),
                            (["--upd-scale", "generic=2"], "no member serves")]:
         assert main(["route", "-o", str(tmp_path / "bad"), "--member", f"gpt2,llama={routed_dir / 'language'}",
                      *argv]) == 2, argv
         assert mentions in capsys.readouterr().err, argv
         assert not (tmp_path / "bad").exists(), argv
     cfg = json.loads((out / "config.json").read_text())
-    cfg["routes"]["llama"] = {"member": "language", "upd_scale": 0.5, "hid": 64}
-    (out / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(CheckpointError, match="only 'upd_scale'.*config.json|config.json.*only 'upd_scale'"):
-        load_nowcaster(str(out))
+    for entry in ({"member": "language", "upd_scale": 0.5, "hid": 64}, {"member": "language"},
+                  {"member": "language", "upd_scale": True}):
+        cfg["routes"]["llama"] = entry
+        (out / "config.json").write_text(json.dumps(cfg))
+        with pytest.raises(CheckpointError, match=r"config.json: routes\['llama'\] member 'language': a member "
+                                                  "object takes 'member' and 'upd_scale'"):
+            load_nowcaster(str(out))
 
 
 # ----------------------------------------------------------------------------- several members for one family,

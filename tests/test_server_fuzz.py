@@ -70,8 +70,8 @@ def test_stateful_fuzz_passes_every_check(fuzz_server, api_keys):
 
     # Steering, on positive cases only (a negative case must stay invalid): most sessions get a spec, nowcaster
     # and ctx the generated states can fill, half the uploads a state of that spec, and a third of the nowcasts
-    # a k the nowcaster serves (k is
-    # generated from all integers). The choice hashes the generated body, so a replayed case is the same.
+    # a k the nowcaster serves (k is generated from all integers). The choice hashes the generated body, so a
+    # replayed case is the same.
     @schema.hook("map_case").apply_to(method="POST", path="/v1/sessions")
     def usable_sessions(context, case):
         if _positive(case) and isinstance(case.body, dict) and _pick(case.body, 4):

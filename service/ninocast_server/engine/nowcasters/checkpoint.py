@@ -328,14 +328,17 @@ def _parse_routes(routes: object, cfg_path: Path) -> dict[str, list[RouteEntry]]
                 continue
             if not isinstance(item, dict) or not isinstance(item.get("member"), str):
                 raise bad
-            extra = sorted(set(item) - {"member", "upd_scale"})
             scale = item.get("upd_scale")
-            if extra or not (isinstance(scale, (int, float)) and not isinstance(scale, bool)
-                             and 0 < scale < math.inf):
-                raise CheckpointError(f"{cfg_path}: routes[{family!r}] member {item.get('member')!r}: only "
-                                      f"'upd_scale' (a positive number) may be set per family, got {item!r}")
+            if set(item) != {"member", "upd_scale"} or not _is_scale(scale):
+                raise CheckpointError(f"{cfg_path}: routes[{family!r}] member {item.get('member')!r}: a member "
+                                      "object takes 'member' and 'upd_scale' (a positive finite number) only, "
+                                      f"got {item!r}")
             out[family].append((item["member"], float(scale)))
     return out
+
+
+def _is_scale(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and 0 < x < math.inf
 
 
 def _member_dirs(routes: object) -> set[str]:
@@ -361,6 +364,9 @@ def save_routed(out_dir: str | Path, members: Mapping[str, str | Path | Sequence
     unrouted = sorted(set(upd_scales) - set(members))
     if unrouted:
         raise CheckpointError(f"an update scale is given for {unrouted}, which no member serves")
+    bad = {f: x for f, x in upd_scales.items() if not _is_scale(x)}
+    if bad:
+        raise CheckpointError(f"update scales must be positive finite numbers, got {bad}")
     listed = {f: [Path(m)] if isinstance(m, (str, Path)) else [Path(x) for x in m] for f, m in members.items()}
     sources = {str(src.resolve()): src for ms in listed.values() for src in ms}
     names: dict[str, str] = {}
