@@ -364,3 +364,24 @@ def test_float64_models_nowcast_through_the_server(srv):
             train_step(model, opt, s, dtype=torch.float64)
     assert [n["step"] for n in opt.nowcasts] == [9, 19] and not opt.failures, opt.failures
     assert all(p.dtype == torch.float64 for p in model.parameters())
+
+
+def test_a_busy_worker_drops_old_snapshot_uploads_but_never_a_report():
+    """A report (a verified nowcast's decision) is sent once and nothing re-sends it; snapshots are re-sent by the
+    next nowcast. Before, a report queued behind uploads could be the "oldest upload" a busy worker dropped (seen
+    as a missing step-19 report in test_verify_delayed on a loaded CI machine)."""
+    import threading
+
+    from ninocast.worker import BackendWorker
+
+    gate, ran = threading.Event(), []
+    worker = BackendWorker(max_uploads=2, on_error=lambda e: None)
+    worker.upload(gate.wait)  # the running job: the worker is busy
+    while worker._running is None:
+        threading.Event().wait(0.01)
+    assert worker.upload(lambda: ran.append("report"), droppable=False) == 0
+    drops = [worker.upload(lambda i=i: ran.append(f"state{i}")) for i in range(4)]
+    gate.set()
+    assert worker.drain(5)
+    worker.stop(5)
+    assert drops == [0, 0, 1, 1] and ran == ["report", "state2", "state3"]

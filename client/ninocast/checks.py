@@ -147,7 +147,7 @@ class RunChecks:
                 opt._note_failure(f"report_{getattr(e, 'kind', 'error')}", e, raise_ok=False)
 
         if opt._worker is not None and not opt._closed:
-            opt._worker.upload(send)
+            opt._worker.upload(send, droppable=False)  # nothing would re-send it
         else:
             send()
 

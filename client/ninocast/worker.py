@@ -1,8 +1,8 @@
 """BackendWorker: the one background thread that talks to a nowcast server for a NowcastOptimizer.
 
 The training thread never waits on the network for an ordinary step: snapshot uploads are queued here, and when
-the worker is behind (a slow or hung server) the oldest queued upload is dropped (the window's snapshots stay on
-the training side and a nowcast re-sends what the server lacks). A nowcast request waits for its answer at most
+the worker is behind (a slow or hung server) the oldest queued snapshot upload is dropped (the window's snapshots
+stay on the training side and a nowcast re-sends what the server lacks; verification reports are never dropped). A nowcast request waits for its answer at most
 until a deadline; past it the caller gives up and the job's result, if it ever comes, is discarded. After a
 request timed out, the worker counts as *stalled* until some request gets an answer: a stalled worker is not
 waited for at all.
@@ -22,8 +22,8 @@ from .transport import DeadlineExceeded, ServerUnavailable
 
 
 class _Job:
-    def __init__(self, fn: Callable[[], Any], upload: bool) -> None:
-        self.fn, self.upload = fn, upload
+    def __init__(self, fn: Callable[[], Any], upload: bool, droppable: bool = False) -> None:
+        self.fn, self.upload, self.droppable = fn, upload, droppable
         self.done = threading.Event()
         self.cancelled = False
         self.result: Any = None
@@ -45,15 +45,18 @@ class BackendWorker:
         self._stop = False
 
     # ------------------------------------------------------------------ training-thread side
-    def upload(self, fn: Callable[[], Any]) -> int:
-        """Queue an upload; returns how many older queued uploads were dropped to make room (0 or 1)."""
+    def upload(self, fn: Callable[[], Any], droppable: bool = True) -> int:
+        """Queue a fire-and-forget job; returns how many older queued jobs were dropped to make room (0 or 1).
+        Only droppable ones (snapshots: a nowcast re-sends what the server lacks) count against ``max_uploads``
+        and are dropped; a report is sent once and nothing re-sends it, so it is never dropped (one per nowcast)."""
         dropped = 0
         with self._cond:
-            uploads = [j for j in self._jobs if j.upload]
-            if len(uploads) >= self.max_uploads:
-                self._jobs.remove(uploads[0])
-                dropped = 1
-            self._jobs.append(_Job(fn, upload=True))
+            if droppable:
+                queued = [j for j in self._jobs if j.droppable]
+                if len(queued) >= self.max_uploads:
+                    self._jobs.remove(queued[0])
+                    dropped = 1
+            self._jobs.append(_Job(fn, upload=True, droppable=droppable))
             self._ensure_thread()
             self._cond.notify_all()
         return dropped
