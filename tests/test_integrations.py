@@ -214,22 +214,24 @@ def _ddp_worker(rank: int, world: int, init_file: str, url: str, out: str) -> No
         opt = NowcastOptimizer(torch.optim.AdamW(ddp.parameters(), lr=1e-2), ddp, server=url, period=PERIOD,
                                ctx=CTX, max_train_steps=STEPS, retries=0, timeout=30, record=True,
                                final_nowcast="keep")
-        windows, after = {}, {}
+        windows, after, no_grads = {}, {}, []
         for s in range(STEPS):
             window = None
+            if len(opt.snapshots) == CTX - 1 and (s + 1) % (PERIOD // CTX) == 0:  # a nowcast call
+                window = [snap for _, snap in opt.snapshots] + [params(model)]
             if opt.need_grads:
                 opt.zero_grad()
                 x, y = batch(s, rank)  # each rank its own data; DDP averages the gradients
                 nn.functional.mse_loss(ddp(x), y).backward()
             else:
-                window = [snap for _, snap in opt.snapshots] + [params(model)]
+                no_grads.append(s)
             opt.step()
             if window is not None:
                 windows[s], after[s] = window, params(model)
         opt.close()
         torch.save({"final": params(model), "after": after, "windows": windows if rank == 0 else {},
                     "nowcasts": opt.nowcasts, "failures": dict(opt.failures), "backend": opt.backend is not None,
-                    "spec": opt.spec.to_json()}, os.path.join(out, f"rank{rank}.pt"))
+                    "no_grads": no_grads, "spec": opt.spec.to_json()}, os.path.join(out, f"rank{rank}.pt"))
         del opt, ddp
         dist.barrier()  # neither rank tears gloo down while the other still uses it (a rank aborted in teardown once)
     finally:
@@ -256,6 +258,9 @@ def test_ddp_two_gloo_processes_rank0_talks_and_broadcasts(tmp_path):
     assert r0["backend"] and not r1["backend"]  # only rank 0 has a connection
     assert len(views) == 1 and views[0]["nowcasts_done"] == 2  # one session, fed by rank 0 only
     assert [n["step"] for n in r0["nowcasts"]] == [19, 39] and not r0["failures"] and not r1["failures"]
+    # every rank skips backward on the same calls; the first window computes gradients: under DDP the server's
+    # start-step advice is settled inside step, on every rank together
+    assert r0["no_grads"] == r1["no_grads"] == [39]
     assert_same(r0["final"], r1["final"])
     spec = ModelSpec.from_json(r0["spec"])
     for s, k in zip((19, 39), KS):

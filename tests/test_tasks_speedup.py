@@ -360,6 +360,22 @@ def test_bench_speedup_quick_smoke(tmp_path, capsys):
         assert says in capsys.readouterr().err, bad
 
 
+def test_bench_start_step_labels_the_runs_and_keeps_them_plain_adamw_until_then(tmp_path, capsys):
+    from ninocast.cli import main
+
+    out = tmp_path / "bench"
+    assert main(["bench", "speedup", "--quick", "--seeds", "1000", "--no-early-stop", "--start-step", "450",
+                 "--no-progress", "--out", str(out)]) == 0
+    runs = {r["method"]: r for r in map(json.loads, (out / "runs.jsonl").read_text().splitlines())}
+    assert set(runs) == {"adamw", "linefit@start=450"}
+    late = runs["linefit@start=450"]
+    assert late["start_step"] == 450 and late["nowcast_steps"] == [500, 600, 700, 800, 900]
+    assert [c for c in late["curve"] if c[0] < 500] == [c for c in runs["adamw"]["curve"] if c[0] < 500]
+    assert json.loads((out / "config.json").read_text())["start_step"] == 450
+    assert main(["bench", "speedup", "--quick", "--start-step", "-1", "--out", str(tmp_path / "bad")]) == 2
+    assert "--start-step must be >= 0" in capsys.readouterr().err
+
+
 def test_bench_run_through_server_matches_local(server, api_keys):
     """--server mode: the same run through a real server gives the same curve as the local engine (linefit)."""
     from ninocast_server.bench.speedup import run_one

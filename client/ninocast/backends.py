@@ -24,6 +24,7 @@ Snapshot = dict[str, torch.Tensor]
 class Backend(Protocol):
     streams_states: bool  # True: every snapshot is handed to add_state (on the worker thread)
     out_of_scope: bool  # the nowcaster warned that this model is outside what it was meta-trained on
+    start_step: int | None  # the nowcaster's advice: calls before the first nowcast (None: not known yet)
 
     def add_state(self, step: int, snapshot: Snapshot) -> None: ...
     def nowcast(self, window: list[tuple[int, Snapshot]], k: int,
@@ -102,12 +103,15 @@ class RemoteBackend:
         self._lock = threading.Lock()  # session_id / acked: read by checkpoints on the training thread
         self.warned: set[str] = set()  # server warnings already shown (a re-created session repeats them)
         self.out_of_scope = False  # the server's create answer warned (its one warning: the nowcaster's scope)
+        self.start_step: int | None = None  # the server's advice, known once the session exists
 
     def _session(self, deadline: float | None = None) -> str:
         if self.closed:
             raise ServerUnavailable("the optimizer was closed: no new session")
         if self.session_id is None:
             created = self.client.create_session(self.settings, deadline=deadline)
+            advice = created.get("start_step", 0)  # an older server does not advise: no start step
+            self.start_step = advice if isinstance(advice, int) and not isinstance(advice, bool) and advice >= 0 else 0
             with self._lock:
                 self.session_id, self.acked = created["id"], set()
             for line in created.get("warnings") or []:
@@ -232,6 +236,7 @@ class LocalBackend:
         self.spec, self.spacing = spec, spacing
         line = self.model.scope_warning(spec, spacing)  # spacing: steps between the snapshots a nowcast reads
         self.out_of_scope = line is not None
+        self.start_step: int | None = self.model.advised_start(spec, spacing)
         if line:  # the local nowcaster is chosen once per optimizer: one warning
             warnings.warn(f"ninocast: {line}", RuntimeWarning, stacklevel=4)
 

@@ -239,6 +239,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "labelled NAME+vdDsP, 0: one look, NAME+vdDs)")
     b.add_argument("--final-nowcast", choices=["skip", "keep"], default="skip",
                    help="NowcastOptimizer's rule for the budget's last nowcast (default skip: a normal step)")
+    b.add_argument("--start-step", type=int, default=None, metavar="N",
+                   help="NowcastOptimizer(start_step=N): no nowcast in the first N calls (labelled NAME@start=N; "
+                   "default: the nowcaster's own advice)")
     b.add_argument("--quick", action="store_true", help="smoke run in seconds (digits + linefit, tiny budget)")
     b.add_argument("--out", default="bench-speedup", metavar="DIR", help="output directory (default ./bench-speedup)")
     b.set_defaults(func=_lazy("ninocast_server.bench.speedup", "run_bench_speedup"))

@@ -52,7 +52,7 @@ from .backends import Backend, LocalBackend, RemoteBackend, Snapshot, check_back
 from .backends import ConfigurationError as ConfigurationError  # where 0.1 users import it from
 from .checks import RunChecks
 from .delegating import DelegatingOptimizer
-from .distributed import broadcast_code, broadcast_param, is_rank0, nowcast_spec, unwrap
+from .distributed import broadcast_code, broadcast_param, dist_active, is_rank0, nowcast_spec, unwrap
 from .flat import StateError, check_state, state_dtype
 from .rollback import RunCopy
 from .schedule import MAX_HORIZON, k_at_step
@@ -84,6 +84,10 @@ class NowcastOptimizer(DelegatingOptimizer):
     ``final_nowcast``: the last nowcast of the budget (fewer than ``period // ctx`` calls left to recover, the
     k = 1 one) is skipped (``"skip"``, a normal step: measured, it dips the final model even when a probe accepts
     it, docs/benchmarks-speedup.md) or kept (``"keep"``, the NINO_SPEC protocol; verified if ``verify`` is set).
+    ``start_step``: the first ``start_step`` calls are plain steps (no snapshot, no nowcast); the first nowcast
+    is the first one due after them. None (default): the nowcaster's advice (its config's ``start_step``; the
+    server says it when the session is created). Why: nowcasts in the early loss plateau of small byte-level
+    language models delay its end (docs/metatrain.md, *Round 8*).
     ``Verify(delay=D)``: a jump may be kept tentatively and checked again D calls later, with rollback
     (``ninocast.checks``); ``Verify(delay=D, shadow=True)`` trains the pre-jump copy alongside and keeps the
     better branch (``step(closure)`` needed).
@@ -113,16 +117,22 @@ class NowcastOptimizer(DelegatingOptimizer):
         device: str = "cpu",
         verify: Verify | Callable[[nn.Module], float] | str | None = None,
         final_nowcast: str = "skip",
+        start_step: int | None = None,
     ) -> None:
         if on_error not in ("warn", "raise"):
             raise ValueError("on_error must be 'warn' or 'raise'")
         if period < ctx or period % ctx:
             raise ValueError(f"period ({period}) must be a positive multiple of ctx ({ctx})")
+        if start_step is not None and (isinstance(start_step, bool) or not isinstance(start_step, int)
+                                       or start_step < 0):
+            raise ValueError(f"start_step must be None (the nowcaster's advice) or a non-negative int (calls "
+                             f"before the first nowcast), got {start_step!r}")
         if final_nowcast not in ("skip", "keep"):
             raise ValueError(f"final_nowcast must be 'skip' or 'keep', got {final_nowcast!r}")
         self.period = period
         self.verify = verify  # type: ignore[assignment]  # checked by the setter
         self.final_nowcast = final_nowcast
+        self._start, self._start_given = start_step, start_step is not None  # None: not known yet
         if server is None and not local and nowcaster is None:
             raise ValueError("give server=URL to nowcast on a server, or local=True / nowcaster=PATH")
         if server is not None:
@@ -156,6 +166,8 @@ class NowcastOptimizer(DelegatingOptimizer):
         self._worker: BackendWorker | None = None
         if self.backend is not None and self.backend.streams_states:
             self._worker = BackendWorker(max_uploads=max(2, ctx), on_error=self._upload_failed)
+        if self._start is None and isinstance(self.backend, LocalBackend) and not dist_active():
+            self._start = self.backend.start_step  # known now: no extra backward pass at the first window
         if check:
             self.check()
 
@@ -195,11 +207,21 @@ class NowcastOptimizer(DelegatingOptimizer):
         return self.period // self.ctx
 
     @property
+    def start_step(self) -> int | None:
+        """Calls before the first nowcast: the ``start_step`` given, else the nowcaster's advice (None until the
+        backend has said it: a server's at the run's first full window)."""
+        return self._start
+
+    @property
     def need_grads(self) -> bool:
         """False exactly on the calls that will nowcast unverified: skip the backward pass there (a verified
-        nowcast may be rejected, and the budget's skipped last nowcast is a normal step: both need gradients)."""
+        nowcast may be rejected, the budget's skipped last nowcast is a normal step, and so is a window before
+        the start step: all need gradients). A start step not known yet (a server's advice) is settled here."""
         nowcast_call = len(self.snapshots) == self.ctx - 1 and (self.step_count + 1) % self.snapshot_interval == 0
-        return self._closed or not nowcast_call or self.verify is not None or self._skips_final(self.step_count)
+        if nowcast_call and self._start is None and not (self._closed or dist_active()):
+            self._start = self._advised_start()  # one process: ask now (under DDP every rank settles it in step)
+        return (self._closed or not nowcast_call or self.verify is not None or self._start is None
+                or self.step_count < self._start or self._skips_final(self.step_count))
 
     def current_k(self) -> int:
         return k_at_step(self.step_count, self.max_train_steps, self.period, MAX_HORIZON, self.k_decay)
@@ -220,8 +242,11 @@ class NowcastOptimizer(DelegatingOptimizer):
             self.step_count = s + 1
             return self.optimizer.step(closure)
         if (s + 1) % self.snapshot_interval == 0:
-            self._snapshot(s)
-        if len(self.snapshots) == self.ctx:
+            if self._window_nowcasts(s):
+                self._snapshot(s)
+            else:  # a window before the start step (its advice may have come after its first snapshots)
+                self.snapshots = []
+        if len(self.snapshots) == self.ctx and self._starts_by(s):
             window, self.snapshots = self.snapshots, []
             if closure is not None:  # NINO_SPEC §5.3 (2a): the closure runs once, before the nowcast
                 with torch.enable_grad():
@@ -236,6 +261,8 @@ class NowcastOptimizer(DelegatingOptimizer):
                 result = self.optimizer.step()  # the closure, if any, already ran above
                 loss = loss if closure is not None else result
         else:
+            if len(self.snapshots) == self.ctx:  # a window before the start step: a plain step, as need_grads said
+                self.snapshots = []
             loss = self.optimizer.step(closure)
         self.checks.shadow_step(closure)  # Verify(shadow=True): plain training's step on the pre-jump copy
         self.checks.after_step(s)
@@ -265,7 +292,7 @@ class NowcastOptimizer(DelegatingOptimizer):
                 "step_count": self.step_count,
                 "snapshots": [(step, {k: v.clone() for k, v in snap.items()}) for step, snap in self.snapshots],
                 "period": self.period, "ctx": self.ctx, "max_train_steps": self.max_train_steps,
-                "failures": dict(self.failures),
+                "failures": dict(self.failures), "start_step": self._start,
                 "backend": self.backend.state_dict() if self.backend else {},
             },
         }
@@ -290,6 +317,8 @@ class NowcastOptimizer(DelegatingOptimizer):
         self.snapshots = [(int(step), {k: v.to("cpu") for k, v in dict(snap).items()})
                           for step, snap in ours["snapshots"]]
         self.failures = Counter(ours.get("failures", {}))
+        if not self._start_given and ours.get("start_step") is not None:
+            self._start = int(ours["start_step"])
         if self.backend:
             self.backend.load_state_dict(dict(ours.get("backend", {})))
 
@@ -364,6 +393,31 @@ class NowcastOptimizer(DelegatingOptimizer):
         """The worker's report of a failed upload: the nowcast re-sends what is missing; note it and go on."""
         kind = getattr(err, "kind", "error")
         self._note_failure(f"upload_{kind}", err, raise_ok=False)  # type: ignore[arg-type]
+
+    def _window_nowcasts(self, step: int) -> bool:
+        """Does the window holding call ``step`` end in a nowcast? Not before the start step: its snapshots are
+        not taken (nor uploaded), so those calls are plain steps. While the advice is not known, they are."""
+        return (step // self.period + 1) * self.period > (self._start or 0)
+
+    def _starts_by(self, step: int) -> bool:
+        """May call ``step`` (its window full) nowcast? The first full window settles an unknown start step."""
+        if self._start is None:
+            self._start = self._advised_start()
+        return step >= self._start
+
+    def _advised_start(self) -> int:
+        """The backend's start-step advice, the same on every rank. A server says it when the session is
+        created (the window's uploads did that, or this asks now); a server that cannot be asked advises 0 (the
+        nowcast then fails or not on its own)."""
+        advice = 0
+        if self._rank0 and self.backend is not None:
+            if self.backend.start_step is None and not (self._worker is not None and self._worker.stalled):
+                try:
+                    check_backend(self.backend, "the server", self.nowcast_deadline_s(), self._worker)
+                except Exception:  # noqa: BLE001 - asking is best effort; training goes on (policy)
+                    pass
+            advice = self.backend.start_step or 0
+        return broadcast_code(advice, self.param_device)
 
     def _skips_final(self, step: int) -> bool:
         """A nowcast that leaves fewer than period // ctx calls of the budget to recover (the last call's, k = 1)."""

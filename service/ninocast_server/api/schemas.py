@@ -182,6 +182,8 @@ class SessionDetail(SessionSummary):
 class CreatedSession(SessionDetail):
     warnings: list[str] = Field(description="one line per concern the session is served despite, e.g. a spec "
                                 "outside what the nowcaster was meta-trained on")
+    start_step: int = Field(0, description="the serving nowcaster's advice: train this many optimizer calls "
+                            "before the run's first nowcast (0: none); the client follows it unless told otherwise")
 
 
 class SessionList(BaseModel):
@@ -231,6 +233,8 @@ class NowcasterInfo(BaseModel):
     parameters: int
     families: list[str]
     scope: ScopeView | None = Field(None, description="what it was meta-trained on (null: no claim)")
+    start_step: int = Field(0, description="its advice: optimizer calls a run trains before its first nowcast "
+                            "(a routed nowcaster: each member's own)")
     model_args: dict[str, bool | int | float] | None = Field(None, description="architecture (learned nowcasters)")
     routes: dict[str, "NowcasterInfo | list[NowcasterInfo]"] | None = Field(
         None, description="routed nowcasters: the member that serves each family (its own scope and architecture); "
@@ -256,9 +260,9 @@ def session_detail(s: Session, ttl_s: float) -> SessionDetail:
     return SessionDetail(**_fields(s, ttl_s, full=True), nowcasts=s.nowcasts[-50:], reports=s.reports[-50:])
 
 
-def session_created(s: Session, ttl_s: float, warnings: list[str]) -> CreatedSession:
+def session_created(s: Session, ttl_s: float, warnings: list[str], start_step: int = 0) -> CreatedSession:
     return CreatedSession(**_fields(s, ttl_s, full=True), nowcasts=s.nowcasts[-50:], reports=s.reports[-50:],
-                          warnings=warnings)
+                          warnings=warnings, start_step=start_step)
 
 
 def _fields(s: Session, ttl_s: float, full: bool) -> dict[str, Any]:

@@ -85,7 +85,7 @@ def eval_points(max_steps: int, period: int, eval_every: int, before_nowcast: bo
 def run_one(task, method: str, ref: str | None, seed: int, *, max_steps: int, period: int, eval_every: int,
             early_stop: bool = True, server: str | None = None, api_key: str | None = None,
             progress: bool = True, verify: dict[str, Any] | None = None, final_nowcast: str = "skip",
-            graph: str = "auto") -> dict[str, Any]:
+            graph: str = "auto", start_step: int | None = None) -> dict[str, Any]:
     """Train one (task, method, seed); returns the run record (see module doc).
 
     ``verify``: ``ninocast.Verify`` options (tolerance, delay, max_dip, baseline, shadow); every nowcast is then
@@ -109,6 +109,8 @@ def run_one(task, method: str, ref: str | None, seed: int, *, max_steps: int, pe
 
         kw: dict[str, Any] = dict(period=period, ctx=task.ctx, max_train_steps=max_steps, nowcaster=ref,
                                   final_nowcast=final_nowcast)
+        if start_step is not None:
+            kw["start_step"] = start_step
         if graph == "traced":
             from ninocast import ModelSpec
 
@@ -229,6 +231,7 @@ def run_one(task, method: str, ref: str | None, seed: int, *, max_steps: int, pe
         "snapshot_bytes_max": max((n.get("snapshot_bytes") or 0 for n in decisions), default=0),
         "verify_s": round(sum(n.get("verify_s") or 0.0 for n in decisions), 3),
         "probe_passes": sum(n.get("probe_passes") or 0 for n in decisions), "pre_final_metric": pre_final,
+        "start_step": getattr(opt, "start_step", None),
         "server": server, "curve": curve, "threads": torch.get_num_threads(),
     }
 
@@ -562,6 +565,11 @@ def run_bench_speedup(args: argparse.Namespace) -> int:
         traced = [(label + TRACED, ref) for label, ref in methods[1:]]
         methods = methods[:1] + (traced if graph == "traced" else
                                  [m for pair in zip(methods[1:], traced) for m in pair])
+    start_step = getattr(args, "start_step", None)
+    if start_step is not None:  # NAME@start=N: the same nowcaster, no nowcast in the first N calls
+        if start_step < 0:
+            raise CommandError(f"--start-step must be >= 0, got {start_step}")
+        methods = methods[:1] + [(f"{label}@start={start_step}", ref) for label, ref in methods[1:]]
     for label, ref in methods[1:]:
         if ref and not args.server and ref != "linefit" and not Path(ref).exists():
             raise CommandError(f"nowcaster {ref!r} not found (local mode needs 'linefit', "
@@ -600,7 +608,7 @@ def run_bench_speedup(args: argparse.Namespace) -> int:
               "verify_baseline": args.verify_baseline, "verify_shadow": args.verify_shadow,
               "verify_confidence": args.verify_confidence,
               "verify_patience": race if args.verify_shadow else None,
-              "final_nowcast": args.final_nowcast, "graph": graph,
+              "final_nowcast": args.final_nowcast, "graph": graph, "start_step": start_step,
               "probe": {t.name: t.probe_description for t in {id(p[0]): p[0] for p in plan}.values()},
               "seeds": seeds, "server": args.server, "threads": torch.get_num_threads(),
               "torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
@@ -615,9 +623,10 @@ def run_bench_speedup(args: argparse.Namespace) -> int:
                       early_stop=not args.no_early_stop, server=args.server,
                       api_key=args.api_key or os.environ.get("NINOCAST_API_KEY"),
                       progress=not args.no_progress,
-                      verify=verify_options if label.removesuffix(TRACED).endswith(suffix) else None,
+                      verify=verify_options if label.partition("@start=")[0].removesuffix(TRACED).endswith(suffix)
+                      else None,
                       final_nowcast=args.final_nowcast,
-                      graph="traced" if label.endswith(TRACED) else "auto")
+                      graph="traced" if TRACED in label else "auto", start_step=start_step)
         runs.append(run)
         with open(jsonl, "a") as f:
             f.write(json.dumps(run) + "\n")

@@ -17,8 +17,8 @@ from .store import Session, SessionStore
 
 def create_session(store: SessionStore, registry: NowcasterRegistry, queue: ComputeQueue, settings: Settings,
                    owner: str, raw_spec: object, nowcaster: str | None, ctx: int | None, period: int,
-                   max_train_steps: int, record: bool, name: str | None) -> tuple[Session, list[str]]:
-    """(the session, warnings: concerns it is served despite). Blocking (spec checks, an fsync): run it on a
+                   max_train_steps: int, record: bool, name: str | None) -> tuple[Session, list[str], int]:
+    """(the session, warnings: concerns it is served despite, the serving model's start-step advice). Blocking (spec checks, an fsync): run it on a
     worker thread."""
     from ..engine.graphs import check_spec_for
 
@@ -39,4 +39,4 @@ def create_session(store: SessionStore, registry: NowcasterRegistry, queue: Comp
     queue.check_fits(estimate_bytes(spec, ctx), "spec_too_large")
     s = store.create(owner, spec, nowcaster, ctx, period, max_train_steps, record, name)
     out_of_scope = model.scope_warning(spec, s.spacing)  # served anyway, but said once, here (issue 11)
-    return s, [out_of_scope] if out_of_scope else []
+    return s, [out_of_scope] if out_of_scope else [], model.advised_start(spec, s.spacing)

@@ -58,6 +58,7 @@ class Nowcaster(ABC):
     scratch_states: bool = False  # predict() takes overwrite_states= (older subclasses do not: never passed)
     families: tuple[str, ...] = FAMILIES  # what it can run on
     scope: Scope | None = None  # what it was meta-trained on (None: no claim, e.g. linefit)
+    start_step: int = 0  # its advice to a run: no nowcast in the first N optimizer calls (measured per model)
     device: torch.device = torch.device("cpu")
 
     @abstractmethod
@@ -76,12 +77,17 @@ class Nowcaster(ABC):
     def describe(self) -> dict:
         return {"name": self.name, "kind": self.kind, "ctx": self.ctx, "horizon": self.horizon,
                 "parameters": self.num_parameters(), "families": list(self.families),
-                "scope": self.scope.to_json() if self.scope else None}
+                "scope": self.scope.to_json() if self.scope else None, "start_step": self.start_step}
 
     def for_run(self, spec: ModelSpec, spacing: int | None = None) -> "Nowcaster":
         """The nowcaster that serves ``spec`` with snapshots ``spacing`` steps apart: itself, except for a routed
         one, which hands each run to a member (routed.py)."""
         return self
+
+    def advised_start(self, spec: ModelSpec, spacing: int | None = None) -> int:
+        """Optimizer calls a run of ``spec`` should train before its first nowcast: the serving model's advice
+        (a routed nowcaster's member for this run)."""
+        return self.for_run(spec, spacing).start_step
 
     def scope_warning(self, spec: ModelSpec, spacing: int | None = None) -> str | None:
         """One line when ``spec`` (with snapshots ``spacing`` steps apart, if known) is outside what this

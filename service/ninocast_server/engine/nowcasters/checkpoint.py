@@ -9,7 +9,9 @@ Two on-disk forms:
 
       <dir>/config.json        {"format": "ninocast-nowcaster", "version": 1, "kind": "nino"|"wnn",
                                 "name": ..., "model_args": {...}, "source": {...},
-                                "scope": {"families": [...], "tasks": [...]}}   (optional, scope.py)
+                                "scope": {"families": [...], "tasks": [...]},   (optional, scope.py)
+                                "start_step": N}   (optional: the advice that runs train N calls before
+                                                    their first nowcast; 0 when absent)
       <dir>/model.safetensors  the state_dict
 
   or a routed directory (routed.py): ``"kind": "routed"``, ``"routes": {family: member | [member, ...]}``, and
@@ -133,9 +135,9 @@ def _load_state(model: Model, state: Mapping[str, Any], where: str) -> Model:
     return model.eval()
 
 
-def _wrap(model: Model, name: str, scope: Scope | None) -> Nowcaster:
+def _wrap(model: Model, name: str, scope: Scope | None, start_step: int = 0) -> Nowcaster:
     nowcaster = NiNo(model, name=name) if isinstance(model, NiNoModel) else WNN(model, name=name)
-    nowcaster.scope = scope
+    nowcaster.scope, nowcaster.start_step = scope, start_step
     return nowcaster
 
 
@@ -182,6 +184,8 @@ def save_nowcaster(model: NiNo | WNN | Model, out_dir: str | Path, name: str | N
     scope = scope or getattr(model, "scope", None)
     if scope is not None:
         config["scope"] = scope.to_json()
+    if getattr(model, "start_step", 0):
+        config["start_step"] = model.start_step  # type: ignore[union-attr]
     (out / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     return out
 
@@ -230,6 +234,10 @@ def load_directory(path: str | Path) -> tuple[Model, dict]:
         config["scope"] = parse_scope(config.get("scope"), str(cfg_path))
     except ScopeError as e:
         raise CheckpointError(str(e)) from None
+    start = config.setdefault("start_step", 0)
+    if isinstance(start, bool) or not isinstance(start, int) or start < 0:
+        raise CheckpointError(f"{cfg_path}: start_step must be a non-negative integer (optimizer calls before a "
+                              f"run's first nowcast), got {start!r}")
     model = model_from_args(args, str(cfg_path), "meta")
     if (kind == "nino") != isinstance(model, NiNoModel):
         raise CheckpointError(f"{cfg_path}: kind {kind!r} disagrees with model_args gnn={args.get('gnn')!r}")
@@ -262,7 +270,8 @@ def load_nowcaster(ref: str, device: str | torch.device = "cpu", name: str | Non
         if read_config(path).get("kind") == "routed":
             return load_routed(path, device, name)
         model, config = load_directory(path)
-        return _wrap(model, name or str(config.get("name") or path.name), config["scope"]).to(device)
+        return _wrap(model, name or str(config.get("name") or path.name), config["scope"],
+                     config["start_step"]).to(device)
     if path.is_file():  # the reference's format: trained on the reference's meta-training set
         return _wrap(load_official(path), name or path.stem, OFFICIAL_SCOPE).to(device)
     raise CheckpointError(f"no nowcaster at {ref!r}: expected 'linefit', a directory with {CONFIG_FILE} and "
@@ -295,7 +304,7 @@ def load_routed(path: str | Path, device: str | torch.device = "cpu", name: str 
             model = _load_state(model_from_args({**member_config["model_args"], "upd_scale": scale}, where, "meta"),
                                 model.state_dict(), where)
             label += f"@upd_scale={scale:g}"
-        members[entry] = _wrap(model, label, member_config["scope"])
+        members[entry] = _wrap(model, label, member_config["scope"], member_config["start_step"])
     try:
         routed = RoutedNowcaster(routed_name, {family: [members[e] for e in es] for family, es in routes.items()})
     except ValueError as e:
@@ -408,11 +417,13 @@ def _routed_card(routed: RoutedNowcaster, routes: Mapping[str, str | dict | list
             spacing = "any" if not scope or not scope.spacing else "-".join(map(str, dict.fromkeys(scope.spacing)))
             scale = member.describe().get("model_args", {}).get("upd_scale")
             scale = "-" if scale is None else f"{scale:g}"
-            rows.append(f"| {family} | [{sub}/]({sub}/MODEL_CARD.md) | {spacing} | {scale} | {trained} |")
+            rows.append(f"| {family} | [{sub}/]({sub}/MODEL_CARD.md) | {spacing} | {scale} | {member.start_step} | "
+                        f"{trained} |")
     return "\n".join([
         f"# {routed.name}", "",
         "A routed nowcaster (`ninocast route`): each model is nowcast by the member trained on its graph family "
         "(where a family has several, the first whose snapshot spacing, period / ctx, is the run's; else the "
         "first listed); a model outside that member's scope gets its warning under this name.", "",
-        "| family | member | snapshot spacing (steps) | update scale | meta-trained on |", "|---|---|---|---|---|",
+        "| family | member | snapshot spacing (steps) | update scale | first nowcast after (calls) | meta-trained on |",
+        "|---|---|---|---|---|---|",
         *rows, ""])
