@@ -237,3 +237,20 @@ def test_the_default_warns_a_language_model_larger_than_its_training_runs():
     line = nino.scope_warning(ModelSpec.from_module(big), spacing=200)
     assert line is not None and "'ninocast-nino'" in line and "18,272-49,312" in line, line
     assert nino.scope_warning(ModelSpec.from_module(small), spacing=200) is None
+
+
+def test_the_default_advises_its_start_step_only_where_it_was_chosen():
+    """`short/` (period 100 language runs) advises 400 calls before the first nowcast, chosen on validation runs
+    (docs/metatrain.md, *Round 8*); the period-1000 language member and the vision member advise none."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    default = load_nowcaster("default")
+    gpt2, mlp = ModelSpec.from_module(tiny_gpt2()), ModelSpec.from_module(tiny_mlp())
+    llama = ModelSpec.from_module(LlamaForCausalLM(LlamaConfig(num_hidden_layers=1, hidden_size=8, intermediate_size=16,
+                                                               num_attention_heads=2, vocab_size=32)))
+    assert [default.advised_start(s, 20) for s in (gpt2, llama, mlp)] == [400, 400, 0]
+    assert [default.advised_start(s, 200) for s in (gpt2, llama, mlp)] == [0, 0, 0]
+    model = tiny_gpt2()
+    opt = NowcastOptimizer(torch.optim.AdamW(model.parameters()), model, local=True, period=100)
+    assert opt.start_step == 400
+    opt.close()

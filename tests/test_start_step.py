@@ -111,6 +111,11 @@ def test_the_server_advises_at_create_and_the_remote_client_follows(tmp_path):
         asked = train(opt, model, 11, seed=1)
         assert [n["step"] for n in opt.nowcasts] == [39, 49] and opt.failures == {}
         assert [39 + i for i, need in enumerate(asked) if not need] == [39, 49]
+        resumed = NowcastOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2), model, server=srv.url,
+                                   nowcaster="adv", period=10, max_train_steps=100, timeout=30, retries=0)
+        resumed.load_state_dict(opt.state_dict())  # into the same session: its create answer is not repeated
+        assert resumed.start_step == resumed.backend.start_step == 30
+        resumed.close()
         opt.close()
     finally:
         srv.stop()

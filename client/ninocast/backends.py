@@ -126,6 +126,8 @@ class RemoteBackend:
     def check(self, deadline: float | None = None) -> None:
         """Create the run's session now: the server validates the key, the nowcaster and the spec at once."""
         self._session(deadline)
+        if self.start_step is None:  # a session resumed from a checkpoint older than the advice: none
+            self.start_step = 0
 
     def add_state(self, step: int, snapshot: Snapshot, deadline: float | None = None) -> None:
         try:
@@ -184,12 +186,14 @@ class RemoteBackend:
 
     def state_dict(self) -> dict[str, Any]:
         with self._lock:
-            return {"session_id": self.session_id, "acked": sorted(self.acked)}
+            return {"session_id": self.session_id, "acked": sorted(self.acked), "start_step": self.start_step}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         with self._lock:
             self.session_id = state.get("session_id")
             self.acked = set(int(x) for x in state.get("acked", []))
+            advice = state.get("start_step")  # the resumed session's advice (its create answer is not repeated)
+            self.start_step = None if advice is None else int(advice)
 
     def close(self, delete: bool = False, deadline: float | None = None) -> None:
         """Close the connection; with ``delete`` first delete the run's session (errors are raised, after the

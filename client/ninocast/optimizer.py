@@ -219,7 +219,7 @@ class NowcastOptimizer(DelegatingOptimizer):
         the start step: all need gradients). A start step not known yet (a server's advice) is settled here."""
         nowcast_call = len(self.snapshots) == self.ctx - 1 and (self.step_count + 1) % self.snapshot_interval == 0
         if nowcast_call and self._start is None and not (self._closed or dist_active()):
-            self._start = self._advised_start()  # one process: ask now (under DDP every rank settles it in step)
+            self._settle_start()  # one process: ask now (under DDP every rank settles it in step)
         return (self._closed or not nowcast_call or self.verify is not None or self._start is None
                 or self.step_count < self._start or self._skips_final(self.step_count))
 
@@ -396,28 +396,31 @@ class NowcastOptimizer(DelegatingOptimizer):
 
     def _window_nowcasts(self, step: int) -> bool:
         """Does the window holding call ``step`` end in a nowcast? Not before the start step: its snapshots are
-        not taken (nor uploaded), so those calls are plain steps. While the advice is not known, they are."""
+        not taken (nor uploaded), so those calls are plain steps. While the advice is not known, every window
+        is taken."""
         return (step // self.period + 1) * self.period > (self._start or 0)
 
     def _starts_by(self, step: int) -> bool:
-        """May call ``step`` (its window full) nowcast? The first full window settles an unknown start step."""
+        """May call ``step`` (its window full) nowcast? A full window settles an unknown start step; while the
+        backend cannot say it, the window tries its nowcast (which then fails or not on its own)."""
         if self._start is None:
-            self._start = self._advised_start()
-        return step >= self._start
+            self._settle_start()
+        return step >= (self._start or 0)
 
-    def _advised_start(self) -> int:
-        """The backend's start-step advice, the same on every rank. A server says it when the session is
-        created (the window's uploads did that, or this asks now); a server that cannot be asked advises 0 (the
-        nowcast then fails or not on its own)."""
-        advice = 0
+    def _settle_start(self) -> None:
+        """Ask the backend for its start-step advice, agreed on every rank. A server says it when the session is
+        created (the window's uploads usually did that; else this asks now, within the nowcast deadline); one
+        that cannot be asked leaves it unknown, to be asked again at the next full window."""
+        advice = -1
         if self._rank0 and self.backend is not None:
             if self.backend.start_step is None and not (self._worker is not None and self._worker.stalled):
                 try:
                     check_backend(self.backend, "the server", self.nowcast_deadline_s(), self._worker)
                 except Exception:  # noqa: BLE001 - asking is best effort; training goes on (policy)
                     pass
-            advice = self.backend.start_step or 0
-        return broadcast_code(advice, self.param_device)
+            advice = -1 if self.backend.start_step is None else self.backend.start_step
+        advice = broadcast_code(advice, self.param_device)
+        self._start = None if advice < 0 else advice
 
     def _skips_final(self, step: int) -> bool:
         """A nowcast that leaves fewer than period // ctx calls of the budget to recover (the last call's, k = 1)."""
