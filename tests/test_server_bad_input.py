@@ -177,3 +177,14 @@ def test_spec_too_large(alice):
 
     r = alice.post("/v1/sessions", content=chunks(), headers={"Content-Type": "application/json"})
     assert_error(r, 413, "body_too_large")
+
+
+@pytest.mark.parametrize("period, ctx", [(4, 5), (1, 2), (63, 64)])
+def test_a_period_shorter_than_ctx_is_refused_at_create(alice, period, ctx):
+    """Snapshots come every period // ctx steps: a session whose spacing would be 0 is a 422 naming both numbers,
+    not a session that warns "one every 0 steps" later."""
+    spec, _ = training_states(seed=7)
+    r = alice.post("/v1/sessions", json={"spec": spec, "nowcaster": "linefit", "period": period, "ctx": ctx})
+    assert_error(r, 422, "invalid_period", f"period ({period}) must be at least ctx ({ctx})")
+    assert alice.post("/v1/sessions", json={"spec": spec, "nowcaster": "linefit", "period": 4 * ctx,
+                                            "ctx": ctx}).status_code == 201

@@ -75,7 +75,9 @@ def test_stateful_fuzz_passes_every_check(fuzz_server, api_keys):
     @schema.hook("map_case").apply_to(method="POST", path="/v1/sessions")
     def usable_sessions(context, case):
         if _positive(case) and isinstance(case.body, dict) and _pick(case.body, 4):
-            case.body = {**case.body, "spec": FUZZ_SPEC, "nowcaster": "linefit", "ctx": 2, "record": False}
+            period = case.body.get("period", 1000)  # at least ctx (else 422 invalid_period)
+            case.body = {**case.body, "spec": FUZZ_SPEC, "nowcaster": "linefit", "ctx": 2, "record": False,
+                         "period": max(2, period) if isinstance(period, int) else period}
         return case
 
     @schema.hook("map_case").apply_to(method="POST", path_regex="/nowcast$")

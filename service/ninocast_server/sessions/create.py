@@ -36,6 +36,9 @@ def create_session(store: SessionStore, registry: NowcasterRegistry, queue: Comp
     ctx = ctx or model.ctx
     if ctx != model.ctx and model.kind != "linefit":
         raise ServiceError(422, "invalid_ctx", f"nowcaster {nowcaster!r} needs ctx={model.ctx}, got {ctx}")
+    if period < ctx:  # snapshots come every period // ctx steps: at least one
+        raise ServiceError(422, "invalid_period", f"period ({period}) must be at least ctx ({ctx}): a nowcast "
+                           f"reads ctx snapshots taken every period // ctx steps")
     queue.check_fits(estimate_bytes(spec, ctx), "spec_too_large")
     s = store.create(owner, spec, nowcaster, ctx, period, max_train_steps, record, name)
     out_of_scope = model.scope_warning(spec, s.spacing)  # served anyway, but said once, here (issue 11)
