@@ -99,7 +99,10 @@ def test_the_server_advises_at_create_and_the_remote_client_follows(tmp_path):
             assert c.post("/v1/sessions", json={"spec": spec, "nowcaster": "adv"}).json()["start_step"] == 30
             assert c.post("/v1/sessions", json={"spec": spec}).json()["start_step"] == 0  # linefit advises none
             listed = {n["name"]: n for n in c.get("/v1/nowcasters").json()["nowcasters"]}
-            assert listed["adv"]["start_step"] == 30
+            assert listed["adv"]["start_step"] == 30 and listed["linefit"]["start_step"] == 0
+            routed = listed["ninocast-nino"]  # the bundled default: each member its own advice
+            assert routed["start_step"] is None
+            assert [m["start_step"] for m in routed["routes"]["gpt2"]] == [0, 400]
         model, twin = small_model(0), small_model(0)
         opt = NowcastOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2), model, server=srv.url,
                                nowcaster="adv", period=10, max_train_steps=100, timeout=30, retries=0)

@@ -233,8 +233,8 @@ class NowcasterInfo(BaseModel):
     parameters: int
     families: list[str]
     scope: ScopeView | None = Field(None, description="what it was meta-trained on (null: no claim)")
-    start_step: int = Field(0, description="its advice: optimizer calls a run trains before its first nowcast "
-                            "(a routed nowcaster: each member's own)")
+    start_step: int | None = Field(0, description="its advice: optimizer calls a run trains before its first "
+                                   "nowcast (null for a routed nowcaster: each member advises its own)")
     model_args: dict[str, bool | int | float] | None = Field(None, description="architecture (learned nowcasters)")
     routes: dict[str, "NowcasterInfo | list[NowcasterInfo]"] | None = Field(
         None, description="routed nowcasters: the member that serves each family (its own scope and architecture); "

@@ -114,7 +114,7 @@ class RoutedNowcaster(Nowcaster):
         return sum(counted.values())
 
     def describe(self) -> dict:
-        return {**super().describe(), "routes": {
+        return {**super().describe(), "start_step": None, "routes": {  # each member advises its own
             f: ms[0].describe() if len(ms) == 1 else [m.describe() for m in ms] for f, ms in self.routes.items()}}
 
     def scope_warning(self, spec: ModelSpec, spacing: int | None = None) -> str | None:
