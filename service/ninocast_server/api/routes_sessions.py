@@ -51,9 +51,9 @@ router = APIRouter(prefix="/v1/sessions", tags=["sessions"], dependencies=[Depen
     201: {"description": "the session (Location: its URL)", "links": SESSION_LINKS}, 429: ERR, 507: ERR})
 async def create_session(body: CreateSession, srv: ServerDep, owner: Owner, response: Response) -> CreatedSession:
     """Create a session for one training run; its settings fix the k schedule and the nowcaster."""
-    s, warnings, start_step = await run_in_threadpool(create, srv.store, srv.registry, srv.queue, srv.settings, owner, body.spec,
-                                          body.nowcaster, body.ctx, body.period, body.max_train_steps, body.record,
-                                          body.name)
+    s, warnings, start_step = await run_in_threadpool(
+        create, srv.store, srv.registry, srv.queue, srv.settings, owner, body.spec, body.nowcaster, body.ctx,
+        body.period, body.max_train_steps, body.record, body.name)
     response.headers["Location"] = f"/v1/sessions/{s.id}"
     return session_created(s, srv.settings.session_ttl_s, warnings, start_step)
 

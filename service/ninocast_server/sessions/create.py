@@ -18,8 +18,8 @@ from .store import Session, SessionStore
 def create_session(store: SessionStore, registry: NowcasterRegistry, queue: ComputeQueue, settings: Settings,
                    owner: str, raw_spec: object, nowcaster: str | None, ctx: int | None, period: int,
                    max_train_steps: int, record: bool, name: str | None) -> tuple[Session, list[str], int]:
-    """(the session, warnings: concerns it is served despite, the serving model's start-step advice). Blocking (spec checks, an fsync): run it on a
-    worker thread."""
+    """(the session, warnings: concerns it is served despite, the serving model's start-step advice). Blocking
+    (spec checks, an fsync): run it on a worker thread."""
     from ..engine.graphs import check_spec_for
 
     spec = parse_spec(raw_spec, settings.max_tensors_per_spec, settings.max_name_length,
