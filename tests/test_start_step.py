@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 
 import httpx
 import pytest
@@ -122,3 +123,17 @@ def test_the_server_advises_at_create_and_the_remote_client_follows(tmp_path):
         opt.close()
     finally:
         srv.stop()
+
+
+@pytest.mark.parametrize("budget, final, warned", [(450, "skip", True), (500, "skip", True), (500, "keep", False),
+                                                   (600, "skip", False)])
+def test_a_budget_that_leaves_no_nowcast_after_the_start_step_is_warned(budget, final, warned):
+    """start 400 at period 100: the first nowcast would be call 500; the budget's last one is skipped by default."""
+    model = small_model(0)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        NowcastOptimizer(torch.optim.AdamW(model.parameters()), model, nowcaster="linefit", period=100,
+                         max_train_steps=budget, start_step=400, final_nowcast=final)
+    lines = [str(w.message) for w in record if "no nowcast in this run" in str(w.message)]
+    assert len(lines) == warned, lines
+    assert all("start_step=400 (given) the first would be at call 500" in line for line in lines)

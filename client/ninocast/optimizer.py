@@ -168,6 +168,7 @@ class NowcastOptimizer(DelegatingOptimizer):
             self._worker = BackendWorker(max_uploads=max(2, ctx), on_error=self._upload_failed)
         if self._start is None and isinstance(self.backend, LocalBackend) and not dist_active():
             self._start = self.backend.start_step  # known now: no extra backward pass at the first window
+        self._warn_if_never_nowcasts()
         if check:
             self.check()
 
@@ -421,6 +422,19 @@ class NowcastOptimizer(DelegatingOptimizer):
             advice = -1 if self.backend.start_step is None else self.backend.start_step
         advice = broadcast_code(advice, self.param_device)
         self._start = None if advice < 0 else advice
+        self._warn_if_never_nowcasts()
+
+    def _warn_if_never_nowcasts(self) -> None:
+        """One warning when the start step leaves the planned run no nowcast at all (a budget shorter than the
+        advice is a plain run: say so rather than let it look like a nowcast run)."""
+        if self._start is None or not self._rank0:
+            return
+        first = -(-(self._start + 1) // self.period) * self.period  # calls done when the first nowcast is made
+        if first > self.max_train_steps or self._skips_final(first - 1):
+            source = "given" if self._start_given else "the nowcaster's advice"
+            warnings.warn(f"ninocast: no nowcast in this run: with start_step={self._start} ({source}) the first "
+                          f"would be at call {first}, which max_train_steps={self.max_train_steps} does not allow "
+                          f"(final_nowcast={self.final_nowcast!r})", RuntimeWarning, stacklevel=3)
 
     def _skips_final(self, step: int) -> bool:
         """A nowcast that leaves fewer than period // ctx calls of the budget to recover (the last call's, k = 1)."""
