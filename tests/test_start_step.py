@@ -137,3 +137,13 @@ def test_a_budget_that_leaves_no_nowcast_after_the_start_step_is_warned(budget, 
     lines = [str(w.message) for w in record if "no nowcast in this run" in str(w.message)]
     assert len(lines) == warned, lines
     assert all("start_step=400 (given) the first would be at call 500" in line for line in lines)
+
+
+def test_a_budget_too_short_for_any_nowcast_is_not_blamed_on_the_start_step():
+    model = small_model(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        NowcastOptimizer(torch.optim.AdamW(model.parameters()), model, nowcaster="linefit", period=100,
+                         max_train_steps=100, start_step=0)  # only the skipped last call: none, start or not
+        NowcastOptimizer(torch.optim.AdamW(model.parameters()), model, nowcaster="linefit", period=100,
+                         max_train_steps=100, start_step=50)

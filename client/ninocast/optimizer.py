@@ -427,10 +427,14 @@ class NowcastOptimizer(DelegatingOptimizer):
     def _warn_if_never_nowcasts(self) -> None:
         """One warning when the start step leaves the planned run no nowcast at all (a budget shorter than the
         advice is a plain run: say so rather than let it look like a nowcast run)."""
-        if self._start is None or not self._rank0:
+        if not self._start or not self._rank0:
             return
-        first = -(-(self._start + 1) // self.period) * self.period  # calls done when the first nowcast is made
-        if first > self.max_train_steps or self._skips_final(first - 1):
+
+        def none_by(first: int) -> bool:  # first: calls done when the first nowcast would be made
+            return first > self.max_train_steps or self._skips_final(first - 1)
+
+        first = -(-(self._start + 1) // self.period) * self.period
+        if none_by(first) and not none_by(self.period):  # the start step, not the budget alone, leaves none
             source = "given" if self._start_given else "the nowcaster's advice"
             warnings.warn(f"ninocast: no nowcast in this run: with start_step={self._start} ({source}) the first "
                           f"would be at call {first}, which max_train_steps={self.max_train_steps} does not allow "
