@@ -148,7 +148,8 @@ def test_route_command_writes_a_routed_nowcaster_and_refuses_bad_members(routed_
     assert torch.equal(nowcast(team, spec, _states(spec), 2), nowcast(duo, spec, _states(spec), 2))
     assert json.loads((out / "config.json").read_text())["routes"] == {"generic": "vision", "gpt2": "language",
                                                                        "llama": "language"}
-    assert "| gpt2 | [language/](language/MODEL_CARD.md) | any | 1 | 0 | kjv-gpt2-3-24-10k |" in (out / "MODEL_CARD.md").read_text()
+    card = (out / "MODEL_CARD.md").read_text()
+    assert "| gpt2 | [language/](language/MODEL_CARD.md) | any | 1 | 0 | kjv-gpt2-3-24-10k |" in card
     other = tmp_path / "other" / "vision"  # a second member with the same directory name gets its own copy
     shutil.copytree(routed_dir / "language", other)
     assert main(["route", "-o", str(tmp_path / "two"), "--member", f"generic={routed_dir / 'vision'}",
@@ -307,4 +308,5 @@ def test_route_command_lists_a_family_named_twice_in_order(spaced_dir, tmp_path,
     assert "gpt2 -> team/language | team/short" in capsys.readouterr().out
     assert json.loads((out / "config.json").read_text())["routes"] == {
         "generic": "vision", "gpt2": ["language", "short"], "llama": "language"}
-    assert "| gpt2 | [short/](short/MODEL_CARD.md) | 20 | 1 | 0 | kjv-gpt2-3-24 |" in (out / "MODEL_CARD.md").read_text()
+    card = (out / "MODEL_CARD.md").read_text()
+    assert "| gpt2 | [short/](short/MODEL_CARD.md) | 20 | 1 | 0 | kjv-gpt2-3-24 |" in card

@@ -2,10 +2,10 @@
 
 The training thread never waits on the network for an ordinary step: snapshot uploads are queued here, and when
 the worker is behind (a slow or hung server) the oldest queued snapshot upload is dropped (the window's snapshots
-stay on the training side and a nowcast re-sends what the server lacks; verification reports are never dropped). A nowcast request waits for its answer at most
-until a deadline; past it the caller gives up and the job's result, if it ever comes, is discarded. After a
-request timed out, the worker counts as *stalled* until some request gets an answer: a stalled worker is not
-waited for at all.
+stay on the training side and a nowcast re-sends what the server lacks; verification reports are never dropped).
+A nowcast request waits for its answer at most until a deadline; past it the caller gives up and the job's result,
+if it ever comes, is discarded. After a request timed out, the worker counts as *stalled* until some request gets
+an answer: a stalled worker is not waited for at all.
 
 Jobs run one at a time, in submission order, so the backend's session bookkeeping needs no more locking than
 what a checkpoint read from the training thread needs.
