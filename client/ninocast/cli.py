@@ -185,7 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
                       "kjv-llama-3-24, "
                       "kjv-gpt2-3-24-10k, kjv-gpt2-2-32-10k, kjv-gpt2-3-64-10k, kjv-llama-3-24-10k, "
                       "fortunes-gpt2-3-24-10k, kjv-gpt2-4-16-10k, kjv-llama-2-32-10k, kjv-gpt2-4-48, "
-                      "kjv-gpt2-2-80, kjv-llama-2-64.")
+                      "kjv-gpt2-2-80, kjv-llama-2-64, jargon-gpt2-3-24-10k, jargon-gpt2-2-32-10k, "
+                      "devil-gpt2-3-24-10k.")
     b.add_argument("--task", action="append", metavar="NAME[,NAME]",
                    help="task(s), repeatable or comma-separated (default fm-16; digits with --quick)")
     b.add_argument("--nowcasters", metavar="REF[,REF]",

@@ -70,6 +70,9 @@ TASKS: dict[str, Callable[[], Task]] = {
     "kjv-gpt2-4-48": _lm("kjv-gpt2-4-48"),
     "kjv-gpt2-2-80": _lm("kjv-gpt2-2-80"),
     "kjv-llama-2-64": _lm("kjv-llama-2-64"),
+    "jargon-gpt2-3-24-10k": _lm("jargon-gpt2-3-24-10k"),
+    "jargon-gpt2-2-32-10k": _lm("jargon-gpt2-2-32-10k"),
+    "devil-gpt2-3-24-10k": _lm("devil-gpt2-3-24-10k"),
     "digits": _digits,
     "digits-cnn": _digits_cnn,
 }

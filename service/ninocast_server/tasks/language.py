@@ -1,7 +1,9 @@
-"""Byte-level language models on two Debian texts, sized like the paper's LM1B tasks (docs/tasks.md).
+"""Byte-level language models on Debian texts, sized like the paper's LM1B tasks (docs/tasks.md).
 
-Two corpora: the King James Bible (``bible-kjv``, in-distribution: meta-training may use it) and the ``fortunes``
-cookie files (held out: a different kind of English, never meta-trained on). Two protocols: the first round's
+Four corpora, each with one role: the King James Bible (``bible-kjv``) and the Jargon File (``jargon-text``) are
+in-distribution (meta-training may use them); Bierce's *Devil's Dictionary* (``dict-devil``) is the validation
+text (never meta-trained on, never benchmarked: models are chosen on it); the ``fortunes`` cookie files are the
+held-out text (never meta-trained on, never used to choose: benchmarked only). Two protocols: the first round's
 1,000-step tasks (period 100; ``kjv-*``) and the 10,000-step tasks of the vision protocol (period 1000; ``*-10k``).
 
 
@@ -12,9 +14,14 @@ cookie files (held out: a different kind of English, never meta-trained on). Two
 * Fortunes text: every cookie file of ``/usr/share/games/fortunes`` (Debian ``fortunes``; ``$NINOCAST_FORTUNES_DIR``)
   except ``ascii-art``, in file-name order; cookies (separated by lines holding ``%``) stripped, overstrikes
   (``X\\bX``) removed, joined with "\\n".
+* Jargon File: ``/usr/share/doc/jargon-text/jargon.txt.gz`` (``$NINOCAST_JARGON_TEXT``) from its first chapter
+  on (the first unindented "Chapter" line; the table of contents dropped), without the glossary's list of entry names, each line's 3-space indent
+  removed, runs of blank lines collapsed to one.
+* Devil's Dictionary: ``/usr/share/dictd/devil.dict.dz`` (gzip; ``$NINOCAST_DEVIL_TEXT``) from its title on (the
+  dictd header entries dropped), runs of blank lines collapsed to one.
 * Tokenizer: raw bytes, vocabulary 256, no special tokens (token id = byte value). Nothing to train, nothing to
   download, and perplexities are per byte.
-* Split (fixed, both texts): the text is cut into consecutive 4,096-byte blocks; every 20th block
+* Split (fixed, every text): the text is cut into consecutive 4,096-byte blocks; every 20th block
   (index % 20 == 10) is validation (5 %), the rest, concatenated in order, is training.
 * Batches: the training stream is cut into non-overlapping windows of ``seq_len + 1`` bytes; epoch e visits them
   in the order ``randperm(n_windows, generator=seed + e)``; the batch is ``batch_size`` windows (the last batch of
@@ -33,6 +40,7 @@ cookie files (held out: a different kind of English, never meta-trained on). Two
 
 from __future__ import annotations
 
+import gzip
 import os
 import re
 import shutil
@@ -54,6 +62,9 @@ FORTUNES_SKIPPED = ("ascii-art",)  # pictures, not text
 _OVERSTRIKE = re.compile(rb".\x08")
 BLOCK, VAL_EVERY, VAL_OFFSET = 4096, 20, 10
 _REF = re.compile(rb"^\S+?\d+:\d+ ")
+ENV_JARGON, JARGON_FILE = "NINOCAST_JARGON_TEXT", "/usr/share/doc/jargon-text/jargon.txt.gz"
+ENV_DEVIL, DEVIL_FILE = "NINOCAST_DEVIL_TEXT", "/usr/share/dictd/devil.dict.dz"
+_BLANK_RUNS = re.compile(rb"\n{3,}")
 
 
 class TextMissing(FileNotFoundError):
@@ -93,7 +104,44 @@ def fortunes_text() -> bytes:
     return b"\n".join(cookies) + b"\n"
 
 
-CORPORA = {"kjv": kjv_text, "fortunes": fortunes_text}
+def _packaged_text(env: str, default: str, package: str) -> bytes:
+    """A (possibly gzipped) text file of a Debian package, or the file ``$env`` names."""
+    path = os.environ.get(env, default)
+    if not os.path.isfile(path):
+        raise TextMissing(f"{path} is missing: this text needs Debian's {package} package (sudo apt-get install "
+                          f"{package}), or set {env}=the file (plain or gzipped)")
+    with open(path, "rb") as f:
+        raw = f.read()
+    return gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw
+
+
+def _tidy(text: bytes) -> bytes:
+    return _BLANK_RUNS.sub(b"\n\n", text).strip(b"\n") + b"\n"
+
+
+@lru_cache(maxsize=1)
+def jargon_text() -> bytes:
+    """The Jargon File's chapters, lexicon entries and appendices (see the module docstring)."""
+    lines = _packaged_text(ENV_JARGON, JARGON_FILE, "jargon-text").split(b"\n")
+    start = next((i for i, line in enumerate(lines) if line.startswith(b"Chapter")), 0)
+    glossary = next((i for i, line in enumerate(lines) if line == b"Glossary" and i > start), None)
+    if glossary is not None:  # the list of entry names between the heading and the first entry
+        first = next((i for i in range(glossary, len(lines)) if lines[i].startswith(b"   :")), glossary)
+        lines = lines[:glossary + 1] + lines[first:]
+    body = [line[3:] if line.startswith(b"   ") else line for line in lines[start:]]
+    return _tidy(b"\n".join(body))
+
+
+@lru_cache(maxsize=1)
+def devil_text() -> bytes:
+    """The Devil's Dictionary from its title on (see the module docstring)."""
+    raw = _packaged_text(ENV_DEVIL, DEVIL_FILE, "dict-devil")
+    title = raw.find(b"THE DEVIL'S DICTIONARY")
+    start = raw.rfind(b"\n", 0, title) + 1 if title >= 0 else 0
+    return _tidy(raw[start:])
+
+
+CORPORA = {"kjv": kjv_text, "fortunes": fortunes_text, "jargon": jargon_text, "devil": devil_text}
 
 
 def encode(text: bytes | str) -> torch.Tensor:
@@ -180,6 +228,15 @@ LM_CONFIGS.update({
 LM_CONFIGS.update({
     "kjv-gpt2-4-16-10k": LMConfig("gpt2", 4, 16, 2, 3e-3, 5.22, True, _NOTE_10K.format("0", "5.219"), **_LONG),
     "kjv-llama-2-32-10k": LMConfig("llama", 2, 32, 2, 3e-3, 3.88, True, _NOTE_10K.format("0", "3.878"), **_LONG),
+})
+# A second in-distribution text (the Jargon File: meta-training may use it) and the validation text (the Devil's
+# Dictionary: never meta-trained on, never benchmarked; language members are chosen on it). Issue 11: every
+# language member had seen one text only, and the held-out text was the one language target still missed.
+# Targets by the same rule, measured 2026-12-02 (docs/tasks.md).
+LM_CONFIGS.update({
+    "jargon-gpt2-3-24-10k": LMConfig("gpt2", 3, 24, 3, 3e-3, 99.0, True, "PENDING", corpus="jargon", **_LONG),
+    "jargon-gpt2-2-32-10k": LMConfig("gpt2", 2, 32, 2, 3e-3, 99.0, True, "PENDING", corpus="jargon", **_LONG),
+    "devil-gpt2-3-24-10k": LMConfig("gpt2", 3, 24, 3, 3e-3, 99.0, False, "PENDING", corpus="devil", **_LONG),
 })
 # Larger meta-training variants at the 1,000-step protocol (issue 11, round 7: the short member had seen nothing
 # above 49k parameters, and the held-out GPT-2 3-64, 170k, was the one task it slowed down). Widths 48 and 80
