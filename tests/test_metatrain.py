@@ -281,9 +281,12 @@ def test_metatrain_cli_and_finetune(tiny_store, tmp_path, capsys):
     tuned = tmp_path / "tuned"
     base_cfg = json.loads((out / "config.json").read_text())
     base_cfg["scope"]["spacing"] = [200, 200]  # as if its --init was tuned elsewhere
+    base_cfg["model_args"]["upd_scale"] = 0.5  # ... and served with a halved update
     (out / "config.json").write_text(json.dumps(base_cfg))
+    logged: list[str] = []
     summary = metatrain(_cfg([tiny_store], tuned, init=str(out), iters=2, tasks=["tiny-mlp"], spacing=3),
-                        progress=False, log=lambda s: None)
+                        progress=False, log=logged.append)
+    assert any("trains the unscaled update" in line for line in logged)
     assert summary["tasks"] == ["tiny-mlp"]
     scope = load_nowcaster(str(tuned)).scope
     assert scope.tasks == ("tiny-conv", "tiny-mlp")  # its --init saw both tasks
@@ -291,6 +294,7 @@ def test_metatrain_cli_and_finetune(tiny_store, tmp_path, capsys):
     #                                   collected every 2 steps, whatever --spacing 3 asked), not its --init's
     cfg = json.loads((tuned / "config.json").read_text())
     assert cfg["model_args"]["hid"] == 8 and cfg["source"]["init"] == str(out)
+    assert cfg["model_args"]["upd_scale"] == 1.0 and cfg["source"]["init_upd_scale"] == 0.5
     from safetensors.torch import load_file
 
     a, b = load_file(str(out / "model.safetensors")), load_file(str(tuned / "model.safetensors"))

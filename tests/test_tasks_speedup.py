@@ -224,6 +224,52 @@ def test_fortunes_text_parsing(tmp_path, monkeypatch):
         language.fortunes_text.cache_clear()
 
 
+def test_jargon_and_devil_text_parsing(tmp_path, monkeypatch):
+    import gzip
+
+    from ninocast_server.tasks import language
+
+    jargon = ("   Table of Contents\n\n   1. Hacker Slang\n\nChapter\u00a01. Hacker Slang\n\n   Hackers talk.\n"
+              "\n\n\n\nGlossary\n\n   0\n\n   /dev/null\n\n   :/dev/null: n.\n\n   The bit bucket.\n"
+              "      Indented quote.\n").encode()
+    (tmp_path / "jargon.txt.gz").write_bytes(gzip.compress(jargon))
+    (tmp_path / "devil.dict").write_bytes(b"00-database-short\n     The Devil's Dictionary\n\n"
+                                          b"            THE DEVIL'S DICTIONARY\n\n\n\nABSURDITY, n. A statement.\n")
+    monkeypatch.setenv(language.ENV_JARGON, str(tmp_path / "jargon.txt.gz"))  # gzipped
+    monkeypatch.setenv(language.ENV_DEVIL, str(tmp_path / "devil.dict"))  # plain
+    for text in (language.jargon_text, language.devil_text):
+        text.cache_clear()
+    try:
+        assert language.jargon_text() == ("Chapter\u00a01. Hacker Slang\n\nHackers talk.\n\nGlossary\n"
+                                          ":/dev/null: n.\n\nThe bit bucket.\n   Indented quote.\n").encode()
+        assert language.devil_text() == b"            THE DEVIL'S DICTIONARY\n\nABSURDITY, n. A statement.\n"
+        monkeypatch.setenv(language.ENV_DEVIL, str(tmp_path / "absent.dict.dz"))
+        language.devil_text.cache_clear()
+        with pytest.raises(language.TextMissing, match="apt-get install dict-devil"):
+            language.devil_text()
+    finally:
+        for text in (language.jargon_text, language.devil_text):
+            text.cache_clear()
+
+
+def test_text_roles_of_the_10k_gpt2_tasks():
+    """Two in-distribution texts, one validation text (never meta-trained on), one held-out text."""
+    from ninocast_server.tasks.language import DEVIL_FILE, JARGON_FILE, corpus_split
+
+    roles = {"kjv-gpt2-3-24-10k": ("kjv", True), "jargon-gpt2-3-24-10k": ("jargon", True),
+             "jargon-gpt2-2-32-10k": ("jargon", True), "devil-gpt2-3-24-10k": ("devil", False),
+             "fortunes-gpt2-3-24-10k": ("fortunes", False)}
+    for name, (corpus, in_distribution) in roles.items():
+        t = get_task(name)
+        assert (t.cfg.corpus, t.in_distribution, t.budget, t.period) == (corpus, in_distribution, 10_000, 1000), name
+        assert 3.0 < t.target < 12.0, name
+    for corpus, path, size in (("jargon", JARGON_FILE, (1_400_000, 1_700_000)), ("devil", DEVIL_FILE, (350_000, 400_000))):
+        if not Path(path).is_file():
+            continue  # the parsing test above covers the rules; the packages are optional on a test machine
+        train, val = corpus_split(corpus)
+        assert size[0] < len(train) + len(val) < size[1] and 0.04 < len(val) / (len(train) + len(val)) < 0.06
+
+
 def test_fortunes_corpus_and_10k_language_tasks():
     from ninocast import k_schedule
     from ninocast_server.tasks.language import FORTUNES_DIR, corpus_split

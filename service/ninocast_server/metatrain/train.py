@@ -137,7 +137,11 @@ def build_model(cfg: MetaTrainConfig) -> tuple[nn.Module, dict[str, Any]]:
         model = model.train()
         for p in model.parameters():
             p.requires_grad_(True)
-        return model, {"init": str(cfg.init), "init_name": config.get("name"), "init_scope": config.get("scope")}
+        info = {"init": str(cfg.init), "init_name": config.get("name"), "init_scope": config.get("scope")}
+        if model.config.upd_scale != 1.0:  # a serving calibration, not learned: fine-tune the unscaled update
+            info["init_upd_scale"] = model.config.upd_scale
+            model.config = replace(model.config, upd_scale=1.0)
+        return model, info
     torch.manual_seed(cfg.seed)
     if cfg.model == "nino":
         model = NiNoModel(NiNoConfig(ctx=cfg.ctx, hid=cfg.hid, layers=cfg.layers, seq_len=cfg.horizon,
@@ -226,6 +230,9 @@ def metatrain(cfg: MetaTrainConfig, progress: bool = True, log: Callable[[str], 
     for st in stores:
         st.validate()
     model, init_info = build_model(cfg)
+    if "init_upd_scale" in init_info:
+        log(f"--init {cfg.init} scales its update by {init_info['init_upd_scale']:g} when serving; fine-tuning "
+            "trains the unscaled update (upd_scale 1.0), and the written nowcaster has 1.0")
     if cfg.init:
         cfg.model = "nino" if isinstance(model, NiNoModel) else "wnn"
         arch = model.config  # fine-tuning keeps the --init nowcaster's architecture, and the report says so
