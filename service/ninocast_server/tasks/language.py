@@ -236,7 +236,8 @@ LM_CONFIGS.update({
 LM_CONFIGS.update({
     "jargon-gpt2-3-24-10k": LMConfig("gpt2", 3, 24, 3, 3e-3, 99.0, True, "PENDING", corpus="jargon", **_LONG),
     "jargon-gpt2-2-32-10k": LMConfig("gpt2", 2, 32, 2, 3e-3, 99.0, True, "PENDING", corpus="jargon", **_LONG),
-    "devil-gpt2-3-24-10k": LMConfig("gpt2", 3, 24, 3, 3e-3, 99.0, False, "PENDING", corpus="devil", **_LONG),
+    "devil-gpt2-3-24-10k": LMConfig("gpt2", 3, 24, 3, 3e-3, 5.93, False, _NOTE_10K.format("0, 1", "5.921, 5.908"),
+                                     corpus="devil", **_LONG),
 })
 # Larger meta-training variants at the 1,000-step protocol (issue 11, round 7: the short member had seen nothing
 # above 49k parameters, and the held-out GPT-2 3-64, 170k, was the one task it slowed down). Widths 48 and 80
