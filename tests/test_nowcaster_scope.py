@@ -54,13 +54,17 @@ def test_shipped_default_routes_vision_and_language_and_official_checkpoints_dec
     nino = load_nowcaster("default")
     assert nino.kind == "routed" and nino.scope.families == ("generic", "gpt2", "llama")
     assert nino.routes["generic"][0].scope == Scope(("generic",), ("fm-16",))
-    language = nino.routes["gpt2"][0]
-    llama = nino.routes["llama"][0]  # the same member and weights, its update at full scale (round 7)
-    assert llama.scope is language.scope and {"gpt2", "llama"} <= set(language.scope.families)
-    assert (language.model.config.upd_scale, llama.model.config.upd_scale) == (0.5, 1.0)
-    assert next(llama.model.parameters()).data_ptr() == next(language.model.parameters()).data_ptr()
-    assert {"kjv-gpt2-3-24-10k", "kjv-llama-2-32-10k"} <= set(language.scope.tasks)
-    assert not set(language.scope.tasks) & {"fortunes-gpt2-3-24-10k", "kjv-gpt2-3-64-10k", "kjv-llama-3-24-10k"}
+    gpt2 = nino.routes["gpt2"][0]  # round 9: its own member, fine-tuned on a second text, at full scale
+    llama = nino.routes["llama"][0]  # round 5's language member, its update at full scale (round 7)
+    for member in (gpt2, llama):
+        assert {"gpt2", "llama"} <= set(member.scope.families) and member.model.config.upd_scale == 1.0
+        assert {"kjv-gpt2-3-24-10k", "kjv-llama-2-32-10k"} <= set(member.scope.tasks)
+        held_out = {"fortunes-gpt2-3-24-10k", "devil-gpt2-3-24-10k", "kjv-gpt2-3-64-10k", "kjv-llama-3-24-10k"}
+        assert not set(member.scope.tasks) & held_out  # neither the held-out text nor the validation text
+        assert member.scope.params == (18272, 49312) and member.scope.spacing == (200, 200)
+    assert {"jargon-gpt2-3-24-10k", "jargon-gpt2-2-32-10k"} <= set(gpt2.scope.tasks)
+    assert not any(t.startswith("jargon") for t in llama.scope.tasks)
+    assert next(gpt2.model.parameters()).data_ptr() != next(llama.model.parameters()).data_ptr()
     described = nino.describe()
     assert described["scope"]["families"] == ["generic", "gpt2", "llama"]
     assert described["routes"]["generic"]["scope"] == {"families": ["generic"], "tasks": ["fm-16"]}
