@@ -206,29 +206,41 @@ def test_larger_meta_training_variants_bracket_the_held_out_gpt2_without_its_wid
     assert all(get_task(n).cfg.d_model != 64 for n in ("kjv-gpt2-4-48", "kjv-gpt2-2-80"))
 
 
-def test_fortunes_text_parsing(tmp_path, monkeypatch):
+@pytest.fixture
+def text_caches():
+    """The corpus readers cache per process: clear them around a test that points them at its own files."""
     from ninocast_server.tasks import language
 
+    readers = (language.fortunes_text, language.jargon_text, language.devil_text)
+    for read in readers:
+        read.cache_clear()
+    yield language
+    for read in readers:
+        read.cache_clear()
+
+
+def _assert_missing(monkeypatch, language, read, env: str, path: str, package: str) -> None:
+    monkeypatch.setenv(env, path)
+    read.cache_clear()
+    with pytest.raises(language.TextMissing, match=f"apt-get install {package}"):
+        read()
+
+
+def test_fortunes_text_parsing(tmp_path, monkeypatch, text_caches):
+    language = text_caches
     (tmp_path / "people").write_bytes(b"First cookie,\n\ttwo lines.\n%\nB_\x08o_\x08ld and plain.\n%\n")
     (tmp_path / "ascii-art").write_bytes(b"  /\\_/\\\n%\n")
     (tmp_path / "people.dat").write_bytes(b"\x00\x01binary index")
     monkeypatch.setenv(language.ENV_FORTUNES, str(tmp_path))
-    language.fortunes_text.cache_clear()
-    try:
-        assert language.fortunes_text() == b"First cookie,\n\ttwo lines.\nBold and plain.\n"
-        monkeypatch.setenv(language.ENV_FORTUNES, str(tmp_path / "absent"))
-        language.fortunes_text.cache_clear()
-        with pytest.raises(language.TextMissing, match="apt-get install fortunes"):
-            language.fortunes_text()
-    finally:
-        language.fortunes_text.cache_clear()
+    assert language.fortunes_text() == b"First cookie,\n\ttwo lines.\nBold and plain.\n"
+    _assert_missing(monkeypatch, language, language.fortunes_text, language.ENV_FORTUNES, str(tmp_path / "absent"),
+                    "fortunes")
 
 
-def test_jargon_and_devil_text_parsing(tmp_path, monkeypatch):
+def test_jargon_and_devil_text_parsing(tmp_path, monkeypatch, text_caches):
     import gzip
 
-    from ninocast_server.tasks import language
-
+    language = text_caches
     jargon = ("   Table of Contents\n\n   1. Hacker Slang\n\nChapter\u00a01. Hacker Slang\n\n   Hackers talk.\n"
               "\n\n\n\nGlossary\n\n   0\n\n   /dev/null\n\n   :/dev/null: n.\n\n   The bit bucket.\n"
               "      Indented quote.\n").encode()
@@ -237,19 +249,13 @@ def test_jargon_and_devil_text_parsing(tmp_path, monkeypatch):
                                           b"            THE DEVIL'S DICTIONARY\n\n\n\nABSURDITY, n. A statement.\n")
     monkeypatch.setenv(language.ENV_JARGON, str(tmp_path / "jargon.txt.gz"))  # gzipped
     monkeypatch.setenv(language.ENV_DEVIL, str(tmp_path / "devil.dict"))  # plain
-    for text in (language.jargon_text, language.devil_text):
-        text.cache_clear()
-    try:
-        assert language.jargon_text() == ("Chapter\u00a01. Hacker Slang\n\nHackers talk.\n\nGlossary\n"
-                                          ":/dev/null: n.\n\nThe bit bucket.\n   Indented quote.\n").encode()
-        assert language.devil_text() == b"            THE DEVIL'S DICTIONARY\n\nABSURDITY, n. A statement.\n"
-        monkeypatch.setenv(language.ENV_DEVIL, str(tmp_path / "absent.dict.dz"))
-        language.devil_text.cache_clear()
-        with pytest.raises(language.TextMissing, match="apt-get install dict-devil"):
-            language.devil_text()
-    finally:
-        for text in (language.jargon_text, language.devil_text):
-            text.cache_clear()
+    assert language.jargon_text() == ("Chapter\u00a01. Hacker Slang\n\nHackers talk.\n\nGlossary\n"
+                                      ":/dev/null: n.\n\nThe bit bucket.\n   Indented quote.\n").encode()
+    assert language.devil_text() == b"            THE DEVIL'S DICTIONARY\n\nABSURDITY, n. A statement.\n"
+    _assert_missing(monkeypatch, language, language.devil_text, language.ENV_DEVIL, str(tmp_path / "absent.dz"),
+                    "dict-devil")
+    _assert_missing(monkeypatch, language, language.jargon_text, language.ENV_JARGON, str(tmp_path / "absent.gz"),
+                    "jargon-text")
 
 
 def test_text_roles_of_the_10k_gpt2_tasks():
