@@ -211,7 +211,7 @@ def text_caches():
     """The corpus readers cache per process: clear them around a test that points them at its own files."""
     from ninocast_server.tasks import language
 
-    readers = (language.fortunes_text, language.jargon_text, language.devil_text)
+    readers = (language.fortunes_text, language.jargon_text, language.devil_text, language.corpus_split)
     for read in readers:
         read.cache_clear()
     yield language
@@ -260,8 +260,6 @@ def test_jargon_and_devil_text_parsing(tmp_path, monkeypatch, text_caches):
 
 def test_text_roles_of_the_10k_gpt2_tasks():
     """Two in-distribution texts, one validation text (never meta-trained on), one held-out text."""
-    from ninocast_server.tasks.language import DEVIL_FILE, JARGON_FILE, corpus_split
-
     roles = {"kjv-gpt2-3-24-10k": ("kjv", True), "jargon-gpt2-3-24-10k": ("jargon", True),
              "jargon-gpt2-2-32-10k": ("jargon", True), "devil-gpt2-3-24-10k": ("devil", False),
              "fortunes-gpt2-3-24-10k": ("fortunes", False)}
@@ -269,11 +267,33 @@ def test_text_roles_of_the_10k_gpt2_tasks():
         t = get_task(name)
         assert (t.cfg.corpus, t.in_distribution, t.budget, t.period) == (corpus, in_distribution, 10_000, 1000), name
         assert 3.0 < t.target < 12.0, name
-    for corpus, path, size in (("jargon", JARGON_FILE, (1_400_000, 1_700_000)), ("devil", DEVIL_FILE, (350_000, 400_000))):
-        if not Path(path).is_file():
-            continue  # the parsing test above covers the rules; the packages are optional on a test machine
-        train, val = corpus_split(corpus)
-        assert size[0] < len(train) + len(val) < size[1] and 0.04 < len(val) / (len(train) + len(val)) < 0.06
+
+
+@pytest.mark.parametrize("corpus, package, size", [("jargon", "jargon-text", (1_400_000, 1_700_000)),
+                                                   ("devil", "dict-devil", (350_000, 400_000))])
+def test_packaged_texts_split(corpus, package, size):
+    from ninocast_server.tasks import language
+
+    try:
+        train, val = language.corpus_split(corpus)
+    except language.TextMissing:
+        pytest.skip(f"Debian's {package} is absent (apt-get install {package}); the parsing test covers the rules")
+    assert size[0] < len(train) + len(val) < size[1] and 0.04 < len(val) / (len(train) + len(val)) < 0.06
+
+
+def test_missing_task_data_is_a_one_line_cli_error(tmp_path, monkeypatch, capsys, text_caches):
+    from ninocast.cli import main
+
+    language = text_caches
+    monkeypatch.setenv(language.ENV_DEVIL, str(tmp_path / "absent.dz"))
+    monkeypatch.setenv(language.ENV_JARGON, str(tmp_path / "absent.gz"))
+    assert main(["bench", "speedup", "--task", "devil-gpt2-3-24-10k", "--nowcasters", "", "--seeds", "1",
+                 "--max-steps", "2", "--no-progress", "--out", str(tmp_path / "bench")]) == 2
+    err = capsys.readouterr().err
+    assert "error:" in err and "apt-get install dict-devil" in err and "Traceback" not in err
+    assert main(["collect", "-o", str(tmp_path / "store"), "--tasks", "jargon-gpt2-3-24-10k", "--seeds", "0",
+                 "--steps", "2", "--interval", "1", "-q"]) == 2
+    assert "apt-get install jargon-text" in capsys.readouterr().err
 
 
 def test_fortunes_corpus_and_10k_language_tasks():

@@ -504,6 +504,17 @@ def load_runs(path: Path) -> list[dict]:
 
 # ---------------------------------------------------------------------------------------------- CLI
 def run_bench_speedup(args: argparse.Namespace) -> int:
+    """``ninocast bench speedup``: a task whose data is missing is a one-line error (runs already written stay)."""
+    from ninocast.cli import CommandError
+    from ninocast_server.tasks.base import DataMissing
+
+    try:
+        return _run_bench_speedup(args)
+    except DataMissing as e:
+        raise CommandError(str(e)) from None
+
+
+def _run_bench_speedup(args: argparse.Namespace) -> int:
     import torch
 
     from ninocast.cli import CommandError

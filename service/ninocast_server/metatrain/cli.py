@@ -36,6 +36,7 @@ def _tasks(names: list[str], allow_held_out: bool):
 def run_collect(args: argparse.Namespace) -> int:
     import torch
 
+    from ..tasks.base import DataMissing
     from .collect import collect
     from .store import StoreError
 
@@ -47,7 +48,7 @@ def run_collect(args: argparse.Namespace) -> int:
                         steps=args.steps, interval=args.interval, dtype=args.dtype,
                         shard_snapshots=args.shard_snapshots, evaluate=not args.no_eval,
                         progress=not args.quiet)
-    except (StoreError, ValueError) as e:
+    except (StoreError, ValueError, DataMissing) as e:
         raise CommandError(str(e)) from None
     print(store.summary())
     return 0
@@ -103,7 +104,7 @@ def run_export(args: argparse.Namespace) -> int:
         store = export_sessions(args.data_dir, args.out, dtype=args.dtype,
                                 owners=_csv(args.owners) if args.owners else None,
                                 sessions=_csv(args.sessions) if args.sessions else None)
-    except (StoreError, ValueError) as e:
+    except (StoreError, ValueError, DataMissing) as e:
         raise CommandError(str(e)) from None
     print(store.summary())
     return 0

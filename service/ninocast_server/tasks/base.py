@@ -10,6 +10,10 @@ import torch
 from torch import nn
 
 
+class DataMissing(FileNotFoundError):
+    """A task's data is not on this machine; the message says how to get it (the CLI prints it as one line)."""
+
+
 PROBE_SEED_OFFSET = 7919  # the probe's shuffle is independent of every training seed's
 PROBE_BATCHES = 8  # batches in a verification probe
 

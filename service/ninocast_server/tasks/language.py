@@ -15,8 +15,8 @@ held-out text (never meta-trained on, never used to choose: benchmarked only). T
   except ``ascii-art``, in file-name order; cookies (separated by lines holding ``%``) stripped, overstrikes
   (``X\\bX``) removed, joined with "\\n".
 * Jargon File: ``/usr/share/doc/jargon-text/jargon.txt.gz`` (``$NINOCAST_JARGON_TEXT``) from its first chapter
-  on (the first unindented "Chapter" line; the table of contents dropped), without the glossary's list of entry names, each line's 3-space indent
-  removed, runs of blank lines collapsed to one.
+  on (the first unindented "Chapter" line; the table of contents dropped), without the glossary's list of entry
+  names, each line's 3-space indent removed, runs of blank lines collapsed to one.
 * Devil's Dictionary: ``/usr/share/dictd/devil.dict.dz`` (gzip; ``$NINOCAST_DEVIL_TEXT``) from its title on (the
   dictd header entries dropped), runs of blank lines collapsed to one.
 * Tokenizer: raw bytes, vocabulary 256, no special tokens (token id = byte value). Nothing to train, nothing to
@@ -52,7 +52,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from .base import Task
+from .base import DataMissing, Task
 from .vision import shuffled_batches
 
 ENV_TEXT = "NINOCAST_KJV_TEXT"
@@ -67,7 +67,7 @@ ENV_DEVIL, DEVIL_FILE = "NINOCAST_DEVIL_TEXT", "/usr/share/dictd/devil.dict.dz"
 _BLANK_RUNS = re.compile(rb"\n{3,}")
 
 
-class TextMissing(FileNotFoundError):
+class TextMissing(DataMissing):
     """A corpus is not available; the message says how to get it."""
 
 

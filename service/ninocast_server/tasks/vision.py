@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .base import PROBE_SEED_OFFSET, Task
+from .base import PROBE_SEED_OFFSET, DataMissing, Task
 
 DEFAULT_FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 ENV_DIR = "NINOCAST_FASHION_MNIST_DIR"
@@ -41,7 +41,7 @@ _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype(">i2"), 0x0C: np.dt
                0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
 
 
-class DatasetMissing(FileNotFoundError):
+class DatasetMissing(DataMissing):
     """The data files are not there; the message says how to get them."""
 
 
