@@ -104,7 +104,7 @@ def run_export(args: argparse.Namespace) -> int:
         store = export_sessions(args.data_dir, args.out, dtype=args.dtype,
                                 owners=_csv(args.owners) if args.owners else None,
                                 sessions=_csv(args.sessions) if args.sessions else None)
-    except (StoreError, ValueError, DataMissing) as e:
+    except (StoreError, ValueError) as e:
         raise CommandError(str(e)) from None
     print(store.summary())
     return 0
