@@ -109,11 +109,13 @@ def test_the_server_advises_at_create_and_the_remote_client_follows(tmp_path):
                                nowcaster="adv", period=10, max_train_steps=100, timeout=30, retries=0)
         assert opt.start_step is None  # not known before the session exists
         asked = train(opt, model, 39)  # the first full window (call 9) asks the server: it says 30
-        assert opt.start_step == 30 and opt.nowcasts == [] and opt.failures == {} and all(asked)
+        # a loaded machine may drop a queued upload (by design: the nowcast re-sends what is missing); nothing else
+        harmless = {"upload_dropped"}
+        assert opt.start_step == 30 and opt.nowcasts == [] and set(opt.failures) <= harmless and all(asked)
         train(torch.optim.AdamW(twin.parameters(), lr=1e-2), twin, 39)
         assert all(torch.equal(a, b) for a, b in zip(model.parameters(), twin.parameters()))
         asked = train(opt, model, 11, seed=1)
-        assert [n["step"] for n in opt.nowcasts] == [39, 49] and opt.failures == {}
+        assert [n["step"] for n in opt.nowcasts] == [39, 49] and set(opt.failures) <= harmless
         assert [39 + i for i, need in enumerate(asked) if not need] == [39, 49]
         resumed = NowcastOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2), model, server=srv.url,
                                    nowcaster="adv", period=10, max_train_steps=100, timeout=30, retries=0)
